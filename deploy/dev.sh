@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# The README's two commands. Idempotent: a second run reinstalls nothing.
+#   deploy/dev.sh demo [demo flags]   set up, then run a split-learning training (splitmq demo)
+#   deploy/dev.sh test [pytest args]  set up, then run the test suite
+# Set-up: Python virtualenv in .venv with the pinned dependencies, and a RabbitMQ node with
+# broker_config/ unless a broker already answers at AMQP_URL (default amqp://localhost:5672).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+venv=.venv
+stamp="$venv/.installed-$(sha256sum pyproject.toml | cut -c1-16)"
+
+as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
+
+setup_python() {
+  if [ -f "$stamp" ]; then return; fi
+  if ! python3 -c 'import venv, ensurepip' 2>/dev/null; then
+    as_root apt-get update -q >/dev/null
+    DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -q python3-venv python3-pip >/dev/null
+  fi
+  [ -x "$venv/bin/python" ] || python3 -m venv "$venv"
+  echo "installing Python dependencies into $venv (torch takes a few minutes the first time)..."
+  "$venv/bin/pip" install -q -e ".[test]"
+  touch "$stamp"
+}
+
+setup_broker() {
+  local url=${AMQP_URL:-amqp://localhost:5672}
+  local hostport=${url#*://}; hostport=${hostport#*@}; hostport=${hostport%%/*}
+  local port=${hostport#*:}; [ "$port" = "$hostport" ] && port=5672
+  if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then return; fi
+  AMQP_PORT=$port deploy/broker.sh start
+}
+
+cmd=${1:-}; shift || true
+case "$cmd" in
+  demo) setup_python; setup_broker; exec "$venv/bin/splitmq" demo "$@" ;;
+  test) setup_python; setup_broker; exec "$venv/bin/python" -m pytest "$@" ;;
+  setup) setup_python; setup_broker ;;
+  *) echo "usage: $0 demo|test|setup [args]" >&2; exit 2 ;;
+esac

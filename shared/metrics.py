@@ -1,0 +1,82 @@
+"""Prometheus metrics, declared once, under the ``splitmq_`` prefix and in base units.
+
+Labels come from small fixed sets (role, outcome, reason, direction); ids are never labels.
+Each process builds one ``Metrics`` on a registry (the default one in production, a fresh
+``CollectorRegistry`` in tests) and serves it with ``serve()``.
+"""
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.registry import REGISTRY
+
+ROLES = ("worker", "trainer", "stage")
+OUTCOMES = ("applied", "duplicate", "evaluated", "skipped")
+#: Fixed set of rejection reasons (see shared.validate); anything else is "other".
+REJECT_REASONS = (
+    "decode", "schema", "kind", "job", "dtype", "shape", "batch_size", "size", "non_finite",
+    "sequence", "identity", "handler_error", "delivery_limit", "other",
+)
+#: Round trips on this machine kind run 3-50 ms with one in flight, up to seconds under load.
+ROUND_TRIP_BUCKETS = (0.002, 0.004, 0.006, 0.008, 0.012, 0.016, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0)
+STEP_BUCKETS = (0.0002, 0.0005, 0.001, 0.002, 0.004, 0.008, 0.016, 0.032, 0.064, 0.25, 1.0)
+STALENESS_BUCKETS = (0, 1, 2, 3, 4, 6, 8, 12, 16, 32)
+
+
+class Metrics:
+    """All splitmq metrics for one process, pre-created for every label value."""
+
+    def __init__(self, role: str, registry: CollectorRegistry = REGISTRY) -> None:
+        if role not in ROLES:
+            raise ValueError(f"role must be one of {ROLES}, got {role!r}")
+        self.role = role
+        self.registry = registry
+        p = "splitmq_"
+        self.batches = Counter(p + "batches_total", "Training batches handled, by outcome",
+                               ["role", "outcome"], registry=registry)
+        self.samples = Counter(p + "samples_total", "Training samples whose gradient was applied",
+                               ["role"], registry=registry)
+        self.loss = Gauge(p + "loss", "Loss of the most recent training batch", ["role"], registry=registry)
+        self.test_accuracy = Gauge(p + "test_accuracy_ratio", "Accuracy on the test split (0-1)",
+                                   ["role"], registry=registry)
+        self.round_trip = Histogram(p + "round_trip_seconds",
+                                    "From publishing activations to applying their gradient",
+                                    ["role"], buckets=ROUND_TRIP_BUCKETS, registry=registry)
+        self.step_time = Histogram(p + "step_seconds", "Compute time of one segment step (forward+backward+update)",
+                                   ["role"], buckets=STEP_BUCKETS, registry=registry)
+        self.bytes = Counter(p + "bytes_total", "Message body bytes, by direction",
+                             ["role", "direction"], registry=registry)
+        self.in_flight = Gauge(p + "in_flight_batches", "Batches sent whose gradient has not been applied",
+                               ["role"], registry=registry)
+        self.staleness = Histogram(p + "gradient_staleness_updates",
+                                   "Optimizer updates between a batch's forward pass and its gradient's application",
+                                   ["role"], buckets=STALENESS_BUCKETS, registry=registry)
+        self.rejected = Counter(p + "rejected_messages_total", "Messages dead-lettered, by reason",
+                                ["role", "reason"], registry=registry)
+        self.reconnects = Counter(p + "reconnects_total", "Broker reconnections after a lost connection",
+                                  ["role"], registry=registry)
+        self.clients = Gauge(p + "clients_active", "Clients heard from within the activity window",
+                             ["role"], registry=registry)
+        self.last_progress = Gauge(p + "last_progress_timestamp_seconds",
+                                   "Unix time of the last applied training batch", ["role"], registry=registry)
+        self.epoch = Gauge(p + "epoch", "Current epoch (0-based)", ["role"], registry=registry)
+        self.skipped = Counter(p + "skipped_batches_total", "Batches skipped by a policy (e.g. a late vertical party)",
+                               ["role", "reason"], registry=registry)
+        for outcome in OUTCOMES:
+            self.batches.labels(role, outcome)
+        for reason in REJECT_REASONS:
+            self.rejected.labels(role, reason)
+        for direction in ("sent", "received"):
+            self.bytes.labels(role, direction)
+        for m in (self.samples, self.loss, self.test_accuracy, self.round_trip, self.step_time,
+                  self.in_flight, self.staleness, self.reconnects, self.clients, self.last_progress, self.epoch):
+            m.labels(role)
+
+    def reject(self, reason: str) -> None:
+        """Count one dead-lettered message; unknown reasons fold into ``other``."""
+        self.rejected.labels(self.role, reason if reason in REJECT_REASONS else "other").inc()
+
+
+def serve(port: int, registry: CollectorRegistry = REGISTRY, addr: str = "0.0.0.0") -> int:
+    """Serve ``/metrics`` on ``port`` (0 picks a free one); returns the port bound."""
+    server, _thread = start_http_server(port, addr=addr, registry=registry)
+    return int(server.server_address[1])
