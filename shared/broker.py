@@ -162,6 +162,10 @@ class Broker:
         """Reject without requeue: the queue dead-letters it."""
         self._call(lambda: self._settle(delivery, lambda ch: ch.basic_reject(delivery.delivery_tag, requeue=False)))
 
+    def requeue(self, delivery: Delivery) -> None:
+        """Return a delivery to its queue; quorum queues count it toward the delivery limit."""
+        self._call(lambda: self._settle(delivery, lambda ch: ch.basic_nack(delivery.delivery_tag, requeue=True)))
+
     def close(self) -> None:
         """Close the connection and stop the I/O thread (unconfirmed publishes are failed)."""
         def stop() -> None:

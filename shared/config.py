@@ -20,7 +20,7 @@ from shared.topology import DEFAULT_JOB, check_name
 DEFAULT_AMQP_URL = "amqp://guest:guest@localhost:5672/%2F"
 
 STALENESS_MODES = ("none", "dc", "lr")
-BOTTOM_SYNC_MODES = ("independent", "average", "sum")
+BOTTOM_SYNC_MODES = ("independent", "average")
 LABEL_SOURCES = ("batch", "top")
 
 
@@ -44,8 +44,8 @@ class JobConfig:
     max_in_flight: int = 1
     staleness: str = "dc"
     dc_lambda: float = 1.0
-    bottom_sync: str = "sum"
-    sync_every: int = 8
+    bottom_sync: str = "average"
+    sync_every: int = 1  # epochs between bottom averages (bottom_sync = "average")
     label_source: str = "batch"
     checkpoint_every: int = 32
 

@@ -46,6 +46,7 @@ class Kind(str, Enum):
     FORWARD = "forward"    # activations going up the chain (or a batch to evaluate)
     BACKWARD = "backward"  # gradient of a forward message's activations, going back down
     WEIGHTS = "weights"    # a segment's parameters (hand-off or averaging between owners)
+    HELLO = "hello"        # a party's job spec when it joins, and the peer's answer
 
 
 def encode_tensor(t: torch.Tensor) -> dict[str, Any]:
@@ -65,11 +66,11 @@ def decode_tensor(obj: Any, name: str) -> torch.Tensor:
     if not isinstance(obj, dict) or set(obj) != {"dtype", "shape", "data"}:
         raise DecodeError(f"tensor {name!r} must be a map of exactly dtype, shape, data")
     dtype_name, shape, data = obj["dtype"], obj["shape"], obj["data"]
-    if dtype_name not in DTYPES:
+    if not isinstance(dtype_name, str) or dtype_name not in DTYPES:
         raise DecodeError(f"tensor {name!r} has dtype {dtype_name!r}; allowed: {sorted(DTYPES)}")
     if not isinstance(shape, list) or len(shape) > MAX_NDIM or not all(
-        type(d) is int and 0 <= d for d in shape
-    ):
+        type(d) is int and 0 <= d <= MAX_MESSAGE_BYTES for d in shape
+    ) or math.prod(max(d, 1) for d in shape) > MAX_MESSAGE_BYTES:  # torch overflows even at numel 0
         raise DecodeError(f"tensor {name!r} has an invalid shape {shape!r}")
     if not isinstance(data, bytes):
         raise DecodeError(f"tensor {name!r} data must be bytes")
@@ -114,8 +115,10 @@ class Message:
             if f.name in self._tensor_fields:
                 if value is not None:
                     tensors[f.name] = encode_tensor(value)
-            elif isinstance(value, Mapping):  # Weights.tensors
+            elif f.name == "tensors":  # Weights.tensors
                 tensors.update({k: encode_tensor(v) for k, v in value.items()})
+            elif isinstance(value, Mapping):  # Hello.spec
+                header[f.name] = dict(value)
             else:
                 header[f.name] = value
         header["tensors"] = tensors
@@ -171,13 +174,27 @@ class Weights(Message):
     num_samples: int = 0
 
 
-AnyMessage = Union[Forward, Backward, Weights]
-_BY_KIND: dict[str, type[Message]] = {cls.kind.value: cls for cls in (Forward, Backward, Weights)}
+@dataclass(frozen=True)
+class Hello(Message):
+    """A party's agreed job spec (``JobConfig.agreed()``), sent when it joins.
+
+    The peer answers with its own spec and, if they differ, ``error`` saying how.
+    """
+
+    kind: ClassVar[Kind] = Kind.HELLO
+
+    spec: Mapping[str, Any] = field(default_factory=dict)
+    error: str = ""
+
+
+AnyMessage = Union[Forward, Backward, Weights, Hello]
+_BY_KIND: dict[str, type[Message]] = {cls.kind.value: cls for cls in (Forward, Backward, Weights, Hello)}
 _SCALAR_TYPES: dict[str, tuple[type, ...]] = {
     "job_id": (str,), "client_id": (str,), "seq": (int,), "model_version": (int,),
     "created_at": (float, int), "train": (bool,), "loss": (float, int), "correct": (int,),
-    "num_samples": (int,),
+    "num_samples": (int,), "spec": (dict,), "error": (str,),
 }
+_SPEC_VALUE_TYPES = (str, int, float, bool)
 
 
 def decode(body: bytes | memoryview) -> AnyMessage:
@@ -197,7 +214,7 @@ def decode(body: bytes | memoryview) -> AnyMessage:
         raise DecodeError("message must be a msgpack map")
     if obj.get("schema") != SCHEMA_VERSION:
         raise DecodeError(f"unsupported schema {obj.get('schema')!r}; this side speaks {SCHEMA_VERSION}")
-    cls = _BY_KIND.get(obj.get("kind"))  # type: ignore[arg-type]
+    cls = _BY_KIND.get(obj["kind"]) if isinstance(obj.get("kind"), str) else None
     if cls is None:
         raise DecodeError(f"unknown message kind {obj.get('kind')!r}")
     return _build(cls, obj)  # type: ignore[return-value]
@@ -218,6 +235,12 @@ def _build(cls: type[Message], obj: dict[str, Any]) -> Message:
         if not isinstance(value, allowed) or (isinstance(value, bool) and bool not in allowed):
             raise DecodeError(f"field {key!r} has type {type(value).__name__}")
         kwargs[key] = float(value) if float in allowed else value
+    if "spec" in kwargs and not all(
+        isinstance(k, str) and (isinstance(v, _SPEC_VALUE_TYPES) or
+                                (isinstance(v, list) and all(isinstance(i, _SPEC_VALUE_TYPES) for i in v)))
+        for k, v in kwargs["spec"].items()
+    ):
+        raise DecodeError("field 'spec' must map names to scalars or lists of scalars")
     for required in ("job_id", "client_id", "seq"):
         if required not in kwargs:
             raise DecodeError(f"missing field {required!r}")

@@ -1,0 +1,154 @@
+"""Validation of decoded messages before they touch a model. Pure functions, no broker.
+
+Every failure raises ``RejectedMessage(reason, detail)``; ``reason`` is one of
+``shared.metrics.REJECT_REASONS`` so it can label a metric and a dead-letter header.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from shared import topology
+from shared import wire
+from shared.errors import DecodeError, RejectedMessage
+from shared.wire import MAX_MESSAGE_BYTES, Backward, Forward
+
+#: How far ahead of the last applied batch a client's sequence number may jump.
+MAX_SEQ_JUMP = 4096
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What a stage accepts: its job, the per-sample cut shape, the largest batch."""
+
+    job_id: str
+    cut_shape: tuple[int, ...]
+    max_batch: int
+    dtypes: frozenset[torch.dtype] = frozenset({torch.float32})
+
+    def __post_init__(self) -> None:
+        topology.check_name("job", self.job_id)
+        if not self.cut_shape or any(d < 1 for d in self.cut_shape):
+            raise ValueError(f"cut_shape must be positive dimensions, got {self.cut_shape}")
+        if self.max_batch < 1:
+            raise ValueError(f"max_batch must be >= 1, got {self.max_batch}")
+
+    def max_body_bytes(self) -> int:
+        """The largest body a valid forward message can have: full batch at 8 bytes per value,
+        labels and sample ids, plus room for the envelope. Anything bigger is refused unread."""
+        values = self.max_batch * math.prod(self.cut_shape)
+        return min(MAX_MESSAGE_BYTES, 8 * values + 16 * self.max_batch + 4096)
+
+
+def check_size(nbytes: int, limits: Limits) -> None:
+    """Raises RejectedMessage("size") for a body too big to be a valid batch, before decoding it."""
+    if nbytes > limits.max_body_bytes():
+        raise RejectedMessage("size", f"body of {nbytes} bytes, at most {limits.max_body_bytes()} expected")
+
+
+def parse_forward(body: bytes, limits: Limits) -> Forward:
+    """Size check, decode and ``check_forward`` in one: the trainer's whole gate for a body.
+
+    Raises:
+        RejectedMessage: with reason ``size``, ``schema``, ``kind``, ``decode`` or any of
+            ``check_forward``'s; never anything else, whatever the bytes.
+    """
+    check_size(len(body), limits)
+    try:
+        msg = wire.decode(body)
+    except DecodeError as exc:
+        raise RejectedMessage(decode_reason(exc), str(exc)) from None
+    if not isinstance(msg, Forward):
+        raise RejectedMessage("kind", f"a {msg.kind.value} message where forward was expected")
+    check_forward(msg, limits)
+    return msg
+
+
+def decode_reason(exc: DecodeError) -> str:
+    """The metric label of a decode failure (wire's messages name schema and kind problems)."""
+    text = str(exc)
+    if text.startswith("unsupported schema"):
+        return "schema"
+    if text.startswith("unknown message kind"):
+        return "kind"
+    if "exceeds the" in text and "cap" in text:
+        return "size"
+    return "decode"
+
+
+def check_forward(msg: Forward, limits: Limits) -> None:
+    """Raises RejectedMessage unless ``msg`` is a forward message this stage can use."""
+    if msg.job_id != limits.job_id:
+        raise RejectedMessage("job", f"job {msg.job_id!r}, expected {limits.job_id!r}")
+    _check_client_name(msg.client_id)
+    a = msg.activations
+    if a.dtype not in limits.dtypes:
+        raise RejectedMessage("dtype", f"activations dtype {a.dtype}")
+    if tuple(a.shape[1:]) != limits.cut_shape or a.dim() != len(limits.cut_shape) + 1:
+        raise RejectedMessage("shape", f"activations shape {tuple(a.shape)}, expected (B, {limits.cut_shape})")
+    if not 1 <= a.shape[0] <= limits.max_batch:
+        raise RejectedMessage("batch_size", f"batch of {a.shape[0]}, allowed 1..{limits.max_batch}")
+    for name, t in (("labels", msg.labels), ("sample_ids", msg.sample_ids)):
+        if t is not None and (t.dtype != torch.int64 or tuple(t.shape) != (a.shape[0],)):
+            raise RejectedMessage("shape", f"{name} must be int64 of shape ({a.shape[0]},)")
+    if not bool(torch.isfinite(a).all()):
+        raise RejectedMessage("non_finite", "activations contain NaN or Inf")
+    if not math.isfinite(msg.created_at):
+        raise RejectedMessage("non_finite", f"created_at is {msg.created_at}")
+    if msg.seq < 0 or msg.model_version < 0:
+        raise RejectedMessage("sequence", f"negative sequence {msg.seq} or model version {msg.model_version}")
+
+
+def _check_client_name(client_id: str) -> None:
+    # The trainer routes the reply by this name: a dot or wildcard in it must never reach topology.
+    try:
+        topology.check_name("client", client_id)
+    except ValueError as exc:
+        raise RejectedMessage("identity", str(exc)) from None
+
+
+def check_labels(labels: torch.Tensor, num_classes: int) -> None:
+    """Raises RejectedMessage unless every label is a class index below ``num_classes``."""
+    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
+        raise RejectedMessage("shape", f"labels outside 0..{num_classes - 1}")
+
+
+def check_backward(msg: Backward, *, job_id: str, shape: tuple[int, ...]) -> None:
+    """Raises RejectedMessage unless ``msg`` is a gradient matching the activations we sent."""
+    if msg.job_id != job_id:
+        raise RejectedMessage("job", f"job {msg.job_id!r}, expected {job_id!r}")
+    if msg.grad.dtype != torch.float32:
+        raise RejectedMessage("dtype", f"gradient dtype {msg.grad.dtype}")
+    if tuple(msg.grad.shape) != shape:
+        raise RejectedMessage("shape", f"gradient shape {tuple(msg.grad.shape)}, expected {shape}")
+    if not bool(torch.isfinite(msg.grad).all()):
+        raise RejectedMessage("non_finite", "gradient contains NaN or Inf")
+
+
+def check_sequence(seq: int, last_applied: int) -> None:
+    """A client's next batches follow its last applied one; a wild jump is refused."""
+    if seq < 0 or seq > last_applied + MAX_SEQ_JUMP:
+        raise RejectedMessage("sequence", f"seq {seq} is more than {MAX_SEQ_JUMP} past the last applied {last_applied}")
+
+
+def check_model_version(version: int, current: int) -> None:
+    """A batch computed on a model version the trainer has not reached yet is a lie."""
+    if not 0 <= version <= current:
+        raise RejectedMessage("sequence", f"model version {version}, current is {current}")
+
+
+def check_identity(user_id: str | None, client_id: str, reply_to: str | None, *, require: bool) -> None:
+    """With ``require``, the broker-validated user id must name the client and its reply route.
+
+    RabbitMQ refuses a publish whose ``user_id`` property differs from the connection's
+    user, so ``user_id`` is the one field a sender cannot forge; ``client_id`` and
+    ``reply_to`` are written by the sender and are trusted only when they agree with it.
+    """
+    if not require:
+        return
+    if not user_id:
+        raise RejectedMessage("identity", "message has no broker-validated user_id")
+    if user_id != client_id or (reply_to is not None and reply_to != client_id):
+        raise RejectedMessage("identity", f"user {user_id!r} sent as client {client_id!r} replying to {reply_to!r}")
