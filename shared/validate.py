@@ -145,7 +145,11 @@ def check_identity(user_id: str | None, client_id: str, reply_to: str | None, *,
     RabbitMQ refuses a publish whose ``user_id`` property differs from the connection's
     user, so ``user_id`` is the one field a sender cannot forge; ``client_id`` and
     ``reply_to`` are written by the sender and are trusted only when they agree with it.
+    Whatever ``require`` says, both must be valid names: the trainer routes its reply by them.
     """
+    _check_client_name(client_id)
+    if reply_to is not None:
+        _check_client_name(reply_to)
     if not require:
         return
     if not user_id:

@@ -132,6 +132,13 @@ def test_identity_is_not_checked_when_not_required() -> None:
     validate.check_identity(None, "client-0", None, require=False)
 
 
+def test_reply_routes_that_are_not_client_names_are_rejected_even_without_required_identity() -> None:
+    # Given a message whose reply_to or client id would be a wildcard routing key
+    # When checked without required identity, Then it is still rejected before any reply is routed
+    assert reason_of(validate.check_identity, None, "client-0", "#", require=False) == "identity"
+    assert reason_of(validate.check_identity, None, "a.b", None, require=False) == "identity"
+
+
 def test_limits_reject_impossible_values_at_construction() -> None:
     # Given nonsense limits, When constructed, Then ValueError straight away
     with pytest.raises(ValueError):
