@@ -1,0 +1,124 @@
+"""THE monitoring test: the real Prometheus, started by deploy/stack.sh with the project's scrape
+configuration (a test copy on other ports, scraping every second), watches a short real
+training (`splitmq demo`), and its HTTP API shows the trainer's, a worker's and the broker's
+metrics with values that moved. Also: a Pushgateway push reaches Prometheus, and stack.sh is
+idempotent."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+from shared import topology
+from shared.metrics import Metrics
+from shared.push import start_pushing
+from tests.deploy.conftest import STACK, TEST_METRICS_BASE, Stack, run, wait_for
+
+RANGE = "[10m]"
+
+
+def run_demo(workdir: Path, args: list[str], timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    """`splitmq demo` in its own process group, so that on a timeout its trainer and workers
+    are ended with it instead of being left behind."""
+    proc = subprocess.Popen([sys.executable, "-m", "workers.cli", "demo", "--workdir", str(workdir), *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail(f"splitmq demo did not finish in {timeout:.0f}s; see the logs in {workdir}\n{err[-3000:]}")
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def values(stack: Stack, expr: str) -> list[float]:
+    return [float(r["value"][1]) for r in stack.query(expr)]
+
+
+def moved(stack: Stack, selector: str) -> bool:
+    """Prometheus saw the series take more than one value during the test."""
+    return any(v > 0 for v in values(stack, f"changes({selector}{RANGE})"))
+
+
+def test_prometheus_scrapes_the_trainer_a_worker_and_the_broker_during_a_training(
+        monitoring_stack: Stack, amqp_url: str, tmp_path: Path) -> None:
+    stack = monitoring_stack
+    # Given Prometheus already scraping the broker (its own exporter and per-queue metrics)
+    wait_for(lambda: values(stack, 'up{job="rabbitmq"}') == [1.0]
+             and values(stack, 'up{job="rabbitmq-queues"}') == [1.0], "Prometheus to scrape the broker")
+    received_before = sum(values(stack, "rabbitmq_global_messages_received_total"))
+    job = "mon" + uuid.uuid4().hex[:8]
+    # When a short training runs with its metrics on the ports the configuration scrapes
+    demo = run_demo(tmp_path / "demo", ["--epochs", "1", "--job-id", job, "--amqp-url", amqp_url,
+                                         "--metrics-port-base", str(TEST_METRICS_BASE), "--json"])
+    try:
+        assert demo.returncode == 0, demo.stdout[-3000:] + demo.stderr[-3000:]
+        summary = json.loads(demo.stdout.strip().splitlines()[-1])
+        assert summary["trainer_batches"] > 0
+        # Then Prometheus has the trainer's counters moving, from the trainer's target
+        trainer = '{job="splitmq-trainer", role="trainer"}'
+        assert moved(stack, 'splitmq_batches_total{job="splitmq-trainer", outcome="applied"}')
+        assert any(v > 0 for v in values(stack, f"max_over_time(splitmq_samples_total{trainer}{RANGE})"))
+        # And a worker's, from a worker target (instance :9501)
+        worker = f'{{job="splitmq-workers", instance="localhost:{TEST_METRICS_BASE + 1}", role="worker"}}'
+        assert moved(stack, f"splitmq_samples_total{worker}")
+        assert any(v > 0 for v in values(stack, f"max_over_time(splitmq_samples_total{worker}{RANGE})"))
+        assert any(v > 0 for v in values(stack, f"max_over_time(splitmq_round_trip_seconds_count{worker}{RANGE})"))
+        # And the broker's: messages received went up, and the job's forward queue was scraped
+        wait_for(lambda: sum(values(stack, "rabbitmq_global_messages_received_total")) > received_before,
+                 "the broker's received-messages counter to move in Prometheus")
+        forward = f'{{job="rabbitmq-queues", queue="{topology.forward_queue(job)}"}}'
+        assert values(stack, f"count_over_time(rabbitmq_detailed_queue_messages_ready{forward}{RANGE})")
+    finally:
+        # The demo's reply queues are its own; remove them so the shared broker stays clean.
+        from shared import broker
+
+        broker.delete_queues(amqp_url, [topology.forward_queue(job), topology.dead_letter_queue(job)]
+                             + [topology.reply_queue(job, f"client-{i}") for i in range(2)])
+
+
+def test_a_pushed_worker_reaches_prometheus_through_the_pushgateway(monitoring_stack: Stack) -> None:
+    stack = monitoring_stack
+    # Given a worker behind NAT pushing its metrics as its client id
+    client = "edge-" + uuid.uuid4().hex[:6]
+    registry = CollectorRegistry()
+    metrics = Metrics("worker", registry)
+    metrics.samples.labels("worker").inc(192)
+    stop = start_pushing(stack.pushgateway, job="splitmq-worker", instance=client, registry=registry, interval_s=0.5)
+    stop()
+    # When Prometheus scrapes the gateway (honor_labels keeps the pushed job and instance)
+    selector = f'splitmq_samples_total{{job="splitmq-worker", instance="{client}", role="worker"}}'
+    # Then the worker's samples are there under its own client id
+    got = wait_for(lambda: values(stack, selector), f"{selector} in Prometheus")
+    assert got == [192.0]
+
+
+def test_stack_start_is_idempotent_and_status_reports_the_services(monitoring_stack: Stack) -> None:
+    # Given the running stack
+    # When start runs a second time, then status
+    again = run([str(STACK), "start"], env=monitoring_stack.env)
+    status = run([str(STACK), "status"], env=monitoring_stack.env)
+    # Then nothing is started twice, and all three services are reported up
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "prometheus already running" in again.stdout and "pushgateway already running" in again.stdout
+    assert status.returncode == 0, status.stdout + status.stderr
+    assert status.stdout.count("running (pid") == 2 and "rabbitmq: metrics at" in status.stdout
+
+
+def test_prometheus_loaded_the_alert_rules(monitoring_stack: Stack) -> None:
+    # Given the running Prometheus
+    import urllib.request
+
+    with urllib.request.urlopen(f"{monitoring_stack.prometheus}/api/v1/rules", timeout=10) as resp:
+        groups: list[dict[str, Any]] = json.load(resp)["data"]["groups"]
+    # Then it evaluates the project's alert groups, the silent-client alert among them
+    names = {r["name"] for g in groups for r in g["rules"]}
+    assert "SplitmqClientSilent" in names and "RabbitmqMemoryAlarm" in names
