@@ -1,0 +1,57 @@
+"""``splitmq bench``: run the benchmark suite and write docs/benchmarks.md and .json.
+
+``--quick`` is the CI smoke mode: every part runs briefly (a fraction of a second per timed
+loop, one small splitmq job), so it proves the suite works and writes well-formed files;
+its numbers mean nothing. The full run takes several minutes on a 2-core machine.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shlex
+import tempfile
+from pathlib import Path
+
+from bench import report, suite
+from bench.common import Scale
+
+log = logging.getLogger(__name__)
+
+
+def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser("bench", help="benchmark splitmq against local training, the broker and torch.rpc")
+    p.add_argument("--quick", action="store_true", help="smoke mode for CI: seconds, not minutes; numbers meaningless")
+    p.add_argument("--out-md", default="docs/benchmarks.md", help="report path (default docs/benchmarks.md)")
+    p.add_argument("--out-json", default="docs/benchmarks.json", help="raw results (default docs/benchmarks.json)")
+    p.add_argument("--work-dir", default=None, help="where jobs keep checkpoints and summaries (default: a temp dir)")
+    p.set_defaults(func=main)
+
+
+def command_line(args: argparse.Namespace) -> str:
+    """The command that reproduces this run, as a user would type it."""
+    parts = ["splitmq", "bench"]
+    if args.quick:
+        parts.append("--quick")
+    parts += ["--out-md", args.out_md, "--out-json", args.out_json]
+    return shlex.join(parts)
+
+
+def main(args: argparse.Namespace) -> int:
+    scale = Scale.of(args.quick)
+    logging.getLogger("pika").setLevel(logging.ERROR)  # readiness polls provoke expected 404 warnings
+    with tempfile.TemporaryDirectory(prefix="splitmq-bench-") as tmp:
+        workdir = Path(args.work_dir or tmp)
+        workdir.mkdir(parents=True, exist_ok=True)
+        result = suite.run(scale, workdir, log=log.info)
+    command = command_line(args)
+    result["command"] = command
+    out_json, out_md = Path(args.out_json), Path(args.out_md)
+    out_json.parent.mkdir(parents=True, exist_ok=True)
+    out_md.parent.mkdir(parents=True, exist_ok=True)
+    out_json.write_text(json.dumps(result, indent=1, allow_nan=False) + "\n")
+    out_md.write_text(report.render(result, command))
+    log.info("bench: wrote %s and %s in %.0f s", out_md, out_json, result["seconds"])
+    for key, value in sorted(result["ratios"].items()):
+        log.info("bench: %s = %s", key, value)
+    return 0

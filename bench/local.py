@@ -1,0 +1,56 @@
+"""Part 1: the limit. The whole model trained in one process, no messages at all.
+
+Same model (``build_full``), data, batch size, optimizer and loss as every split contender;
+the samples/s here is the denominator of every ratio in the report.
+"""
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+from torch import nn
+
+from bench.common import BATCH_SIZE, LR, MODELS, Scale, dataset, set_threads
+from shared import data, models
+
+
+def train_for(model_name: str, seconds: float, *, warmup_steps: int = 5) -> dict[str, Any]:
+    """Train ``model_name`` for about ``seconds`` after a short warm-up; samples/s of that span."""
+    set_threads()
+    train = dataset().train
+    model = models.build_full(model_name)
+    opt = torch.optim.SGD(model.parameters(), lr=LR)
+    loss_fn = nn.NLLLoss()
+    samples = steps = 0
+    epoch = 0
+    start = 0.0
+    while True:
+        for idx in data.batch_order(len(train.y), BATCH_SIZE, seed=0, epoch=epoch):
+            x, y = train.x[idx], train.y[idx]  # (B, 784), (B,)
+            opt.zero_grad(set_to_none=True)
+            loss = loss_fn(model(x), y)
+            loss.backward()
+            opt.step()
+            steps += 1
+            if steps == warmup_steps:
+                start = time.perf_counter()
+            elif steps > warmup_steps:
+                samples += len(y)
+            if start and time.perf_counter() - start >= seconds:
+                elapsed = time.perf_counter() - start
+                return {"model": model_name, "samples": samples, "seconds": elapsed,
+                        "samples_per_second": samples / elapsed, "final_loss": float(loss.detach())}
+        epoch += 1
+
+
+def run(scale: Scale) -> dict[str, Any]:
+    """Local samples/s for every benchmarked model."""
+    return {name: train_for(name, scale.seconds) for name in MODELS}
+
+
+def markdown(result: dict[str, Any]) -> list[str]:
+    lines = ["| model | samples/s | samples timed |", "|---|---:|---:|"]
+    for name, r in result.items():
+        lines.append(f"| {name} | {r['samples_per_second']:,.0f} | {r['samples']:,} |")
+    return lines

