@@ -20,7 +20,8 @@ from shared.topology import DEFAULT_JOB, check_name
 DEFAULT_AMQP_URL = "amqp://guest:guest@localhost:5672/%2F"
 
 STALENESS_MODES = ("none", "dc", "lr")
-BOTTOM_SYNC_MODES = ("independent", "average")
+BOTTOM_SYNC_MODES = ("independent", "average", "handoff")
+COMBINE_MODES = ("concat", "sum")
 LABEL_SOURCES = ("batch", "top")
 
 
@@ -39,6 +40,7 @@ class JobConfig:
     epochs: int = 5
     optimizer: str = "sgd"
     lr: float = 0.03
+    lr_schedule: str = "cosine"  # cosine (decay to 0 over the run) or constant
     momentum: float = 0.0
     seed: int = 0
     max_in_flight: int = 1
@@ -47,6 +49,8 @@ class JobConfig:
     bottom_sync: str = "average"
     sync_every: int = 1  # epochs between bottom averages (bottom_sync = "average")
     label_source: str = "batch"
+    vertical_parts: int = 0  # > 0: parties hold column blocks of the same samples (vertical split)
+    combine: str = "concat"  # how the top joins vertical parts: concat or sum
     checkpoint_every: int = 32
 
     def __post_init__(self) -> None:
@@ -55,6 +59,12 @@ class JobConfig:
         _one_of("staleness", self.staleness, STALENESS_MODES)
         _one_of("bottom_sync", self.bottom_sync, BOTTOM_SYNC_MODES)
         _one_of("label_source", self.label_source, LABEL_SOURCES)
+        _one_of("combine", self.combine, COMBINE_MODES)
+        _one_of("lr_schedule", self.lr_schedule, ("cosine", "constant"))
+        if self.vertical_parts and (self.model != "mlp" or self.cuts or self.bottom_sync != "independent"):
+            raise ConfigError("a vertical split uses model mlp, default cuts and bottom_sync independent")
+        if self.vertical_parts < 0:
+            raise ConfigError(f"vertical_parts must be >= 0, got {self.vertical_parts}")
         _one_of("optimizer", self.optimizer, ("sgd",))
         for name in ("num_clients", "batch_size", "epochs", "max_in_flight", "sync_every", "checkpoint_every"):
             if getattr(self, name) < 1:
@@ -67,12 +77,18 @@ class JobConfig:
 
     def agreed(self) -> dict[str, Any]:
         """The fields every party of a job must share, plus the derived cut shape."""
-        keys = ("job_id", "model", "cuts", "batch_size", "optimizer", "lr", "momentum",
-                "label_source", "bottom_sync", "sync_every", "num_clients", "seed")
+        keys = ("job_id", "model", "cuts", "batch_size", "optimizer", "lr", "lr_schedule", "momentum", "epochs",
+                "label_source", "bottom_sync", "sync_every", "num_clients", "seed", "vertical_parts", "combine")
         out: dict[str, Any] = {k: getattr(self, k) for k in keys}
         out["cuts"] = list(models.resolve_cuts(models.get_spec(self.model), self.cuts))
-        out["cut_shape"] = list(models.cut_shapes(self.model, self.cuts)[0])
+        out["cut_shapes"] = [list(s) for s in self.cut_shapes()]
         return out
+
+    def cut_shapes(self) -> list[tuple[int, ...]]:
+        """Per-sample shape crossing each cut (one part's share, for a vertical split)."""
+        if self.vertical_parts:
+            return [(640 // self.vertical_parts,)]
+        return models.cut_shapes(self.model, self.cuts)
 
 
 def _one_of(name: str, value: str, allowed: tuple[str, ...]) -> None:

@@ -12,13 +12,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from shared import data, models
+from shared import data, models, schedule
 from shared.config import JobConfig
 
 
 @dataclass(frozen=True)
 class LocalResult:
-    model: nn.Sequential
+    model: nn.Module
     losses: list[float]
     test_accuracy: float
     samples_per_second: float
@@ -37,8 +37,11 @@ def train_local(cfg: JobConfig, dataset: data.Dataset | None = None, *, client_i
     with the batch order a worker with that index uses."""
     dataset = dataset or data.load(cfg.dataset, cfg.data_dir, cfg.test_fraction)
     train = data.shard(dataset.train, client_index, num_clients)
-    model = models.build_full(cfg.model, cfg.seed)
+    model: nn.Module = (models.VerticalModel(cfg.vertical_parts, cfg.seed) if cfg.vertical_parts
+                        else models.build_full(cfg.model, cfg.seed))
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum)
+    steps_per_epoch = len(data.batch_order(len(train.y), cfg.batch_size, 0, 0))
+    lr_at = schedule.make(cfg.lr_schedule, base_lr=cfg.lr, total_steps=cfg.epochs * steps_per_epoch)
     losses: list[float] = []
     started = time.perf_counter()
     for epoch in range(cfg.epochs):
@@ -46,6 +49,8 @@ def train_local(cfg: JobConfig, dataset: data.Dataset | None = None, *, client_i
             loss = F.nll_loss(model(train.x[idx]), train.y[idx])
             optimizer.zero_grad()
             loss.backward()
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(len(losses))
             optimizer.step()
             losses.append(float(loss.detach()))
     seconds = time.perf_counter() - started

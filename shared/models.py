@@ -101,3 +101,44 @@ def cut_shapes(name: str, cuts: tuple[int, ...] = ()) -> list[tuple[int, ...]]:
             x = seg(x)
             shapes.append(tuple(x.shape[1:]))
     return shapes
+
+
+# ---- vertical partitioning: parties hold different image columns of the same samples ----
+
+def column_groups(parts: int, side: int = 28) -> list[torch.Tensor]:
+    """Flat pixel indices of each party's contiguous block of image columns."""
+    if not 1 <= parts <= side:
+        raise ValueError(f"parts must be in 1..{side}, got {parts}")
+    cols = torch.arange(side).tensor_split(parts)
+    grid = torch.arange(side * side).view(side, side)               # (row, col) -> flat index
+    return [grid[:, c].reshape(-1) for c in cols]                    # (side * len(c),)
+
+
+def vertical_segments(parts: int, seed: int = 0) -> tuple[list[nn.Sequential], nn.Sequential]:
+    """The MLP split vertically: one bottom per party over its columns, joined at 640 by concatenation.
+
+    Party ``i``'s bottom maps its ``28 * cols_i`` pixels through 128/parts hidden units to
+    640/parts features; the top is the seed MLP's head (640 -> 10, log-softmax).
+    """
+    torch.manual_seed(seed)
+    groups = column_groups(parts)
+    hidden, cut = 128 // parts, 640 // parts
+    bottoms = [nn.Sequential(nn.Linear(len(g), hidden), nn.ReLU(), nn.Linear(hidden, cut), nn.ReLU())
+               for g in groups]
+    top = nn.Sequential(nn.Linear(cut * parts, 10), nn.LogSoftmax(dim=1))
+    return bottoms, top
+
+
+class VerticalModel(nn.Module):
+    """The vertical split in one process (the local baseline): same weights, same join."""
+
+    def __init__(self, parts: int, seed: int = 0) -> None:
+        super().__init__()
+        bottoms, top = vertical_segments(parts, seed)
+        self.bottoms = nn.ModuleList(bottoms)
+        self.top = top
+        self.groups = column_groups(parts)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        cut = torch.cat([b(x[:, g]) for b, g in zip(self.bottoms, self.groups)], dim=1)  # (B, 640)
+        return self.top(cut)

@@ -13,7 +13,7 @@ for staleness, to the optimizer of the live weights.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Hashable
+from typing import Any, Callable, Hashable
 
 import torch
 import torch.nn.functional as F
@@ -45,7 +45,7 @@ class Stage:
 
     def __init__(self, segment: nn.Module, *, lr: float, momentum: float = 0.0,
                  correction: StalenessCorrection | None = None, stash_weights: bool = False,
-                 input_grad: bool = True) -> None:
+                 input_grad: bool = True, schedule: Callable[[int], float] | None = None) -> None:
         if lr <= 0:
             raise ValueError(f"lr must be > 0, got {lr}")
         self.segment = segment
@@ -53,6 +53,7 @@ class Stage:
         self.correction = correction or NoCorrection()
         self.stash_weights = stash_weights
         self.input_grad = input_grad
+        self.schedule = schedule
         self.version = 0
         self._pending: dict[Hashable, _Pending] = {}
 
@@ -113,11 +114,18 @@ class Stage:
         with torch.no_grad():
             return self.segment(x)
 
+    def output_shape(self, key: Hashable) -> tuple[int, ...]:
+        """Shape of batch ``key``'s output: the shape its gradient must have."""
+        return tuple(self._pending[key].output.shape)
+
     def discard(self, key: Hashable) -> None:
         """Forget a batch whose gradient will never come (e.g. a skipped vertical batch)."""
         self._pending.pop(key, None)
 
     def _step(self) -> None:
+        if self.schedule is not None:
+            for group in self.optimizer.param_groups:
+                group["lr"] = self.schedule(self.version)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.version += 1

@@ -154,6 +154,7 @@ class Backward(Message):
 
     ``loss`` is the batch loss when the sender computed it (-1.0 when it did not);
     ``correct`` counts correct predictions, for eval batches and training accuracy.
+    ``skipped`` says the batch was given up (a vertical party was missing): drop its stash.
     """
 
     kind: ClassVar[Kind] = Kind.BACKWARD
@@ -162,6 +163,7 @@ class Backward(Message):
     grad: torch.Tensor = field(default_factory=lambda: torch.empty(0))
     loss: float = -1.0
     correct: int = -1
+    skipped: bool = False
 
 
 @dataclass(frozen=True)
@@ -191,10 +193,17 @@ AnyMessage = Union[Forward, Backward, Weights, Hello]
 _BY_KIND: dict[str, type[Message]] = {cls.kind.value: cls for cls in (Forward, Backward, Weights, Hello)}
 _SCALAR_TYPES: dict[str, tuple[type, ...]] = {
     "job_id": (str,), "client_id": (str,), "seq": (int,), "model_version": (int,),
-    "created_at": (float, int), "train": (bool,), "loss": (float, int), "correct": (int,),
+    "created_at": (float, int), "train": (bool,), "loss": (float, int), "correct": (int,), "skipped": (bool,),
     "num_samples": (int,), "spec": (dict,), "error": (str,),
 }
 _SPEC_VALUE_TYPES = (str, int, float, bool)
+
+
+def _plain(value: Any, depth: int) -> bool:
+    """A scalar, or a list (nested at most ``depth`` deep) of scalars."""
+    if isinstance(value, _SPEC_VALUE_TYPES):
+        return True
+    return depth > 0 and isinstance(value, list) and all(_plain(v, depth - 1) for v in value)
 
 
 def decode(body: bytes | memoryview) -> AnyMessage:
@@ -235,12 +244,8 @@ def _build(cls: type[Message], obj: dict[str, Any]) -> Message:
         if not isinstance(value, allowed) or (isinstance(value, bool) and bool not in allowed):
             raise DecodeError(f"field {key!r} has type {type(value).__name__}")
         kwargs[key] = float(value) if float in allowed else value
-    if "spec" in kwargs and not all(
-        isinstance(k, str) and (isinstance(v, _SPEC_VALUE_TYPES) or
-                                (isinstance(v, list) and all(isinstance(i, _SPEC_VALUE_TYPES) for i in v)))
-        for k, v in kwargs["spec"].items()
-    ):
-        raise DecodeError("field 'spec' must map names to scalars or lists of scalars")
+    if "spec" in kwargs and not all(isinstance(k, str) and _plain(v, 2) for k, v in kwargs["spec"].items()):
+        raise DecodeError("field 'spec' must map names to scalars or (nested) lists of scalars")
     for required in ("job_id", "client_id", "seq"):
         if required not in kwargs:
             raise DecodeError(f"missing field {required!r}")

@@ -45,12 +45,15 @@ def add_job_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--epochs", type=int)
     p.add_argument("--batch-size", type=int)
     p.add_argument("--lr", type=float)
+    p.add_argument("--lr-schedule", choices=["cosine", "constant"])
     p.add_argument("--momentum", type=float)
     p.add_argument("--seed", type=int)
     p.add_argument("--max-in-flight", type=int, help="batches in flight per client (1 = synchronous)")
     p.add_argument("--staleness", choices=list(config.STALENESS_MODES))
     p.add_argument("--bottom-sync", choices=list(config.BOTTOM_SYNC_MODES))
     p.add_argument("--label-source", choices=list(config.LABEL_SOURCES))
+    p.add_argument("--vertical-parts", type=int, help="vertical split: number of parties holding column blocks")
+    p.add_argument("--combine", choices=list(config.COMBINE_MODES), help="vertical join: concat or sum")
     p.add_argument("--checkpoint-every", type=int)
     p.add_argument("--metrics-port", type=int, default=None, help="serve /metrics here (0 = any free port)")
     p.add_argument("--checkpoint-dir", help="durable state; a restarted party resumes from it")
@@ -61,7 +64,8 @@ def add_job_options(p: argparse.ArgumentParser) -> None:
 def job_config(args: argparse.Namespace) -> JobConfig:
     """Defaults < config file < SPLITMQ_* env < flags."""
     fields = ("job_id", "model", "cuts", "dataset", "data_dir", "num_clients", "epochs", "batch_size", "lr",
-              "momentum", "seed", "max_in_flight", "staleness", "bottom_sync", "label_source", "checkpoint_every")
+              "momentum", "seed", "max_in_flight", "lr_schedule", "staleness", "bottom_sync", "label_source", "checkpoint_every",
+              "vertical_parts", "combine")
     return config.load(args.config, {f: getattr(args, f, None) for f in fields})
 
 
@@ -149,10 +153,11 @@ class HeldAcks:
 
     def release(self) -> None:
         """Ack everything held (call after the checkpoint that covers it is on disk)."""
-        if self._held:
-            # One multi-ack per channel generation; tags of older channels are void anyway.
-            self._broker.ack(self._held[-1], multiple=True)
-            self._held.clear()
+        # One ack each, not a multi-ack: a middle hop finishes deliveries out of order, and a
+        # multi-ack would also ack earlier ones still waiting for their gradient.
+        for delivery in self._held:
+            self._broker.ack(delivery)
+        self._held.clear()
 
 
 class History:

@@ -1,11 +1,12 @@
-"""``splitmq server``: the trainer holding the top segment (and, by default, the loss).
+"""``splitmq server``: a party holding a non-bottom segment: the top (with the loss) or a middle hop.
 
-It consumes activations with manual acks and a bounded prefetch, applies each client's
-batches once and in order, publishes the gradient to the sender's reply queue, and acks an
-activation only once its effect is safe: after the gradient's publish is confirmed, and,
-with a checkpoint directory, after a checkpoint holds it. Bad input is dead-lettered with
-its reason; a batch the handler keeps failing on reaches the dead-letter queue through the
-queue's delivery limit.
+It consumes forward messages with manual acks and a bounded prefetch, applies each client's
+batches once and in order, and acks a message only once its effect is safe: after the reply
+is confirmed, and, with a checkpoint directory, after a checkpoint holds it. As the last
+stage it computes the loss and answers with the gradient; as a middle hop it forwards its
+output to the next stage and relays the gradient back when it comes. Bad input is
+dead-lettered with its reason; a batch the handler keeps failing on reaches the dead-letter
+queue through the queue's delivery limit.
 """
 from __future__ import annotations
 
@@ -20,13 +21,15 @@ from typing import Any
 
 import torch
 
-from shared import aggregate, checkpoint, data, models, topology, validate, wire
+from shared import checkpoint, data, models, schedule, topology, validate, wire
 from shared.broker import Broker, Delivery, declare
 from shared.config import JobConfig, differences
 from shared.errors import BrokerError, ConfigError, DecodeError, RejectedMessage
 from shared.metrics import Metrics, serve
 from shared.stage import Stage, evaluate_correct
 from workers import runtime
+from workers.rounds import BottomRounds
+from workers.vertical import VerticalJoin, join, split_gradient
 
 log = logging.getLogger(__name__)
 
@@ -34,9 +37,13 @@ log = logging.getLogger(__name__)
 RESEND_CACHE = 64
 #: Checkpoint at least this often while holding acks, however few batches came.
 CHECKPOINT_INTERVAL_S = 5.0
-#: A bottom-averaging round closes with whoever reported once it is this old.
-SYNC_TIMEOUT_S = 120.0
-PARTY = "trainer"
+#: ``--next-stage`` value meaning "the sending client's own head" (U-shaped runs).
+SENDER_HEAD = "@head"
+
+
+def head_stage(client: str) -> str:
+    """Stage name of a client's head segment in a U-shaped run."""
+    return f"{client}-head"
 
 
 @dataclass(frozen=True)
@@ -47,37 +54,70 @@ class TrainerOptions:
     require_identity: bool = False
     prefetch: int = 256
     run_dir: str | None = None
+    stage: str = topology.TOP_STAGE      # our forward queue's name (and reply queue's, when relaying)
+    segment: int = -1                    # which segment of the model we hold
+    next_stage: str | None = None        # None: we are last; a stage name, or SENDER_HEAD
+    vertical_timeout_s: float = 30.0     # vertical: how long to wait for a batch's missing parts
+
+
+@dataclass
+class _Relayed:
+    """A forward message we passed on, waiting for the next stage's answer."""
+
+    delivery: Delivery
+    client: str
+    seq: int
+    train: bool
 
 
 class Trainer:
-    """Consumes forward messages for the top stage and answers each with a gradient."""
+    """Serves one stage: consumes forward messages, answers each with a gradient."""
 
     def __init__(self, cfg: JobConfig, opts: TrainerOptions, *, metrics: Metrics,
                  stop: runtime.StopFlag | None = None) -> None:
         self.cfg, self.opts, self.metrics = cfg, opts, metrics
-        self.stop = stop or runtime.StopFlag()
-        top = models.build_segments(cfg.model, cfg.cuts, cfg.seed)[-1]
-        self.stage = Stage(top, lr=cfg.lr, momentum=cfg.momentum, input_grad=True)
-        self.limits = validate.Limits(cfg.job_id, tuple(models.cut_shapes(cfg.model, cfg.cuts)[-1]), cfg.batch_size)
+        self.stop = stop if stop is not None else runtime.StopFlag()
+        self.party = opts.stage
+        self.is_last = opts.next_stage is None
+        self.stage, in_shape = self._build_stage()
+        self.limits = validate.Limits(cfg.job_id, in_shape, cfg.batch_size)
         self.num_classes = models.get_spec(cfg.model).num_classes
-        self.labels_by_id = self._label_table() if cfg.label_source == "top" else None
+        self.labels_by_id = self._label_table() if cfg.label_source == "top" and self.is_last else None
+        parties = [f"client-{i}" for i in range(cfg.vertical_parts)]
+        self.vertical = VerticalJoin(parties, timeout_s=opts.vertical_timeout_s) if cfg.vertical_parts else None
+        self.rounds = (BottomRounds(mode=cfg.bottom_sync, num_clients=cfg.num_clients, epochs=cfg.epochs)
+                       if cfg.bottom_sync != "independent" else None)
         self.last_applied: dict[str, int] = {}
         self.recent: dict[str, collections.OrderedDict[int, bytes]] = collections.defaultdict(collections.OrderedDict)
-        self.rounds: dict[int, dict[str, Any]] = {}          # bottom averaging: epoch -> contributions
-        self.round_started: dict[int, float] = {}
-        self.round_results: dict[int, dict[str, torch.Tensor]] = {}
+        self.relayed: dict[str, _Relayed] = {}
         self.eval_counts: dict[str, list[int]] = {}
         self.unconfirmed: list[Future[None]] = []
-        self.ckpt_path = checkpoint.path_for(opts.checkpoint_dir, PARTY) if opts.checkpoint_dir else None
-        self.history = runtime.History(opts.run_dir, PARTY)
+        self.ckpt_path = checkpoint.path_for(opts.checkpoint_dir, self.party) if opts.checkpoint_dir else None
+        self.history = runtime.History(opts.run_dir, self.party)
         self.inbox = runtime.Inbox()
         self.step_times: list[float] = []
         self.counts: collections.Counter[str] = collections.Counter()
         self.broker: Broker | None = None
         self._last_checkpoint = time.monotonic()
 
+    def _build_stage(self) -> tuple[Stage, tuple[int, ...]]:
+        cfg = self.cfg
+        lr_at = schedule.for_party(cfg, None)
+        if cfg.vertical_parts:
+            _, top = models.vertical_segments(cfg.vertical_parts, cfg.seed)
+            return Stage(top, lr=cfg.lr, momentum=cfg.momentum, schedule=lr_at), cfg.cut_shapes()[0]
+        segments = models.build_segments(cfg.model, cfg.cuts, cfg.seed)
+        index = self.opts.segment % len(segments)
+        if index == 0:
+            raise ConfigError("segment 0 is a data owner's bottom: run it with `splitmq worker`")
+        if self.is_last != (index == len(segments) - 1):
+            raise ConfigError(f"segment {index} of {len(segments)}: only the last has no --next-stage")
+        stage = Stage(segments[index], lr=cfg.lr, momentum=cfg.momentum, stash_weights=not self.is_last,
+                      schedule=lr_at)
+        return stage, models.cut_shapes(cfg.model, cfg.cuts)[index - 1]
+
     def _label_table(self) -> torch.Tensor:
-        """Labels by global sample id, for runs where labels never leave the trainer."""
+        """Labels by global sample id, for runs where labels never travel with the batch."""
         ds = data.load(self.cfg.dataset, self.cfg.data_dir, self.cfg.test_fraction)
         ids = torch.cat([ds.train.ids, ds.test.ids])
         table = torch.full((int(ids.max()) + 1,), -1, dtype=torch.int64)
@@ -95,19 +135,23 @@ class Trainer:
             raise ConfigError("checkpoint was written for another job: " + "; ".join(diffs))
         self.stage.load_state(state["stage"])
         self.last_applied = dict(state["last_applied"])
-        self.rounds = {int(k): v for k, v in state["rounds"].items()}
-        self.round_results = {int(k): v for k, v in state["round_results"].items()}
-        log.info("trainer: resumed from checkpoint (version %d, clients %s)", self.stage.version, self.last_applied)
+        if self.rounds is not None:
+            self.rounds.load_state(state["rounds"])
+        log.info("%s: resumed from checkpoint (version %d, clients %s)", self.party, self.stage.version,
+                 self.last_applied)
 
     def connect(self) -> None:
         job = self.cfg.job_id
-        declare(self.opts.amqp_url, topology.job_layout(job), self.opts.tls)
-        self.broker = Broker(self.opts.amqp_url, name="trainer", prefetch=self.opts.prefetch, tls=self.opts.tls,
-                             on_reconnect=lambda: self.metrics.reconnects.labels("trainer").inc())
+        parties = () if self.is_last else (self.party,)
+        declare(self.opts.amqp_url, topology.job_layout(job, stages=(self.party,), parties=parties), self.opts.tls)
+        self.broker = Broker(self.opts.amqp_url, name=self.party, prefetch=self.opts.prefetch, tls=self.opts.tls,
+                             on_reconnect=lambda: self.metrics.reconnects.labels(self.metrics.role).inc())
         self.broker.start()
         self.acks = runtime.HeldAcks(self.broker, hold=self.ckpt_path is not None)
-        self.broker.consume(topology.forward_queue(job), self.inbox.put)
-        log.info("trainer: serving job %s on %s", job, runtime.redact(self.opts.amqp_url))
+        self.broker.consume(topology.forward_queue(job, self.party), self.inbox.put)
+        if not self.is_last:
+            self.broker.consume(topology.reply_queue(job, self.party), self.inbox.put)
+        log.info("%s: serving job %s on %s", self.party, job, runtime.redact(self.opts.amqp_url))
 
     def run(self) -> dict[str, Any]:
         """Serve until stopped (SIGTERM); returns the summary."""
@@ -122,33 +166,34 @@ class Trainer:
                     self.handle(delivery)
                 else:
                     self.broker.check()
-                    self._close_overdue_rounds()
+                    self._on_idle()
                 self._maybe_checkpoint(idle=delivery is None)
         finally:
             self.checkpoint()
             self.broker.close()
         return self.summary(time.monotonic() - started)
 
+    def _on_idle(self) -> None:
+        if self.rounds is not None:
+            for epoch in self.rounds.overdue():
+                log.warning("%s: closing the epoch-%d bottom average without the absent client(s)", self.party, epoch)
+                self._send_weights(self.rounds.close(epoch))
+        if self.vertical is not None:
+            for seq, parts in self.vertical.expired():
+                self._skip_vertical(seq, parts)
+
     # ---- messages -------------------------------------------------------------------------
 
     def handle(self, delivery: Delivery) -> None:
         """Decode, validate and dispatch one delivery; never raises for bad input."""
         assert self.broker is not None
-        self.metrics.bytes.labels("trainer", "received").inc(len(delivery.body))
+        self.metrics.bytes.labels(self.metrics.role, "received").inc(len(delivery.body))
         try:
             msg = wire.decode(delivery.body)
-            validate.check_identity(delivery.user_id, msg.client_id, delivery.reply_to,
-                                    require=self.opts.require_identity)
-            if isinstance(msg, wire.Forward) and msg.train:
-                self._train(msg, delivery)
-            elif isinstance(msg, wire.Forward):
-                self._evaluate(msg, delivery)
-            elif isinstance(msg, wire.Hello):
-                self._hello(msg, delivery)
-            elif isinstance(msg, wire.Weights):
-                self._weights(msg, delivery)
-            else:
-                raise RejectedMessage("kind", f"a trainer does not take {msg.kind.value} messages")
+            if delivery.queue == topology.forward_queue(self.cfg.job_id, self.party):
+                validate.check_identity(delivery.user_id, msg.client_id, delivery.reply_to,
+                                        require=self.opts.require_identity)
+            self._dispatch(msg, delivery)
         except DecodeError as exc:
             self.dead_letter(delivery, "decode", str(exc))
         except RejectedMessage as exc:
@@ -156,19 +201,60 @@ class Trainer:
         except Exception:
             # Not the sender's fault as far as we can tell: return it; the queue's delivery
             # limit dead-letters it if it keeps failing.
-            log.exception("trainer: handler failed on %s (delivery %s); returning it to the queue",
-                          delivery.message_id, "redelivered" if delivery.redelivered else "first")
+            log.exception("%s: handler failed on %s; returning it to the queue", self.party, delivery.message_id)
             self.metrics.reject("handler_error")
             self.broker.requeue(delivery)
 
-    def _reply(self, msg: wire.Message, delivery: Delivery, body: bytes | None = None) -> Future[None]:
+    def _dispatch(self, msg: wire.AnyMessage, delivery: Delivery) -> None:
+        if isinstance(msg, wire.Forward):
+            validate.check_forward(msg, self.limits)
+            if self._is_duplicate(msg, delivery):
+                return
+            if not self.is_last:
+                self._relay_forward(msg, delivery)
+            elif self.vertical is not None:
+                self._vertical_part(msg, delivery)
+            elif msg.train:
+                self._train(msg, delivery)
+            else:
+                self._evaluate(msg, delivery)
+        elif isinstance(msg, wire.Backward) and not self.is_last:
+            self._relay_backward(msg, delivery)
+        elif isinstance(msg, wire.Hello):
+            self._hello(msg, delivery)
+        elif isinstance(msg, wire.Weights) and self.rounds is not None:
+            sends = self.rounds.contribute(epoch=msg.seq, client=msg.client_id, tensors=dict(msg.tensors),
+                                           reply_to=delivery.reply_to or msg.client_id,
+                                           correlation_id=delivery.correlation_id or "", num_samples=msg.num_samples)
+            self._send_weights(sends)
+            self._done(delivery, None)
+        else:
+            raise RejectedMessage("kind", f"{self.party} does not take {msg.kind.value} messages here")
+
+    def _is_duplicate(self, msg: wire.Forward, delivery: Delivery) -> bool:
+        """A re-sent training batch already applied: answer again from the cache, apply nothing."""
+        if not msg.train:
+            return False
+        last = self.last_applied.get(msg.client_id, -1)
+        validate.check_sequence(msg.seq, last)
+        if msg.seq > last:
+            return False
+        self.counts["duplicates"] += 1
+        self.metrics.batches.labels(self.metrics.role, "duplicate").inc()
+        cached = self.recent[msg.client_id].get(msg.seq)
+        self._done(delivery, self._publish_reply(delivery.reply_to or msg.client_id, delivery, cached)
+                   if cached else None)
+        return True
+
+    def _publish_reply(self, target: str, delivery: Delivery, body: bytes) -> Future[None]:
         assert self.broker is not None
-        target = delivery.reply_to or msg.client_id
-        body = body if body is not None else msg.encode()
-        self.metrics.bytes.labels("trainer", "sent").inc(len(body))
+        self.metrics.bytes.labels(self.metrics.role, "sent").inc(len(body))
         return self.broker.publish(topology.gradients_exchange(self.cfg.job_id), topology.reply_routing_key(target),
                                    body, message_id=f"{delivery.message_id}:reply",
                                    correlation_id=delivery.correlation_id)
+
+    def _reply(self, msg: wire.Message, delivery: Delivery) -> Future[None]:
+        return self._publish_reply(delivery.reply_to or msg.client_id, delivery, msg.encode())
 
     def _done(self, delivery: Delivery, future: Future[None] | None) -> None:
         """Ack once the reply is confirmed (and, when holding, once checkpointed)."""
@@ -180,46 +266,46 @@ class Trainer:
         elif future is None:
             self.broker.ack(delivery)
         else:
-            broker = self.broker
+            broker, party = self.broker, self.party
             future.add_done_callback(lambda f: broker.ack(delivery) if f.exception() is None
-                                     else log.error("trainer: reply to %s failed: %s", delivery.message_id, f.exception()))
+                                     else log.error("%s: reply to %s failed: %s", party, delivery.message_id,
+                                                    f.exception()))
 
-    def _train(self, msg: wire.Forward, delivery: Delivery) -> None:
-        validate.check_forward(msg, self.limits)
-        client = msg.client_id
-        last = self.last_applied.get(client, -1)
-        validate.check_sequence(msg.seq, last)
-        if msg.seq <= last:  # a re-sent batch we already applied: answer again, apply nothing
-            self.counts["duplicates"] += 1
-            self.metrics.batches.labels("trainer", "duplicate").inc()
-            cached = self.recent[client].get(msg.seq)
-            self._done(delivery, self._reply(msg, delivery, cached) if cached else None)
-            return
-        labels = self._labels(msg)
-        started = time.perf_counter()
-        result = self.stage.loss_step(msg.activations, labels)
-        step = time.perf_counter() - started
-        self.last_applied[client] = msg.seq
-        reply = wire.Backward(job_id=msg.job_id, client_id=client, seq=msg.seq, model_version=self.stage.version,
-                              grad=result.grad_input, loss=result.loss, correct=result.correct)
+    def _applied(self, client: str, seq: int, reply: wire.Backward, delivery: Delivery, size: int) -> None:
+        """Record batch ``seq`` of ``client`` as applied and send its gradient (cached for re-sends)."""
+        self.last_applied[client] = seq
         body = reply.encode()
         cache = self.recent[client]
-        cache[msg.seq] = body
+        cache[seq] = body
         while len(cache) > RESEND_CACHE:
             cache.popitem(last=False)
-        self._done(delivery, self._reply(reply, delivery, body))
-        self.step_times.append(step)
+        self._done(delivery, self._publish_reply(delivery.reply_to or client, delivery, body))
         self.counts["applied"] += 1
-        self.counts["samples"] += len(labels)
-        m = self.metrics
-        m.step_time.labels("trainer").observe(step)
-        m.batches.labels("trainer", "applied").inc()
-        m.samples.labels("trainer").inc(len(labels))
-        m.loss.labels("trainer").set(result.loss)
-        m.last_progress.labels("trainer").set(time.time())
-        m.clients.labels("trainer").set(len(self.last_applied))
+        self.counts["samples"] += size
+        m, role = self.metrics, self.metrics.role
+        m.batches.labels(role, "applied").inc()
+        m.samples.labels(role).inc(size)
+        if reply.loss >= 0:
+            m.loss.labels(role).set(reply.loss)
+        m.last_progress.labels(role).set(time.time())
+        m.clients.labels(role).set(len(self.last_applied))
         if self.counts["applied"] % 20 == 0:
-            self.history.record(epoch=-1, seq=self.counts["applied"], loss=result.loss, samples=self.counts["samples"])
+            self.history.record(epoch=-1, seq=self.counts["applied"], loss=reply.loss, samples=self.counts["samples"])
+
+    def _train(self, msg: wire.Forward, delivery: Delivery) -> None:
+        labels = self._labels(msg)
+        result = self._timed_step(msg.activations, labels)
+        reply = wire.Backward(job_id=msg.job_id, client_id=msg.client_id, seq=msg.seq, model_version=self.stage.version,
+                              grad=result.grad_input, loss=result.loss, correct=result.correct)
+        self._applied(msg.client_id, msg.seq, reply, delivery, len(labels))
+
+    def _timed_step(self, x: torch.Tensor, labels: torch.Tensor) -> Any:
+        started = time.perf_counter()
+        result = self.stage.loss_step(x, labels)
+        step = time.perf_counter() - started
+        self.step_times.append(step)
+        self.metrics.step_time.labels(self.metrics.role).observe(step)
+        return result
 
     def _labels(self, msg: wire.Forward) -> torch.Tensor:
         if self.labels_by_id is None:
@@ -235,83 +321,138 @@ class Trainer:
         return labels
 
     def _evaluate(self, msg: wire.Forward, delivery: Delivery) -> None:
-        validate.check_forward(msg, self.limits)
         labels = self._labels(msg)
         loss_sum, correct = evaluate_correct(self.stage.infer(msg.activations), labels)
-        counts = self.eval_counts.setdefault(msg.client_id, [0, 0])
-        if msg.seq == 0:
-            counts[:] = [0, 0]
-        counts[0] += correct
-        counts[1] += len(labels)
-        total = sum(c[1] for c in self.eval_counts.values())
-        self.metrics.test_accuracy.labels("trainer").set(sum(c[0] for c in self.eval_counts.values()) / total)
-        self.metrics.batches.labels("trainer", "evaluated").inc()
+        self._count_eval(msg.client_id, msg.seq, correct, len(labels))
         reply = wire.Backward(job_id=msg.job_id, client_id=msg.client_id, seq=msg.seq,
                               model_version=self.stage.version, loss=loss_sum / len(labels), correct=correct)
         self._done(delivery, self._reply(reply, delivery))
+
+    def _count_eval(self, client: str, seq: int, correct: int, total: int) -> None:
+        counts = self.eval_counts.setdefault(client, [0, 0])
+        if seq == 0:
+            counts[:] = [0, 0]
+        counts[0] += correct
+        counts[1] += total
+        self.metrics.test_accuracy.labels(self.metrics.role).set(
+            sum(c[0] for c in self.eval_counts.values()) / max(1, sum(c[1] for c in self.eval_counts.values())))
+        self.metrics.batches.labels(self.metrics.role, "evaluated").inc()
 
     def _hello(self, msg: wire.Hello, delivery: Delivery) -> None:
         mine = self.cfg.agreed()
         diffs = differences(mine, dict(msg.spec))
         if diffs:
-            log.warning("trainer: client %s has a different job config: %s", msg.client_id, "; ".join(diffs))
+            log.warning("%s: client %s has a different job config: %s", self.party, msg.client_id, "; ".join(diffs))
         else:
-            log.info("trainer: client %s joined (last applied seq %d)", msg.client_id,
+            log.info("%s: client %s joined (last applied seq %d)", self.party, msg.client_id,
                      self.last_applied.get(msg.client_id, -1))
         reply = wire.Hello(job_id=self.cfg.job_id, client_id=msg.client_id, seq=msg.seq, spec=mine,
                            error="; ".join(diffs))
         self._done(delivery, self._reply(reply, delivery))
 
-    # ---- bottom averaging (bottom_sync = "average") -------------------------------------
+    # ---- middle hop: forward on, relay gradients back ------------------------------------
 
-    def _weights(self, msg: wire.Weights, delivery: Delivery) -> None:
-        if self.cfg.bottom_sync != "average":
-            raise RejectedMessage("kind", "bottom averaging is off for this job")
-        epoch = msg.seq
-        if epoch in self.round_results:  # a late or repeated contribution: hand out the result
-            self._send_average(epoch, {msg.client_id: (delivery.reply_to or msg.client_id, delivery.correlation_id)})
+    def _relay_forward(self, msg: wire.Forward, delivery: Delivery) -> None:
+        key = f"{delivery.correlation_id}>{self.party}"
+        if key in self.relayed:  # the same message again while its answer is pending
+            self._done(delivery, None)
+            return
+        output = self.stage.forward(key, msg.activations) if msg.train else self.stage.infer(msg.activations)
+        dest = head_stage(msg.client_id) if self.opts.next_stage == SENDER_HEAD else self.opts.next_stage
+        assert dest is not None and self.broker is not None
+        body = msg.copy(activations=output, model_version=self.stage.version).encode()
+        self.relayed[key] = _Relayed(delivery, msg.client_id, msg.seq, msg.train)
+        self.metrics.bytes.labels(self.metrics.role, "sent").inc(len(body))
+        self.broker.publish(topology.activations_exchange(self.cfg.job_id),
+                            topology.forward_routing_key(self.party, dest), body,
+                            message_id=key, correlation_id=key, reply_to=self.party)
+        self.metrics.in_flight.labels(self.metrics.role).set(len(self.relayed))
+
+    def _relay_backward(self, msg: wire.Backward, delivery: Delivery) -> None:
+        pending = self.relayed.pop(delivery.correlation_id or "", None)
+        if pending is None:  # an answer we already relayed (re-sent downstream): nothing to do
+            self.counts["duplicates"] += 1
+            self._done(delivery, None)
+            return
+        if not pending.train:
+            self._count_eval(pending.client, pending.seq, msg.correct, 0)
+            reply = msg.copy(client_id=pending.client, model_version=self.stage.version)
+            self._done(pending.delivery, self._reply(reply, pending.delivery))
         else:
-            entries = self.rounds.setdefault(epoch, {})
-            self.round_started.setdefault(epoch, time.monotonic())
-            entries[msg.client_id] = {"tensors": {k: v.clone() for k, v in msg.tensors.items()},
-                                      "n": msg.num_samples, "reply_to": delivery.reply_to or msg.client_id,
-                                      "cid": delivery.correlation_id or ""}
-            if len(entries) >= self.cfg.num_clients:
-                self._close_round(epoch)
+            key = f"{pending.delivery.correlation_id}>{self.party}"
+            validate.check_backward(msg, job_id=self.cfg.job_id, shape=self.stage.output_shape(key))
+            started = time.perf_counter()
+            grad_input, stale = self.stage.backward(key, msg.grad)
+            self.metrics.step_time.labels(self.metrics.role).observe(time.perf_counter() - started)
+            self.metrics.staleness.labels(self.metrics.role).observe(stale)
+            reply = wire.Backward(job_id=msg.job_id, client_id=pending.client, seq=pending.seq,
+                                  model_version=self.stage.version, grad=grad_input, loss=msg.loss,
+                                  correct=msg.correct, skipped=msg.skipped)
+            self._applied(pending.client, pending.seq, reply, pending.delivery, len(msg.grad))
         self._done(delivery, None)
+        self.metrics.in_flight.labels(self.metrics.role).set(len(self.relayed))
 
-    def _close_round(self, epoch: int) -> None:
-        entries = self.rounds.pop(epoch)
-        self.round_started.pop(epoch, None)
-        states = [e["tensors"] for e in entries.values()]
-        self.round_results[epoch] = aggregate.weighted_average(states, [max(1, e["n"]) for e in entries.values()])
-        for old in [e for e in self.round_results if e < epoch - 1]:
-            del self.round_results[old]
-        log.info("trainer: averaged the bottoms of %d clients for epoch %d", len(entries), epoch)
-        self._send_average(epoch, {c: (e["reply_to"], e["cid"]) for c, e in entries.items()})
+    # ---- vertical split: join the parties' parts of a batch ------------------------------
 
-    def _send_average(self, epoch: int, targets: dict[str, tuple[str, str]]) -> None:
+    def _vertical_part(self, msg: wire.Forward, delivery: Delivery) -> None:
+        assert self.vertical is not None
+        if msg.train and self.vertical.was_closed(msg.seq) == "skipped":
+            self._skip_vertical(msg.seq, [(msg, delivery)])
+            return
+        if not msg.train:  # evaluation parts join under their own key space
+            msg = msg.copy(seq=-1 - msg.seq)
+        parts = self.vertical.add(msg, delivery)
+        if parts is None:
+            return
+        joined = join([m.activations for m, _ in parts], self.cfg.combine)          # (B, 640)
+        first = parts[0][0]
+        labels = self._labels(first)
+        if not first.train:
+            loss_sum, correct = evaluate_correct(self.stage.infer(joined), labels)
+            self._count_eval(first.client_id, -1 - first.seq, correct, len(labels))
+            for m, d in parts:
+                reply = wire.Backward(job_id=m.job_id, client_id=m.client_id, seq=-1 - m.seq,
+                                      loss=loss_sum / len(labels), correct=correct)
+                self._done(d, self._reply(reply, d))
+            return
+        result = self._timed_step(joined, labels)
+        widths = [m.activations.shape[1] for m, _ in parts]
+        for (m, d), grad in zip(parts, split_gradient(result.grad_input, widths, self.cfg.combine)):
+            reply = wire.Backward(job_id=m.job_id, client_id=m.client_id, seq=m.seq, model_version=self.stage.version,
+                                  grad=grad.contiguous(), loss=result.loss, correct=result.correct)
+            self._applied(m.client_id, m.seq, reply, d, len(labels))
+
+    def _skip_vertical(self, seq: int, parts: list[tuple[wire.Forward, Any]]) -> None:
+        """Policy for a late or missing party: the batch is skipped; the parties that sent are told."""
+        log.warning("%s: skipping batch %d: %d of %d parties sent their part in time", self.party, seq,
+                    len(parts), self.cfg.vertical_parts)
+        self.metrics.skipped.labels(self.metrics.role, "party_timeout").inc()
+        self.metrics.batches.labels(self.metrics.role, "skipped").inc()
+        self.counts["skipped"] += 1
+        for m, d in parts:
+            if m.train:
+                self.last_applied[m.client_id] = max(seq, self.last_applied.get(m.client_id, -1))
+            reply = wire.Backward(job_id=m.job_id, client_id=m.client_id, seq=m.seq if m.train else -1 - m.seq,
+                                  skipped=True, correct=0)
+            self._done(d, self._reply(reply, d))
+
+    # ---- bottom exchange (average / handoff) ----------------------------------------------
+
+    def _send_weights(self, sends: list[Any]) -> None:
         assert self.broker is not None
-        body = wire.Weights(job_id=self.cfg.job_id, client_id=PARTY, seq=epoch,
-                            tensors=self.round_results[epoch]).encode()
-        for client, (reply_to, cid) in targets.items():
+        for s in sends:
+            body = wire.Weights(job_id=self.cfg.job_id, client_id=self.party, seq=s.epoch, tensors=s.tensors).encode()
             self.unconfirmed.append(self.broker.publish(
-                topology.gradients_exchange(self.cfg.job_id), topology.reply_routing_key(reply_to), body,
-                message_id=f"{client}:weights:{epoch}:reply", correlation_id=cid))
-
-    def _close_overdue_rounds(self) -> None:
-        for epoch, since in list(self.round_started.items()):
-            if time.monotonic() - since > SYNC_TIMEOUT_S:
-                log.warning("trainer: closing the epoch-%d average without %d absent client(s)", epoch,
-                            self.cfg.num_clients - len(self.rounds[epoch]))
-                self._close_round(epoch)
+                topology.gradients_exchange(self.cfg.job_id), topology.reply_routing_key(s.reply_to), body,
+                message_id=f"{s.correlation_id}:weights", correlation_id=s.correlation_id))
 
     # ---- durability -----------------------------------------------------------------------
 
     def dead_letter(self, delivery: Delivery, reason: str, detail: str) -> None:
         """Set a message aside in the dead-letter queue with its reason, then ack it."""
         assert self.broker is not None
-        log.warning("trainer: dead-lettering %s from %s: %s: %s", delivery.message_id, delivery.user_id, reason, detail)
+        log.warning("%s: dead-lettering %s from %s: %s: %s", self.party, delivery.message_id, delivery.user_id,
+                    reason, detail)
         self.metrics.reject(reason)
         self.counts[f"rejected_{reason}"] += 1
         future = self.broker.publish(
@@ -320,9 +461,10 @@ class Trainer:
             headers={"x-splitmq-reason": reason, "x-splitmq-detail": detail[:500],
                      "x-splitmq-queue": delivery.queue, "x-splitmq-user": delivery.user_id or "",
                      "x-splitmq-message-id": delivery.message_id or ""})
-        broker = self.broker
+        broker, party = self.broker, self.party
         future.add_done_callback(lambda f: broker.ack(delivery) if f.exception() is None
-                                 else log.error("trainer: could not dead-letter %s: %s", delivery.message_id, f.exception()))
+                                 else log.error("%s: could not dead-letter %s: %s", party, delivery.message_id,
+                                                f.exception()))
 
     def _maybe_checkpoint(self, *, idle: bool) -> None:
         if self.ckpt_path is None or not len(self.acks):
@@ -340,7 +482,7 @@ class Trainer:
         self.unconfirmed.clear()
         checkpoint.save(self.ckpt_path, {
             "stage": self.stage.state(), "last_applied": dict(self.last_applied), "config": self.cfg.agreed(),
-            "rounds": dict(self.rounds), "round_results": dict(self.round_results),
+            "rounds": self.rounds.state() if self.rounds is not None else {},
         })
         self._last_checkpoint = time.monotonic()
         self.acks.release()
@@ -348,9 +490,9 @@ class Trainer:
     def summary(self, seconds: float) -> dict[str, Any]:
         steps = sorted(self.step_times) or [float("nan")]
         return {
-            "seconds": seconds, "batches_applied": self.counts["applied"], "samples": self.counts["samples"],
-            "duplicates": self.counts["duplicates"], "version": self.stage.version,
-            "last_applied": dict(self.last_applied),
+            "party": self.party, "seconds": seconds, "batches_applied": self.counts["applied"],
+            "samples": self.counts["samples"], "duplicates": self.counts["duplicates"],
+            "skipped": self.counts["skipped"], "version": self.stage.version, "last_applied": dict(self.last_applied),
             "rejected": {k[len("rejected_"):]: v for k, v in self.counts.items() if k.startswith("rejected_")},
             "step_p50_s": steps[len(steps) // 2], "step_p99_s": steps[min(len(steps) - 1, int(len(steps) * 0.99))],
             "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
@@ -358,8 +500,14 @@ class Trainer:
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    p = sub.add_parser("server", help="run the trainer holding the top segment")
+    p = sub.add_parser("server", help="run a party holding the top segment (or a middle hop)")
     runtime.add_job_options(p)
+    p.add_argument("--stage", default=topology.TOP_STAGE, help="this stage's name (its queue); default top")
+    p.add_argument("--segment", type=int, default=-1, help="which model segment we hold (default: the last)")
+    p.add_argument("--next-stage", default=None,
+                   help=f"middle hop: the stage to forward to ({SENDER_HEAD} = the sender's own head, U-shaped)")
+    p.add_argument("--vertical-timeout", type=float, default=30.0,
+                   help="vertical split: seconds to wait for a batch's missing parts before skipping it")
     p.add_argument("--require-identity", action="store_true",
                    help="accept only messages whose broker-validated user_id names their client")
     p.add_argument("--prefetch", type=int, default=256, help="unacked deliveries the broker may send ahead")
@@ -369,18 +517,19 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 def main(args: argparse.Namespace) -> int:
     cfg = runtime.job_config(args)
     torch.set_num_threads(1)
-    metrics = Metrics("trainer")
+    metrics = Metrics("trainer" if args.next_stage is None else "stage")
     if args.metrics_port is not None:
         serve(args.metrics_port)
     opts = TrainerOptions(amqp_url=args.amqp_url, tls=runtime.tls_options(args), checkpoint_dir=args.checkpoint_dir,
                           require_identity=args.require_identity, prefetch=args.prefetch,
-                          run_dir=args.run_dir or f"runs/{cfg.job_id}")
-    trainer = Trainer(cfg, opts, metrics=metrics, stop=runtime.StopFlag().install())
+                          run_dir=args.run_dir or f"runs/{cfg.job_id}", stage=args.stage, segment=args.segment,
+                          next_stage=args.next_stage, vertical_timeout_s=args.vertical_timeout)
     try:
+        trainer = Trainer(cfg, opts, metrics=metrics, stop=runtime.StopFlag().install())
         summary = trainer.run()
     except (ConfigError, BrokerError) as exc:
-        log.error("trainer: %s", exc)
+        log.error("%s: %s", args.stage, exc)
         return 2
     runtime.write_json(args.summary_json, summary)
-    log.info("trainer: stopped (%s) after %d batches", trainer.stop.reason or "done", summary["batches_applied"])
+    log.info("%s: stopped (%s) after %d batches", args.stage, trainer.stop.reason or "done", summary["batches_applied"])
     return 0

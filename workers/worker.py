@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from shared import checkpoint, data, models, staleness, topology, validate, wire
+from shared import checkpoint, data, models, schedule, staleness, topology, validate, wire
 from shared.broker import Broker, Delivery, declare, queue_depth
 from shared.config import JobConfig, differences
 from shared.errors import AccessRefused, BrokerError, ConfigError, DecodeError, RejectedMessage
@@ -40,6 +40,7 @@ class WorkerOptions:
     run_dir: str | None = None
     evaluate: bool = True
     join_timeout_s: float = 600.0
+    dest_stage: str = topology.TOP_STAGE  # the stage our activations go to ("mid" in a U-shaped run)
 
 
 @dataclass
@@ -55,19 +56,29 @@ class Worker:
                  stop: runtime.StopFlag | None = None) -> None:
         topology.check_name("client", opts.client_id)
         self.cfg, self.opts, self.metrics = cfg, opts, metrics
-        self.stop = stop or runtime.StopFlag()
+        self.stop = stop if stop is not None else runtime.StopFlag()
         dataset = data.load(cfg.dataset, cfg.data_dir, cfg.test_fraction)
-        self.train = data.shard(dataset.train, opts.client_index, cfg.num_clients)
-        self.test = dataset.test
-        bottom = models.build_segments(cfg.model, cfg.cuts, cfg.seed)[0]
+        if cfg.vertical_parts:  # every party holds all samples, but only its own block of columns
+            columns = models.column_groups(cfg.vertical_parts)[opts.client_index]
+            self.train = data.Split(dataset.train.x[:, columns], dataset.train.y, dataset.train.ids)
+            self.test = data.Split(dataset.test.x[:, columns], dataset.test.y, dataset.test.ids)
+            bottom = models.vertical_segments(cfg.vertical_parts, cfg.seed)[0][opts.client_index]
+            self.order_seed = cfg.seed  # parties must walk the samples in the same order
+        else:
+            self.train = data.shard(dataset.train, opts.client_index, cfg.num_clients)
+            self.test = dataset.test
+            bottom = models.build_segments(cfg.model, cfg.cuts, cfg.seed)[0]
+            self.order_seed = cfg.seed + opts.client_index
         self.stage = Stage(bottom, lr=cfg.lr, momentum=cfg.momentum, input_grad=False,
+                           schedule=schedule.for_party(cfg, opts.client_index, len(dataset.train.y)),
                            correction=staleness.make(cfg.staleness, dc_lambda=cfg.dc_lambda),
                            stash_weights=cfg.max_in_flight > 1)
-        self.cut_shape = tuple(models.cut_shapes(cfg.model, cfg.cuts)[0])
+        self.cut_shape = cfg.cut_shapes()[0]
         self.batches_per_epoch = len(data.batch_order(len(self.train.y), cfg.batch_size, 0, 0))
         self.total = cfg.epochs * self.batches_per_epoch
         self.last_applied = -1       # every seq <= this has had its gradient applied
-        self.synced_epoch = -1       # last epoch whose bottom average was adopted
+        self.synced_epoch = -1       # last epoch whose end (average/hand-off, eval) is done
+        self.handoff_epoch = -1      # last epoch started from a hand-off (bottom_sync = "handoff")
         self.in_flight: dict[int, _InFlight] = {}
         self.next_seq = 0
         self.ckpt_path = checkpoint.path_for(opts.checkpoint_dir, opts.client_id) if opts.checkpoint_dir else None
@@ -77,7 +88,7 @@ class Worker:
         self.round_trips: list[float] = []
         self.losses: dict[int, float] = {}  # per applied batch, as the trainer reported it
         self.early: dict[int, wire.Backward] = {}
-        self.stats: dict[str, Any] = {"samples": 0, "duplicates": 0, "rejected": 0, "max_staleness": 0, "loss": float("nan"),
+        self.stats: dict[str, Any] = {"samples": 0, "duplicates": 0, "skipped": 0, "rejected": 0, "max_staleness": 0, "loss": float("nan"),
                       "test_accuracy": float("nan"), "bytes_sent": 0, "bytes_received": 0}
         self._orders: dict[int, list[torch.Tensor]] = {}
         self._username = runtime.broker_username(opts.amqp_url)
@@ -97,6 +108,7 @@ class Worker:
         self.stage.load_state(state["stage"])
         self.last_applied = int(state["last_applied"])
         self.synced_epoch = int(state["synced_epoch"])
+        self.handoff_epoch = int(state["handoff_epoch"])
         self.next_seq = self.last_applied + 1
         log.info("%s: resumed from checkpoint at seq %d (epoch %d)", self.opts.client_id,
                  self.last_applied, self.epoch_of(self.next_seq))
@@ -166,7 +178,7 @@ class Worker:
         epoch, i = divmod(seq, self.batches_per_epoch)
         if epoch not in self._orders:
             self._orders = {epoch: data.batch_order(len(self.train.y), self.cfg.batch_size,
-                                                    self.cfg.seed + self.opts.client_index, epoch)}
+                                                    self.order_seed, epoch)}
         return self._orders[epoch][i]
 
     def _fill_window(self) -> None:
@@ -196,7 +208,7 @@ class Worker:
         assert self.broker is not None
         body = msg.encode()
         self.broker.publish(topology.activations_exchange(self.cfg.job_id),
-                            topology.forward_routing_key(self.opts.client_id), body,
+                            topology.forward_routing_key(self.opts.client_id, self.opts.dest_stage), body,
                             message_id=correlation_id, correlation_id=correlation_id,
                             reply_to=self.opts.client_id, user_id=self._username)
         self.stats["bytes_sent"] += len(body)
@@ -234,6 +246,13 @@ class Worker:
 
     def _apply(self, msg: wire.Backward) -> None:
         pending = self.in_flight[msg.seq]
+        if msg.skipped:  # the trainer gave this batch up (a vertical party was late): drop it
+            self.stage.discard(msg.seq)
+            del self.in_flight[msg.seq]
+            self.last_applied = max(self.last_applied, msg.seq)
+            self.stats["skipped"] += 1
+            self.metrics.skipped.labels("worker", "party_timeout").inc()
+            return
         validate.check_backward(msg, job_id=self.cfg.job_id, shape=(pending.size, *self.cut_shape))
         _, stale = self.stage.backward(msg.seq, msg.grad)
         del self.in_flight[msg.seq]
@@ -265,21 +284,38 @@ class Worker:
         if at_epoch_end and epoch > self.synced_epoch:
             if self.cfg.bottom_sync == "average" and (epoch + 1) % self.cfg.sync_every == 0:
                 self._average_bottoms(epoch)
+            elif self.cfg.bottom_sync == "handoff":
+                self._publish(self._weights_message(epoch), f"{self.opts.client_id}:handoff-out:{epoch}")
             self.synced_epoch = epoch
             if self.opts.evaluate:
                 self._evaluate(epoch)
             self._checkpoint()
         elif self.ckpt_path and len(self.acks) >= self.cfg.checkpoint_every:
             self._checkpoint()
+        upcoming = self.epoch_of(done)
+        if (self.cfg.bottom_sync == "handoff" and done < self.total and not self.in_flight
+                and upcoming > self.handoff_epoch and (upcoming, self.opts.client_index) != (0, 0)):
+            self._receive_handoff(upcoming)
+
+    def _weights_message(self, epoch: int) -> wire.Weights:
+        return wire.Weights(job_id=self.cfg.job_id, client_id=self.opts.client_id, seq=epoch,
+                            tensors=dict(self.stage.segment.state_dict()), num_samples=len(self.train.y))
+
+    def _receive_handoff(self, epoch: int) -> None:
+        """SplitNN's turn-taking: start this epoch from the previous owner's bottom."""
+        reply = self._await_reply(f"{self.opts.client_id}:handoff:{epoch}", None, f"our turn (epoch {epoch})")
+        if not isinstance(reply, wire.Weights):
+            raise DecodeError(f"bad hand-off for epoch {epoch}")
+        self.stage.segment.load_state_dict({k: v.clone() for k, v in reply.tensors.items()})
+        self.handoff_epoch = epoch
 
     def _average_bottoms(self, epoch: int) -> None:
         """SplitFed-style: send our bottom to the trainer, adopt the sample-weighted average."""
         cid = f"{self.opts.client_id}:weights:{epoch}"
-        tensors = {k: v for k, v in self.stage.segment.state_dict().items()}
-        self._publish(wire.Weights(job_id=self.cfg.job_id, client_id=self.opts.client_id, seq=epoch,
-                                   tensors=tensors, num_samples=len(self.train.y)), cid)
+        msg = self._weights_message(epoch)
+        self._publish(msg, cid)
         reply = self._await_reply(cid, None, f"the bottom average of epoch {epoch}")
-        if not isinstance(reply, wire.Weights) or set(reply.tensors) != set(tensors):
+        if not isinstance(reply, wire.Weights) or set(reply.tensors) != set(msg.tensors):
             raise DecodeError(f"bad bottom average for epoch {epoch}")
         self.stage.segment.load_state_dict({k: v.clone() for k, v in reply.tensors.items()})
 
@@ -339,6 +375,7 @@ class Worker:
             return
         checkpoint.save(self.ckpt_path, {
             "stage": self.stage.state(), "last_applied": self.last_applied, "synced_epoch": self.synced_epoch,
+            "handoff_epoch": self.handoff_epoch,
             "config": self.cfg.agreed(), "client_id": self.opts.client_id,
         })
         self.acks.release()
@@ -362,6 +399,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--client-index", type=int, default=0, help="which shard of the training data is ours")
     p.add_argument("--no-eval", action="store_true", help="skip the per-epoch test evaluation")
     p.add_argument("--join-timeout", type=float, default=600.0, help="seconds to wait for the trainer at start")
+    p.add_argument("--dest-stage", default=topology.TOP_STAGE,
+                   help="the stage our activations go to (default top; e.g. mid in a U-shaped run)")
     p.add_argument("--pushgateway", help="push metrics to this Prometheus Pushgateway (edge devices behind NAT)")
     p.set_defaults(func=main)
 
@@ -380,7 +419,7 @@ def main(args: argparse.Namespace) -> int:
     opts = WorkerOptions(client_id=args.client_id, client_index=args.client_index, amqp_url=args.amqp_url,
                          tls=runtime.tls_options(args), checkpoint_dir=args.checkpoint_dir,
                          run_dir=args.run_dir or f"runs/{cfg.job_id}", evaluate=not args.no_eval,
-                         join_timeout_s=args.join_timeout)
+                         join_timeout_s=args.join_timeout, dest_stage=args.dest_stage)
     worker = Worker(cfg, opts, metrics=metrics, stop=runtime.StopFlag().install())
     try:
         summary = worker.run()
