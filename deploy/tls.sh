@@ -10,6 +10,7 @@
 #                                         (localhost and 127.0.0.1 are always in)
 #   TLS_FAIL_IF_NO_PEER_CERT (false)      true: every client must present a certificate signed by the CA
 #   TLS_DAYS (825)                        validity of server and client certificates
+#   TLS_ONLY (false)                      true: switch the plain TCP listener off (conf)
 # Files: ca.pem ca.key server.pem server.key client-NAME.pem client-NAME.key (client.pem/.key
 # for the default client). Keys are 0600; the server key is group-readable by rabbitmq,
 # which the broker runs as. The CA key signs certificates only: keep it off the broker in production.
@@ -79,6 +80,9 @@ ssl_options.keyfile = $dir/server.key
 ssl_options.verify = verify_peer
 ssl_options.fail_if_no_peer_cert = ${TLS_FAIL_IF_NO_PEER_CERT:-false}
 EOF
+  if [ "${TLS_ONLY:-false}" = true ]; then
+    printf '# TLS only: no plain AMQP listener (overrides listeners.tcp.default above)\nlisteners.tcp = none\n'
+  fi
 }
 
 cmd=${1:-}; [ $# -ge 2 ] || { echo "usage: $0 make DIR [CLIENT ...] | conf DIR" >&2; exit 2; }

@@ -68,9 +68,14 @@ def cmd_definitions(args: argparse.Namespace) -> int:
 
 def cmd_setup(args: argparse.Namespace) -> int:
     layout = topology.job_layout(args.job_id, tuple(args.stage or [topology.TOP_STAGE]), tuple(args.client or []))
-    broker.declare(args.amqp_url, layout)
+    broker.declare(args.amqp_url, layout, _admin_tls(args))
     print(f"declared job {args.job_id}: {len(layout.exchanges)} exchanges, {len(layout.queues)} queues")
     return 0
+
+
+def _admin_tls(args: argparse.Namespace) -> dict[str, str]:
+    pairs = (("ca", args.admin_tls_ca), ("cert", args.admin_tls_cert), ("key", args.admin_tls_key))
+    return {k: v for k, v in pairs if v}
 
 
 def _add_user(args: argparse.Namespace, role: str) -> int:
@@ -88,7 +93,7 @@ def _add_user(args: argparse.Namespace, role: str) -> int:
         perms = access.trainer_permissions(args.job_id, stages, may_declare=args.may_declare)
         layout = topology.job_layout(args.job_id, stages)
     # The admin declares what the user may not: a client has no configure right at all.
-    broker.declare(args.amqp_url, layout)
+    broker.declare(args.amqp_url, layout, _admin_tls(args))
     password = access.new_password()
     pw_hash = access.password_hash(password)
     api.put_user(name, pw_hash)
@@ -152,6 +157,9 @@ def _admin_args(p: argparse.ArgumentParser) -> None:
                    help="AMQP URL of an admin user, for declaring queues (default guest on localhost)")
     p.add_argument("--admin-url", default=os.environ.get("SPLITMQ_ADMIN_URL", DEFAULT_ADMIN_URL),
                    help="management API, http://[user:pass@]host:port (default guest on localhost:15672)")
+    p.add_argument("--admin-tls-ca", help="CA bundle to verify the broker when --amqp-url is amqps://")
+    p.add_argument("--admin-tls-cert", help="the admin's client certificate, if the broker requires one")
+    p.add_argument("--admin-tls-key")
     p.add_argument("--definitions-dir", default=os.environ.get("SPLITMQ_DEFINITIONS_DIR"),
                    help="also keep the user (password hash only) in DIR/user-NAME.json, which "
                         "deploy/broker.sh loads at boot (e.g. $STATE_ROOT/definitions.d)")

@@ -1,6 +1,6 @@
 """TLS end to end: deploy/tls.sh makes the certificates, deploy/broker.sh starts a second node
-with a verifying TLS listener, and parties connect over amqps:// checking the broker's
-certificate and presenting their own (the node requires one).
+with only a verifying TLS listener (plain TCP off), and parties connect over amqps:// checking
+the broker's certificate and presenting their own (the node requires one).
 
 The node runs on this module's own ports, with its own state directory, and is stopped in
 teardown; the shared node on 5672 is never touched.
@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import subprocess
 import tempfile
 import time
@@ -32,8 +33,7 @@ from workers.worker import Worker, WorkerOptions
 
 REPO = Path(__file__).resolve().parents[2]
 NODE_ENV = {"NODE": "sec", "AMQP_PORT": "5680", "MGMT_PORT": "15680", "PROM_PORT": "15690", "TLS_PORT": "5681"}
-ADMIN_AMQP = "amqp://guest:guest@localhost:5680/%2F"  # the node's plain listener, for the admin
-TLS_URL = "amqps://guest:guest@localhost:5681/%2F"
+TLS_URL = "amqps://guest:guest@localhost:5681/%2F"  # guest: loopback-only admin
 WAIT_S = 20.0
 
 
@@ -52,13 +52,21 @@ def sh(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
                           env={**os.environ, **env}, cwd=REPO)
 
 
+def plain_port_answers() -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", int(NODE_ENV["AMQP_PORT"])), timeout=5).close()
+    except OSError:
+        return False
+    return True
+
+
 @pytest.fixture(scope="module")
 def tls_node() -> Iterator[TlsNode]:
     # The broker runs as user rabbitmq: the directory must be traversable by it.
     base = Path(tempfile.mkdtemp(prefix="splitmq-tls-"))
     base.chmod(0o755)
     env = {**NODE_ENV, "STATE_ROOT": str(base / "state"), "TLS_DIR": str(base / "tls"),
-           "TLS_FAIL_IF_NO_PEER_CERT": "true"}
+           "TLS_FAIL_IF_NO_PEER_CERT": "true", "TLS_ONLY": "true"}
     try:
         for d in ("tls", "other"):
             made = sh(REPO / "deploy" / "tls.sh", "make", base / d, env=env)
@@ -111,6 +119,12 @@ def test_a_client_verifying_the_broker_round_trips_a_message_over_amqps(tls_node
         b.close()
 
 
+def test_the_tls_only_node_has_no_plain_amqp_listener(tls_node: TlsNode) -> None:
+    # Given the node started with TLS_ONLY=true, When a plain TCP client knocks on its AMQP port
+    # Then nobody answers
+    assert not plain_port_answers()
+
+
 def test_a_client_trusting_the_wrong_ca_fails_with_a_clear_error(tls_node: TlsNode) -> None:
     # Given a client whose CA bundle is another CA than the broker's
     b = Broker(TLS_URL, name="tls-wrong-ca", tls=tls_node.tls(ca=tls_node.other_ca))
@@ -120,9 +134,16 @@ def test_a_client_trusting_the_wrong_ca_fails_with_a_clear_error(tls_node: TlsNo
     b.close()
 
 
-def add_user(capsys: pytest.CaptureFixture[str], role: str, name: str, job: str, *extra: str) -> str:
-    code = cli.main(["broker", f"add-{role}", name, "--job-id", job, "--json", "--amqp-url", ADMIN_AMQP,
-                     "--admin-url", "http://localhost:15680", "--public-url", "amqps://localhost:5681/%2F", *extra])
+def admin_args(tls_node: TlsNode) -> list[str]:
+    tls = tls_node.tls()
+    return ["--amqp-url", TLS_URL, "--admin-url", "http://localhost:15680", "--admin-tls-ca", tls["ca"],
+            "--admin-tls-cert", tls["cert"], "--admin-tls-key", tls["key"]]
+
+
+def add_user(capsys: pytest.CaptureFixture[str], tls_node: TlsNode, role: str, name: str, job: str,
+             *extra: str) -> str:
+    code = cli.main(["broker", f"add-{role}", name, "--job-id", job, "--json", *admin_args(tls_node),
+                     "--public-url", "amqps://localhost:5681/%2F", *extra])
     out = capsys.readouterr().out
     assert code == 0, out
     return str(json.loads(out)["amqp_url"])
@@ -133,8 +154,8 @@ def test_a_worker_and_the_trainer_train_over_amqps_as_least_privilege_users_with
     # Given a trainer user and a client user made by `splitmq broker`, on the TLS node
     job = "tls" + uuid.uuid4().hex[:8]
     cfg = JobConfig(job_id=job, num_clients=1, epochs=1, bottom_sync="independent")
-    trainer_url = add_user(capsys, "trainer", f"trainer-{job}", job, "--may-declare")
-    client_url = add_user(capsys, "client", "client-0", job)
+    trainer_url = add_user(capsys, tls_node, "trainer", f"trainer-{job}", job, "--may-declare")
+    client_url = add_user(capsys, tls_node, "client", "client-0", job)
     try:
         # When they train one epoch over amqps, the trainer requiring broker-validated identity
         with TrainerThread(cfg, trainer_url, tls=tls_node.tls(), require_identity=True) as trainer:
@@ -147,5 +168,4 @@ def test_a_worker_and_the_trainer_train_over_amqps_as_least_privilege_users_with
         assert not [k for k, v in trainer.trainer.counts.items() if k.startswith("rejected_") and v]
     finally:
         for name in (f"trainer-{job}", "client-0"):
-            cli.main(["broker", "remove-client", name, "--job-id", job, "--admin-url", "http://localhost:15680",
-                      "--amqp-url", ADMIN_AMQP])
+            cli.main(["broker", "remove-client", name, "--job-id", job, *admin_args(tls_node)])
