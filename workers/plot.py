@@ -76,7 +76,8 @@ def plot(curves: list[Curve], out: Path, *, title: str = "") -> None:
     for curve in curves:
         if curve.loss:
             xs, ys = zip(*curve.loss)
-            ax_loss.plot(xs, ys, label=curve.party, linewidth=1)
+            # Markers when points are few, so a short run (or a single point) still shows.
+            ax_loss.plot(xs, ys, label=curve.party, linewidth=1, marker="." if len(xs) < 50 else None)
         if curve.accuracy:
             xs, ys = zip(*curve.accuracy)
             ax_acc.plot(xs, ys, marker="o", label=curve.party)
