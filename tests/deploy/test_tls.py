@@ -153,7 +153,7 @@ def test_a_worker_and_the_trainer_train_over_amqps_as_least_privilege_users_with
         tls_node: TlsNode, capsys: pytest.CaptureFixture[str]) -> None:
     # Given a trainer user and a client user made by `splitmq broker`, on the TLS node
     job = "tls" + uuid.uuid4().hex[:8]
-    cfg = JobConfig(job_id=job, num_clients=1, epochs=1, bottom_sync="independent")
+    cfg = JobConfig(job_id=job, dataset="synthetic", num_clients=1, epochs=1, bottom_sync="independent")
     trainer_url = add_user(capsys, tls_node, "trainer", f"trainer-{job}", job, "--may-declare")
     client_url = add_user(capsys, tls_node, "client", "client-0", job)
     try:

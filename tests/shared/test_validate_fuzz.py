@@ -149,7 +149,7 @@ def test_near_valid_envelopes_never_escape_the_gate_or_allocate_declared_sizes()
     start = peak_rss_kib()
     outcomes: set[str] = set()
 
-    @settings(FUZZ, max_examples=3000)
+    @settings(FUZZ, max_examples=2000)
     @given(envelopes())
     def check(obj: dict[str, Any]) -> None:
         body = msgpack.packb(obj, use_bin_type=True)

@@ -62,7 +62,8 @@ def train(cfg: JobConfig, amqp_url: str, inject: Callable[[TrainerThread], None]
 
 def test_hostile_messages_during_a_run_are_dead_lettered_and_change_no_weight(amqp_url: str, job_id: str) -> None:
     # Given a clean reference run of one client
-    cfg = JobConfig(job_id=job_id, num_clients=1, epochs=1, max_in_flight=1, bottom_sync="independent")
+    cfg = JobConfig(job_id=job_id, dataset="synthetic", num_clients=1, epochs=1, max_in_flight=1,
+                    bottom_sync="independent")
     clean = train(cfg, amqp_url)
     broker.delete_queues(amqp_url, [topology.forward_queue(job_id), topology.dead_letter_queue(job_id)])
 
