@@ -6,7 +6,9 @@ test cannot pass just because the user can do nothing at all.
 """
 from __future__ import annotations
 
+import base64
 import json
+import re
 import time
 import uuid
 from concurrent.futures import Future
@@ -104,8 +106,8 @@ def test_client_permissions_match_only_its_own_names() -> None:
     assert not perms.allows("configure", topology.reply_queue("j", "c1"))
     topic = perms.topics[0]
     assert topic.exchange == topology.activations_exchange("j")
-    assert access.re.search(topic.write, topology.forward_routing_key("c1"))
-    assert not access.re.search(topic.write, topology.forward_routing_key("c10"))
+    assert re.search(topic.write, topology.forward_routing_key("c1"))
+    assert not re.search(topic.write, topology.forward_routing_key("c10"))
 
 
 # ---- real users on the broker ----------------------------------------------------------
@@ -299,7 +301,7 @@ def test_persisted_users_carry_only_a_password_hash(
         text = path.read_text()
         assert password not in text and path.stat().st_mode & 0o077 == 0
         user = json.loads(text)["users"][0]
-        salt = access.base64.b64decode(user["password_hash"])[:4]
+        salt = base64.b64decode(user["password_hash"])[:4]
         assert user["password_hash"] == access.password_hash(password, salt)
     finally:
         splitmq(capsys, "broker", "remove-client", name, "--job-id", job_id, "--delete-queue",
