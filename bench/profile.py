@@ -52,14 +52,14 @@ def summarise(prof_path: Path, batches: int, trainer_step_s: float, trainer_code
     return {"batches": batches, "loop_seconds": loop, "step_ms": loop / batches * 1e3,
             "worker_ms": per_step, "waiting_split_ms": {**trainer_ms,
                                                         "broker + pika threads + scheduling": broker_ms},
-            "top_functions": _top(stats)}
+            "top_functions": _top(stats, batches)}
 
 
-def _top(stats: pstats.Stats, n: int = 12) -> list[dict[str, Any]]:
-    """splitmq's own functions by cumulative time (start-up imports and data loading left out)."""
+def _top(stats: pstats.Stats, batches: int, n: int = 12) -> list[dict[str, Any]]:
+    """splitmq's per-step functions (called at least every other step) by cumulative time."""
     raw: dict[Any, Any] = stats.stats  # type: ignore[attr-defined]
     ours = [kv for kv in raw.items() if any(part in kv[0][0] for part in ("/shared/", "/workers/"))
-            and kv[0][2] not in ("<module>", "main", "run")]
+            and kv[1][1] >= batches // 2]
     ranked = sorted(ours, key=lambda kv: kv[1][3], reverse=True)[:n]
     return [{"function": f"{Path(file).name}:{line}({func})", "calls": v[1], "tottime_s": v[2], "cumtime_s": v[3]}
             for (file, line, func), v in ranked]
@@ -78,7 +78,9 @@ def run(workdir: Path, *, epochs: int, codec_result: dict[str, Any], delay_s: fl
 
 
 def markdown(result: dict[str, Any]) -> list[str]:
-    lines = [f"Synchronous MLP, one client, {result['batches']} steps, {result['step_ms']:.2f} ms per step "
+    delay = result["job"]["delay_s"]
+    link = f", {delay * 1e3:.0f} ms added one-way latency" if delay else ""
+    lines = [f"Synchronous MLP, one client{link}, {result['batches']} steps, {result['step_ms']:.2f} ms per step "
              "on the worker's main thread (under cProfile).", "",
              "| where | ms per step | share |", "|---|---:|---:|"]
     step = result["step_ms"]
@@ -86,7 +88,7 @@ def markdown(result: dict[str, Any]) -> list[str]:
         lines.append(f"| worker: {name} | {ms:.2f} | {ms / step:.0%} |")
     for name, ms in result["waiting_split_ms"].items():
         lines.append(f"| ↳ of the wait: {name} | {ms:.2f} | {ms / step:.0%} |")
-    lines += ["", "splitmq functions by cumulative time (worker main thread, whole run):", "",
+    lines += ["", "splitmq functions called every step, by cumulative time (worker main thread):", "",
               "| function | calls | own s | cumulative s |", "|---|---:|---:|---:|"]
     for f in result["top_functions"]:
         lines.append(f"| `{f['function']}` | {f['calls']:,} | {f['tottime_s']:.3f} | {f['cumtime_s']:.3f} |")
