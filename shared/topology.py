@@ -145,9 +145,9 @@ def job_layout(job: str, stages: tuple[str, ...] = (TOP_STAGE,), parties: tuple[
 
 
 def client_layout(job: str, party: str) -> Layout:
-    """Only what a new party adds: its reply queue and binding."""
+    """What a new party needs: the job's exchanges, and its own reply queue and binding."""
     full = job_layout(job, stages=(), parties=(party,))
-    return Layout((), full.queues[1:], full.bindings[1:])
+    return Layout(full.exchanges, full.queues[1:], full.bindings[1:])
 
 
 def definitions(layout: Layout, vhost: str = "/") -> dict[str, Any]:

@@ -130,6 +130,10 @@ class StopFlag:
     def __bool__(self) -> bool:
         return self._event.is_set()
 
+    def wait(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds for a stop request; True if one came."""
+        return self._event.wait(timeout)
+
 
 class HeldAcks:
     """Deliveries whose effect is not yet durable; acked together after a checkpoint.

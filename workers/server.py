@@ -24,7 +24,7 @@ import torch
 from shared import checkpoint, data, models, schedule, topology, validate, wire
 from shared.broker import Broker, Delivery, declare
 from shared.config import JobConfig, differences
-from shared.errors import BrokerError, ConfigError, DecodeError, RejectedMessage
+from shared.errors import BrokerError, ConfigError, DecodeError, RejectedMessage, Unroutable
 from shared.metrics import Metrics, serve
 from shared.stage import Stage, evaluate_correct
 from workers import runtime
@@ -58,6 +58,7 @@ class TrainerOptions:
     segment: int = -1                    # which segment of the model we hold
     next_stage: str | None = None        # None: we are last; a stage name, or SENDER_HEAD
     vertical_timeout_s: float = 30.0     # vertical: how long to wait for a batch's missing parts
+    private_outputs: bool = False        # U-shaped head: loss and accuracy stay here, never sent
 
 
 @dataclass
@@ -90,12 +91,14 @@ class Trainer:
         self.last_applied: dict[str, int] = {}
         self.recent: dict[str, collections.OrderedDict[int, bytes]] = collections.defaultdict(collections.OrderedDict)
         self.relayed: dict[str, _Relayed] = {}
+        self.declared: set[str] = set()  # next stages whose forward queue we made sure exists
         self.eval_counts: dict[str, list[int]] = {}
         self.unconfirmed: list[Future[None]] = []
         self.ckpt_path = checkpoint.path_for(opts.checkpoint_dir, self.party) if opts.checkpoint_dir else None
         self.history = runtime.History(opts.run_dir, self.party)
         self.inbox = runtime.Inbox()
         self.step_times: list[float] = []
+        self.losses: list[float] = []  # last stage: every training batch's loss, in order
         self.counts: collections.Counter[str] = collections.Counter()
         self.broker: Broker | None = None
         self._last_checkpoint = time.monotonic()
@@ -295,8 +298,13 @@ class Trainer:
     def _train(self, msg: wire.Forward, delivery: Delivery) -> None:
         labels = self._labels(msg)
         result = self._timed_step(msg.activations, labels)
+        self.losses.append(result.loss)
+        private = self.opts.private_outputs
         reply = wire.Backward(job_id=msg.job_id, client_id=msg.client_id, seq=msg.seq, model_version=self.stage.version,
-                              grad=result.grad_input, loss=result.loss, correct=result.correct)
+                              grad=result.grad_input, loss=-1.0 if private else result.loss,
+                              correct=-1 if private else result.correct)
+        if private:
+            self.metrics.loss.labels(self.metrics.role).set(result.loss)
         self._applied(msg.client_id, msg.seq, reply, delivery, len(labels))
 
     def _timed_step(self, x: torch.Tensor, labels: torch.Tensor) -> Any:
@@ -324,8 +332,9 @@ class Trainer:
         labels = self._labels(msg)
         loss_sum, correct = evaluate_correct(self.stage.infer(msg.activations), labels)
         self._count_eval(msg.client_id, msg.seq, correct, len(labels))
-        reply = wire.Backward(job_id=msg.job_id, client_id=msg.client_id, seq=msg.seq,
-                              model_version=self.stage.version, loss=loss_sum / len(labels), correct=correct)
+        private = self.opts.private_outputs
+        reply = wire.Backward(job_id=msg.job_id, client_id=msg.client_id, seq=msg.seq, model_version=self.stage.version,
+                              loss=-1.0 if private else loss_sum / len(labels), correct=-1 if private else correct)
         self._done(delivery, self._reply(reply, delivery))
 
     def _count_eval(self, client: str, seq: int, correct: int, total: int) -> None:
@@ -360,6 +369,9 @@ class Trainer:
         output = self.stage.forward(key, msg.activations) if msg.train else self.stage.infer(msg.activations)
         dest = head_stage(msg.client_id) if self.opts.next_stage == SENDER_HEAD else self.opts.next_stage
         assert dest is not None and self.broker is not None
+        if dest not in self.declared:  # so that batches wait for a next stage that is not up yet
+            declare(self.opts.amqp_url, topology.job_layout(self.cfg.job_id, stages=(dest,)), self.opts.tls)
+            self.declared.add(dest)
         body = msg.copy(activations=output, model_version=self.stage.version).encode()
         self.relayed[key] = _Relayed(delivery, msg.client_id, msg.seq, msg.train)
         self.metrics.bytes.labels(self.metrics.role, "sent").inc(len(body))
@@ -375,7 +387,6 @@ class Trainer:
             self._done(delivery, None)
             return
         if not pending.train:
-            self._count_eval(pending.client, pending.seq, msg.correct, 0)
             reply = msg.copy(client_id=pending.client, model_version=self.stage.version)
             self._done(pending.delivery, self._reply(reply, pending.delivery))
         else:
@@ -478,7 +489,12 @@ class Trainer:
         if self.ckpt_path is None or self.broker is None:
             return
         for future in self.unconfirmed:
-            future.result(timeout=60)
+            # No timeout: the broker re-sends across reconnects (a broker restart or network cut
+            # may take minutes), and a checkpoint must never cover a reply the broker lacks.
+            try:
+                future.result()
+            except Unroutable as exc:  # the client's reply queue is gone: nobody left to answer
+                log.warning("%s: reply dropped: %s", self.party, exc)
         self.unconfirmed.clear()
         checkpoint.save(self.ckpt_path, {
             "stage": self.stage.state(), "last_applied": dict(self.last_applied), "config": self.cfg.agreed(),
@@ -496,6 +512,8 @@ class Trainer:
             "rejected": {k[len("rejected_"):]: v for k, v in self.counts.items() if k.startswith("rejected_")},
             "step_p50_s": steps[len(steps) // 2], "step_p99_s": steps[min(len(steps) - 1, int(len(steps) * 0.99))],
             "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+            "test_accuracy": self.metrics.test_accuracy.labels(self.metrics.role)._value.get(),
+            "losses": self.losses,
         }
 
 
@@ -508,6 +526,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
                    help=f"middle hop: the stage to forward to ({SENDER_HEAD} = the sender's own head, U-shaped)")
     p.add_argument("--vertical-timeout", type=float, default=30.0,
                    help="vertical split: seconds to wait for a batch's missing parts before skipping it")
+    p.add_argument("--private-outputs", action="store_true",
+                   help="U-shaped head: never send loss or accuracy back (they stay in this party's metrics)")
     p.add_argument("--require-identity", action="store_true",
                    help="accept only messages whose broker-validated user_id names their client")
     p.add_argument("--prefetch", type=int, default=256, help="unacked deliveries the broker may send ahead")
@@ -523,7 +543,8 @@ def main(args: argparse.Namespace) -> int:
     opts = TrainerOptions(amqp_url=args.amqp_url, tls=runtime.tls_options(args), checkpoint_dir=args.checkpoint_dir,
                           require_identity=args.require_identity, prefetch=args.prefetch,
                           run_dir=args.run_dir or f"runs/{cfg.job_id}", stage=args.stage, segment=args.segment,
-                          next_stage=args.next_stage, vertical_timeout_s=args.vertical_timeout)
+                          next_stage=args.next_stage, vertical_timeout_s=args.vertical_timeout,
+                          private_outputs=args.private_outputs)
     try:
         trainer = Trainer(cfg, opts, metrics=metrics, stop=runtime.StopFlag().install())
         summary = trainer.run()

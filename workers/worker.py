@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import logging
 import time
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,7 +20,7 @@ import torch
 from shared import checkpoint, data, models, schedule, staleness, topology, validate, wire
 from shared.broker import Broker, Delivery, declare, queue_depth
 from shared.config import JobConfig, differences
-from shared.errors import AccessRefused, BrokerError, ConfigError, DecodeError, RejectedMessage
+from shared.errors import AccessRefused, BrokerError, ConfigError, DecodeError, RejectedMessage, Unroutable
 from shared.metrics import Metrics, serve
 from shared.stage import Stage
 from workers import runtime
@@ -28,6 +29,8 @@ log = logging.getLogger(__name__)
 
 #: Log a "still waiting" line this often while the trainer is silent.
 WAIT_LOG_S = 15.0
+#: Pause between hellos while the trainer's queue does not exist yet.
+JOIN_RETRY_S = 2.0
 
 
 @dataclass(frozen=True)
@@ -88,6 +91,7 @@ class Worker:
         self.round_trips: list[float] = []
         self.losses: dict[int, float] = {}  # per applied batch, as the trainer reported it
         self.early: dict[int, wire.Backward] = {}
+        self.unconfirmed: list[Future[None]] = []
         self.stats: dict[str, Any] = {"samples": 0, "duplicates": 0, "skipped": 0, "rejected": 0, "max_staleness": 0, "loss": float("nan"),
                       "test_accuracy": float("nan"), "bytes_sent": 0, "bytes_received": 0}
         self._orders: dict[int, list[torch.Tensor]] = {}
@@ -118,7 +122,9 @@ class Worker:
         """Make sure our reply queue exists, connect, and consume it."""
         job, me = self.cfg.job_id, self.opts.client_id
         try:
-            declare(self.opts.amqp_url, topology.client_layout(job, me), self.opts.tls)
+            # Our reply queue, and our destination's queue so that we may start before it does.
+            declare(self.opts.amqp_url, topology.job_layout(job, stages=(self.opts.dest_stage,), parties=(me,)),
+                    self.opts.tls)
         except AccessRefused:  # a least-privilege client: the admin created the queue (broker add-client)
             queue_depth(self.opts.amqp_url, topology.reply_queue(job, me), self.opts.tls)
         self.broker = Broker(self.opts.amqp_url, name=f"worker-{me}", tls=self.opts.tls,
@@ -136,9 +142,23 @@ class Worker:
             BrokerError: no trainer answered within the join timeout.
         """
         mine = self.cfg.agreed()
-        cid = f"{self.opts.client_id}:hello:{time.time_ns()}"
-        self._publish(wire.Hello(job_id=self.cfg.job_id, client_id=self.opts.client_id, seq=0, spec=mine), cid)
-        reply = self._await_reply(cid, self.opts.join_timeout_s, "the trainer's answer to our hello")
+        deadline = time.monotonic() + self.opts.join_timeout_s
+        reply: wire.AnyMessage | None = None
+        while reply is None:
+            cid = f"{self.opts.client_id}:hello:{time.time_ns()}"
+            sent = self._publish(wire.Hello(job_id=self.cfg.job_id, client_id=self.opts.client_id, seq=0, spec=mine), cid)
+            try:
+                sent.result(timeout=max(1.0, deadline - time.monotonic()))
+                # Ask again now and then: a hello routed before the trainer's queue existed is lost.
+                reply = self._await_reply(cid, JOIN_RETRY_S * 5, "the trainer's answer to our hello", required=False)
+            except Unroutable:  # the trainer has not declared its queue yet
+                log.info("%s: no trainer for job %s yet; asking again shortly", self.opts.client_id, self.cfg.job_id)
+                self.stop.wait(JOIN_RETRY_S)
+            if self.stop:
+                raise InterruptedError("stopped while waiting for the trainer")
+            if reply is None and time.monotonic() > deadline:
+                raise BrokerError(f"no trainer answered for job {self.cfg.job_id!r} within "
+                                  f"{self.opts.join_timeout_s:.0f}s: is `splitmq server` running?")
         assert isinstance(reply, wire.Hello)
         diffs = differences(mine, dict(reply.spec))
         if diffs or reply.error:
@@ -204,15 +224,19 @@ class Worker:
         self._publish(msg, f"{self.opts.client_id}:{seq}")
         self.metrics.in_flight.labels("worker").set(len(self.in_flight))
 
-    def _publish(self, msg: wire.Message, correlation_id: str) -> None:
+    def _publish(self, msg: wire.Message, correlation_id: str) -> Future[None]:
+        """Publish to our destination stage; a failed publish surfaces in ``_check_health``."""
         assert self.broker is not None
         body = msg.encode()
-        self.broker.publish(topology.activations_exchange(self.cfg.job_id),
+        future = self.broker.publish(topology.activations_exchange(self.cfg.job_id),
                             topology.forward_routing_key(self.opts.client_id, self.opts.dest_stage), body,
                             message_id=correlation_id, correlation_id=correlation_id,
                             reply_to=self.opts.client_id, user_id=self._username)
         self.stats["bytes_sent"] += len(body)
         self.metrics.bytes.labels("worker", "sent").inc(len(body))
+        self.unconfirmed = [f for f in self.unconfirmed if not f.done() or f.exception() is not None]
+        self.unconfirmed.append(future)
+        return future
 
     def _handle(self, delivery: Delivery) -> None:
         """One reply: a gradient to apply, a duplicate to drop, or another kind of answer."""
@@ -333,7 +357,9 @@ class Worker:
         for i in range(len(order)):
             reply = self._await_reply(f"{self.opts.client_id}:eval:{epoch}:{i}", None, "evaluation results")
             assert isinstance(reply, wire.Backward)
-            correct += reply.correct
+            correct = -1 if reply.correct < 0 or correct < 0 else correct + reply.correct
+        if correct < 0:  # a private head (U-shaped) keeps the accuracy to itself
+            return
         acc = correct / len(self.test.y)
         self.stats["test_accuracy"] = acc
         self.metrics.test_accuracy.labels("worker").set(acc)
@@ -341,11 +367,14 @@ class Worker:
                             samples=self.stats["samples"])
         log.info("%s: epoch %d done, test accuracy %.4f", self.opts.client_id, epoch, acc)
 
-    def _await_reply(self, correlation_id: str, timeout: float | None, what: str) -> wire.AnyMessage:
+    def _await_reply(self, correlation_id: str, timeout: float | None, what: str, *,
+                     required: bool = True) -> Any:
         """Handle deliveries until the reply with ``correlation_id`` arrives.
 
+        Returns None on timeout when the reply is not ``required``.
+
         Raises:
-            BrokerError: ``timeout`` seconds passed, or the connection failed for good.
+            BrokerError: ``timeout`` seconds passed (``required``), or the connection failed for good.
             InterruptedError: a stop was requested.
         """
         start = last_log = time.monotonic()
@@ -359,6 +388,8 @@ class Worker:
             self._check_health()
             now = time.monotonic()
             if timeout is not None and now - start > timeout:
+                if not required:
+                    return None
                 raise BrokerError(f"no {what} within {timeout:.0f}s: is `splitmq server` running for job "
                                   f"{self.cfg.job_id!r}?")
             if now - last_log > WAIT_LOG_S:
@@ -367,8 +398,12 @@ class Worker:
         return self.replies.pop(correlation_id)
 
     def _check_health(self) -> None:
+        """Raise if the connection failed for good or the broker refused one of our messages."""
         assert self.broker is not None
         self.broker.check()
+        for future in self.unconfirmed:
+            if future.done() and future.exception() is not None:
+                raise BrokerError(f"the broker refused a message of ours: {future.exception()}")
 
     def _checkpoint(self) -> None:
         if self.ckpt_path is None or self.broker is None:
@@ -387,6 +422,7 @@ class Worker:
             "client_id": self.opts.client_id, "epochs": self.cfg.epochs, "batches": batches,
             "samples": samples, "seconds": seconds, "samples_per_second": samples / seconds if seconds else 0.0,
             "max_in_flight": self.cfg.max_in_flight, "completed": self.last_applied == self.total - 1,
+            "losses": [self.losses[k] for k in sorted(self.losses)],
             "round_trip_p50_s": rtts[len(rtts) // 2], "round_trip_p99_s": rtts[min(len(rtts) - 1, int(len(rtts) * 0.99))],
             **{k: v for k, v in self.stats.items() if k != "samples"},
         }
