@@ -204,6 +204,13 @@ def best(result: dict[str, Any], model: str, mode: str) -> float:
     return max(rates) if rates else float("nan")
 
 
+def at(result: dict[str, Any], model: str, mode: str, in_flight: int) -> float:
+    """Round trips/s of one row; NaN when that row was not run."""
+    rates = [r["per_second"] for r in result["rows"]
+             if r["model"] == model and r["mode"] == mode and r["in_flight"] == in_flight]
+    return rates[0] if rates else float("nan")
+
+
 def markdown(result: dict[str, Any]) -> list[str]:
     lines = ["| model | mode | in flight | bytes up / down | round trips/s | samples/s (x64) | p50 ms | p99 ms |",
              "|---|---|---:|---:|---:|---:|---:|---:|"]

@@ -121,8 +121,19 @@ def machine() -> dict[str, Any]:
         "nproc": os.cpu_count(), "cpu_model": cpu, "ram_gib": round(ram_kb / 2**20, 1),
         "load_average": list(os.getloadavg()), "uptime": _uptime(),
         "python": platform.python_version(), "torch": torch.__version__, "platform": platform.platform(),
-        "torch_threads": THREADS, "rabbitmq": _rabbitmq_version(),
+        "torch_threads": THREADS, "rabbitmq": _rabbitmq_version(), "commit": _commit(),
     }
+
+
+def _commit() -> str:
+    """The source revision measured: ``SPLITMQ_COMMIT`` (set when running from an export), else git's."""
+    if os.environ.get("SPLITMQ_COMMIT"):
+        return os.environ["SPLITMQ_COMMIT"]
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
 
 
 def _uptime() -> str:

@@ -98,6 +98,14 @@ def ratios(r: dict[str, Any]) -> dict[str, Any]:
             "sync_over_rpc": _ratio(_sps(find(rows, in_flight=1, **one)),
                                     r["peer_rpc"].get(m, {}).get("samples_per_second")),
         }
+    for m in MODELS:
+        peer = r["peer_rpc"].get(m, {}).get("samples_per_second")
+        for mode in ceiling.MODES:
+            one_in_flight = ceiling.at(r["ceiling"], m, mode, 1) * BATCH_SIZE
+            out[m][f"{mode}_ceiling_k1_over_rpc"] = _ratio(one_in_flight, peer)
+        out[m]["k4_over_durable_ceiling_at_4"] = _ratio(
+            _sps(find(rows, model=m, clients=1, in_flight=4, delay_s=0.0)),
+            ceiling.at(r["ceiling"], m, "durable", 4) * BATCH_SIZE)
     mlp_ceiling = out["mlp"]["durable_ceiling_samples_per_second"]
     out["clients16_over_durable_ceiling"] = _ratio(_sps(find(rows, model="mlp", clients=16)), mlp_ceiling)
     for d in DELAYS_S:
