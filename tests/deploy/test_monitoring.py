@@ -1,7 +1,8 @@
 """THE monitoring test: the real Prometheus, started by deploy/stack.sh with the project's scrape
-configuration (a test copy on other ports, scraping every second), watches a short real
-training (`splitmq demo`), and its HTTP API shows the trainer's, a worker's and the broker's
-metrics with values that moved. Also: a Pushgateway push reaches Prometheus, and stack.sh is
+configuration (a test copy on other ports, scraping every 250 ms), watches a short real
+training (`splitmq server` and two `splitmq worker` processes, one epoch), and its HTTP API
+shows the trainer's, a worker's and the broker's metrics with values that moved. Also: a
+Pushgateway push reaches Prometheus, Prometheus loaded the alert rules, and stack.sh is
 idempotent."""
 from __future__ import annotations
 
@@ -14,7 +15,6 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-import pytest
 from prometheus_client import CollectorRegistry
 
 from shared import topology
@@ -25,18 +25,30 @@ from tests.deploy.conftest import STACK, TEST_METRICS_BASE, Stack, run, wait_for
 RANGE = "[10m]"
 
 
-def run_demo(workdir: Path, args: list[str], timeout: float = 300) -> subprocess.CompletedProcess[str]:
-    """`splitmq demo` in its own process group, so that on a timeout its trainer and workers
-    are ended with it instead of being left behind."""
-    proc = subprocess.Popen([sys.executable, "-m", "workers.cli", "demo", "--workdir", str(workdir), *args],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, err = proc.communicate()
-        pytest.fail(f"splitmq demo did not finish in {timeout:.0f}s; see the logs in {workdir}\n{err[-3000:]}")
-    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+def spawn(args: list[str], log: Path) -> subprocess.Popen[bytes]:
+    """A `splitmq` party in its own process group, so a failing test can end it by its id."""
+    with open(log, "wb") as out:
+        return subprocess.Popen([sys.executable, "-m", "workers.cli", *args], stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+
+
+def end(proc: subprocess.Popen[bytes]) -> None:
+    """SIGTERM (the party finishes its message and checkpoints), then SIGKILL if it hangs."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def consumers(job: str) -> int:
+    """Consumers on the job's forward queue, from the management API (0 if it is not there yet)."""
+    from workers.status import DEFAULT_MANAGEMENT_URL, fetch, queue_rows
+
+    rows = queue_rows(json.loads(fetch(f"{DEFAULT_MANAGEMENT_URL}/api/queues/%2F")), job)
+    return sum(r.consumers for r in rows if r.kind == "forward")
 
 
 def values(stack: Stack, expr: str) -> list[float]:
@@ -56,21 +68,32 @@ def test_prometheus_scrapes_the_trainer_a_worker_and_the_broker_during_a_trainin
              and values(stack, 'up{job="rabbitmq-queues"}') == [1.0], "Prometheus to scrape the broker")
     received_before = sum(values(stack, "rabbitmq_global_messages_received_total"))
     job = "mon" + uuid.uuid4().hex[:8]
-    # When a short training runs with its metrics on the ports the configuration scrapes
-    demo = run_demo(tmp_path / "demo", ["--epochs", "1", "--job-id", job, "--amqp-url", amqp_url,
-                                         "--metrics-port-base", str(TEST_METRICS_BASE), "--json"])
+    common = ["--amqp-url", amqp_url, "--job-id", job, "--num-clients", "2", "--epochs", "1", "--model", "mlp",
+              "--max-in-flight", "2", "--run-dir", str(tmp_path / "run")]
+    # When a short training runs with its metrics on the ports the configuration scrapes: the
+    # trainer first (it declares the job), then two workers once it consumes
+    server = spawn(["server", *common, "--metrics-port", str(TEST_METRICS_BASE),
+                    "--summary-json", str(tmp_path / "server.json")], tmp_path / "server.log")
+    workers: list[subprocess.Popen[bytes]] = []
     try:
-        assert demo.returncode == 0, demo.stdout[-3000:] + demo.stderr[-3000:]
-        summary = json.loads(demo.stdout.strip().splitlines()[-1])
-        assert summary["trainer_batches"] > 0
+        wait_for(lambda: server.poll() is not None or consumers(job) > 0, "the trainer to consume", timeout=180)
+        assert server.poll() is None, (tmp_path / "server.log").read_text()[-3000:]
+        workers = [spawn(["worker", *common, "--client-id", f"client-{i}", "--client-index", str(i),
+                          "--metrics-port", str(TEST_METRICS_BASE + 1 + i),
+                          "--summary-json", str(tmp_path / f"client-{i}.json")], tmp_path / f"client-{i}.log")
+                   for i in range(2)]
+        for i, w in enumerate(workers):
+            assert w.wait(300) == 0, (tmp_path / f"client-{i}.log").read_text()[-3000:]
+        summary = json.loads((tmp_path / "client-0.json").read_text())
+        assert summary["samples"] > 0
         # Then Prometheus has the trainer's counters moving, from the trainer's target
         trainer = '{job="splitmq-trainer", role="trainer"}'
         assert moved(stack, 'splitmq_batches_total{job="splitmq-trainer", outcome="applied"}')
-        assert any(v > 0 for v in values(stack, f"max_over_time(splitmq_samples_total{trainer}{RANGE})"))
+        wait_for(lambda: any(v > 0 for v in values(stack, f"splitmq_samples_total{trainer}")),
+                 "the trainer's final sample count in Prometheus")
         # And a worker's, from a worker target (instance :9501)
         worker = f'{{job="splitmq-workers", instance="localhost:{TEST_METRICS_BASE + 1}", role="worker"}}'
         assert moved(stack, f"splitmq_samples_total{worker}")
-        assert any(v > 0 for v in values(stack, f"max_over_time(splitmq_samples_total{worker}{RANGE})"))
         assert any(v > 0 for v in values(stack, f"max_over_time(splitmq_round_trip_seconds_count{worker}{RANGE})"))
         # And the broker's: messages received went up, and the job's forward queue was scraped
         wait_for(lambda: sum(values(stack, "rabbitmq_global_messages_received_total")) > received_before,
@@ -78,7 +101,9 @@ def test_prometheus_scrapes_the_trainer_a_worker_and_the_broker_during_a_trainin
         forward = f'{{job="rabbitmq-queues", queue="{topology.forward_queue(job)}"}}'
         assert values(stack, f"count_over_time(rabbitmq_detailed_queue_messages_ready{forward}{RANGE})")
     finally:
-        # The demo's reply queues are its own; remove them so the shared broker stays clean.
+        for proc in [*workers, server]:
+            end(proc)
+        # The job's queues are this test's own; remove them so the shared broker stays clean.
         from shared import broker
 
         broker.delete_queues(amqp_url, [topology.forward_queue(job), topology.dead_letter_queue(job)]
