@@ -12,13 +12,13 @@ import yaml
 from prometheus_client import CollectorRegistry
 
 from shared.metrics import Metrics
-from tests.deploy.conftest import REPO, run
+from tests.deploy.support import REPO, run
 
 DASHBOARD = REPO / "deploy" / "grafana" / "splitmq-dashboard.json"
 PROVISIONING = REPO / "deploy" / "grafana" / "provisioning"
 COMPOSE = REPO / "docker-compose.yml"
-#: rabbitmq_prometheus metric names the dashboard may use (checked against a live node in
-#: tests/deploy/test_monitoring.py, which reads them through Prometheus).
+#: rabbitmq_prometheus metric families the dashboard may use (tests/deploy/test_monitoring.py
+#: checks every name it uses against what Prometheus scrapes from the running node).
 RABBITMQ_PREFIXES = ("rabbitmq_detailed_queue_", "rabbitmq_alarms_", "rabbitmq_global_messages_",
                      "rabbitmq_process_resident_memory_bytes", "rabbitmq_resident_memory_limit_bytes",
                      "rabbitmq_disk_space_available", "rabbitmq_connections", "rabbitmq_channels")

@@ -8,7 +8,7 @@ import shutil
 import stat
 from pathlib import Path
 
-from tests.deploy.conftest import REPO, run
+from tests.deploy.support import REPO, run
 
 EDGE = REPO / "deploy" / "edge"
 UNIT = "splitmq-worker@.service"

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
+import urllib.request
 import uuid
 from pathlib import Path
 from typing import Any
@@ -20,7 +22,7 @@ from prometheus_client import CollectorRegistry
 from shared import topology
 from shared.metrics import Metrics
 from shared.push import start_pushing
-from tests.deploy.conftest import STACK, TEST_METRICS_BASE, Stack, run, wait_for
+from tests.deploy.support import REPO, STACK, TEST_METRICS_BASE, Stack, run, wait_for
 
 RANGE = "[10m]"
 
@@ -140,10 +142,27 @@ def test_stack_start_is_idempotent_and_status_reports_the_services(monitoring_st
 
 def test_prometheus_loaded_the_alert_rules(monitoring_stack: Stack) -> None:
     # Given the running Prometheus
-    import urllib.request
-
     with urllib.request.urlopen(f"{monitoring_stack.prometheus}/api/v1/rules", timeout=10) as resp:
         groups: list[dict[str, Any]] = json.load(resp)["data"]["groups"]
     # Then it evaluates the project's alert groups, the silent-client alert among them
     names = {r["name"] for g in groups for r in g["rules"]}
     assert "SplitmqClientSilent" in names and "RabbitmqMemoryAlarm" in names
+
+
+def test_every_broker_metric_the_dashboard_and_alerts_use_is_scraped_from_the_real_node(
+        monitoring_stack: Stack) -> None:
+    # Given the rabbitmq_ metric names in the dashboard's queries and the alert rules
+    dashboard = json.loads((REPO / "deploy/grafana/splitmq-dashboard.json").read_text())
+    text = " ".join(t["expr"] for p in dashboard["panels"] for t in p.get("targets", []))
+    text += (REPO / "deploy/prometheus/alerts.yml").read_text()
+    wanted = set(re.findall(r"\brabbitmq_[a-z_]+", text)) - {"rabbitmq_prometheus"}  # the plugin's name
+    # When Prometheus has scraped the running broker (plain and per-queue endpoints)
+    wait_for(lambda: values(monitoring_stack, 'up{job="rabbitmq-queues"}') == [1.0], "the per-queue scrape")
+
+    def names() -> set[str]:
+        with urllib.request.urlopen(f"{monitoring_stack.prometheus}/api/v1/label/__name__/values", timeout=10) as r:
+            return set(json.load(r)["data"])
+
+    # Then each of those names is a series Prometheus holds
+    assert len(wanted) > 10
+    wait_for(lambda: wanted <= names(), f"every one of {sorted(wanted)} to be scraped")

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tests.deploy.conftest import PROMETHEUS_DIR, make_test_config, run
+from tests.deploy.support import PROMETHEUS_DIR, make_test_config, run
 
 
 def test_the_scrape_configuration_passes_promtool_check_config(promtool: str) -> None:
