@@ -41,16 +41,20 @@ class Scale:
     seconds: float
     #: Epochs each splitmq and torch.rpc run trains for.
     epochs: int
+    #: Data set every contender trains on; quick mode skips parsing MNIST (seconds per process).
+    dataset: str = DATASET
 
     @classmethod
     def of(cls, quick: bool) -> "Scale":
-        return cls(quick=True, seconds=0.2, epochs=1) if quick else cls(quick=False, seconds=2.0, epochs=2)
+        if quick:
+            return cls(quick=True, seconds=0.2, epochs=1, dataset="synthetic")
+        return cls(quick=False, seconds=2.0, epochs=2)
 
 
-@functools.lru_cache(maxsize=1)
-def dataset() -> data.Dataset:
-    """The benchmark's data, loaded once per process (parsing it takes seconds)."""
-    return data.load(DATASET)
+@functools.lru_cache(maxsize=2)
+def dataset(name: str = DATASET) -> data.Dataset:
+    """The benchmark's data, loaded once per process (parsing MNIST takes seconds)."""
+    return data.load(name)
 
 
 def set_threads() -> None:

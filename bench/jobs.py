@@ -24,7 +24,7 @@ from typing import Any, Iterator
 
 import pika
 
-from bench.common import AMQP_URL, free_port, thread_env
+from bench.common import AMQP_URL, DATASET, free_port, thread_env
 from bench.proxy import DelayProxy, proxied_url, upstream_of
 from shared import topology
 
@@ -48,6 +48,7 @@ class JobSpec:
     epochs: int
     delay_s: float = 0.0
     checkpoints: bool = True
+    dataset: str = DATASET
 
     def __post_init__(self) -> None:
         if self.clients < 1 or self.in_flight < 1 or self.epochs < 1 or self.delay_s < 0:
@@ -60,7 +61,7 @@ def _cli(*args: str) -> list[str]:
 
 def _common(spec: JobSpec, job: str, url: str) -> list[str]:
     return ["--amqp-url", url, "--job-id", job, "--num-clients", str(spec.clients), "--epochs", str(spec.epochs),
-            "--model", spec.model, "--max-in-flight", str(spec.in_flight)]
+            "--model", spec.model, "--max-in-flight", str(spec.in_flight), "--dataset", spec.dataset]
 
 
 def _wait_for_consumer(url: str, queue: str, proc: subprocess.Popen[bytes], deadline: float) -> None:

@@ -15,10 +15,10 @@ from bench.common import BATCH_SIZE, LR, MODELS, Scale, dataset, set_threads
 from shared import data, models
 
 
-def train_for(model_name: str, seconds: float, *, warmup_steps: int = 5) -> dict[str, Any]:
+def train_for(model_name: str, seconds: float, *, dataset_name: str, warmup_steps: int = 5) -> dict[str, Any]:
     """Train ``model_name`` for about ``seconds`` after a short warm-up; samples/s of that span."""
     set_threads()
-    train = dataset().train
+    train = dataset(dataset_name).train
     model = models.build_full(model_name)
     opt = torch.optim.SGD(model.parameters(), lr=LR)
     loss_fn = nn.NLLLoss()
@@ -46,7 +46,7 @@ def train_for(model_name: str, seconds: float, *, warmup_steps: int = 5) -> dict
 
 def run(scale: Scale) -> dict[str, Any]:
     """Local samples/s for every benchmarked model."""
-    return {name: train_for(name, scale.seconds) for name in MODELS}
+    return {name: train_for(name, scale.seconds, dataset_name=scale.dataset) for name in MODELS}
 
 
 def markdown(result: dict[str, Any]) -> list[str]:

@@ -39,11 +39,11 @@ def top_step(activations: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Ten
     return acts.grad, float(loss.detach())
 
 
-def _bottom_loop(model: str, seconds: float, warmup_steps: int = 5) -> dict[str, Any]:
+def _bottom_loop(model: str, seconds: float, dataset_name: str, warmup_steps: int = 5) -> dict[str, Any]:
     """Runs on rank 0: train the bottom segment for about ``seconds`` after a warm-up."""
     bottom = models.build_segments(model)[0]
     opt = torch.optim.SGD(bottom.parameters(), lr=LR)
-    train = dataset().train
+    train = dataset(dataset_name).train
     steps = samples = epoch = 0
     start = 0.0
     loss = float("nan")
@@ -73,6 +73,7 @@ def _party_main(argv: list[str]) -> int:
     p.add_argument("--port", type=int, required=True)
     p.add_argument("--model", required=True)
     p.add_argument("--seconds", type=float, required=True)
+    p.add_argument("--dataset", required=True)
     a = p.parse_args(argv)
     set_threads()
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(a.port))
@@ -82,15 +83,16 @@ def _party_main(argv: list[str]) -> int:
         _TOP["opt"] = torch.optim.SGD(_TOP["model"].parameters(), lr=LR)
     rpc.init_rpc("trainer" if a.rank == 1 else "client", rank=a.rank, world_size=2, rpc_backend_options=opts)
     if a.rank == 0:
-        print(json.dumps(_bottom_loop(a.model, a.seconds)), flush=True)
+        print(json.dumps(_bottom_loop(a.model, a.seconds, a.dataset)), flush=True)
     rpc.shutdown()
     return 0
 
 
-def train(model: str, seconds: float) -> dict[str, Any]:
+def train(model: str, seconds: float, dataset_name: str) -> dict[str, Any]:
     """Run both parties as subprocesses; the bottom's samples/s over its timed span."""
     port = free_port()
-    cmd = [sys.executable, "-m", "bench.peer_rpc", "--port", str(port), "--model", model, "--seconds", str(seconds)]
+    cmd = [sys.executable, "-m", "bench.peer_rpc", "--port", str(port), "--model", model, "--seconds", str(seconds),
+           "--dataset", dataset_name]
     top = subprocess.Popen([*cmd, "--rank", "1"], env=thread_env(), stdout=subprocess.DEVNULL)
     try:
         out = subprocess.run([*cmd, "--rank", "0"], env=thread_env(), capture_output=True, text=True,
@@ -108,7 +110,7 @@ def train(model: str, seconds: float) -> dict[str, Any]:
 def run(scale: Any) -> dict[str, Any]:
     from bench.common import MODELS
 
-    return {name: train(name, scale.seconds) for name in (MODELS[:1] if scale.quick else MODELS)}
+    return {name: train(name, scale.seconds, scale.dataset) for name in (MODELS[:1] if scale.quick else MODELS)}
 
 
 if __name__ == "__main__":

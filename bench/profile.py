@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import jobs
+from bench.common import DATASET
 
 #: (category, module path suffix, function name): cumulative main-thread time of the function.
 _CATEGORIES = (
@@ -65,10 +66,12 @@ def _top(stats: pstats.Stats, batches: int, n: int = 12) -> list[dict[str, Any]]
             for (file, line, func), v in ranked]
 
 
-def run(workdir: Path, *, epochs: int, codec_result: dict[str, Any], delay_s: float = 0.0) -> dict[str, Any]:
+def run(workdir: Path, *, epochs: int, codec_result: dict[str, Any], delay_s: float = 0.0,
+        dataset: str = DATASET) -> dict[str, Any]:
     """Profile one synchronous MLP job and summarise it."""
     prof = workdir / "worker-sync.prof"
-    result = jobs.run_job(jobs.JobSpec(model="mlp", clients=1, in_flight=1, epochs=epochs, delay_s=delay_s),
+    spec = jobs.JobSpec(model="mlp", clients=1, in_flight=1, epochs=epochs, delay_s=delay_s, dataset=dataset)
+    result = jobs.run_job(spec,
                           workdir, worker_prefix=("-m", "cProfile", "-o", str(prof)))
     row = jobs.aggregate(result)
     codec = codec_result["mlp"]

