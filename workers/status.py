@@ -63,8 +63,10 @@ class QueueRow:
     ready: int
     unacked: int
     consumers: int
-    idle_since: str | None
+    idle_since: str | None  # classic queues only; quorum queues do not report it
     publish_rate: float | None
+    delivered: int  # messages delivered to consumers since the queue was declared
+    deliver_rate: float | None
 
 
 def parse_parties(text: str, source: str) -> list[Party]:
@@ -127,13 +129,28 @@ def queue_rows(queues: Iterable[Mapping[str, Any]], job: str) -> list[QueueRow]:
             kind, owner = "reply", name[len(reply_prefix):]
         else:
             continue
-        rate = q.get("message_stats", {}).get("publish_details", {}).get("rate")
+        stats = q.get("message_stats", {})
         rows.append(QueueRow(name=name, kind=kind, owner=owner, ready=int(q.get("messages_ready", 0)),
                              unacked=int(q.get("messages_unacknowledged", 0)),
                              consumers=int(q.get("consumers", 0)), idle_since=q.get("idle_since"),
-                             publish_rate=float(rate) if rate is not None else None))
+                             publish_rate=_rate(stats, "publish"), delivered=int(stats.get("deliver_get", 0)),
+                             deliver_rate=_rate(stats, "deliver_get")))
     order = {"forward": 0, "reply": 1, "dlq": 2}
     return sorted(rows, key=lambda r: (order[r.kind], r.owner))
+
+
+def _rate(stats: Mapping[str, Any], name: str) -> float | None:
+    rate = stats.get(f"{name}_details", {}).get("rate")
+    return float(rate) if rate is not None else None
+
+
+def _activity(q: QueueRow) -> str:
+    """A client's last activity as its reply queue shows it."""
+    if q.deliver_rate:
+        return f"receiving {q.deliver_rate:.1f} gradients/s ({q.delivered} so far)"
+    if q.idle_since:
+        return f"idle since {q.idle_since} ({q.delivered} gradients)"
+    return f"no traffic now ({q.delivered} gradients so far)"
 
 
 def fetch(url: str, timeout: float = FETCH_TIMEOUT_S) -> str:
@@ -169,15 +186,25 @@ def _ago(ts: float | None, now: float) -> str:
     return "never" if not ts else f"{now - ts:.0f}s ago"
 
 
-def render(parties: list[Party], queues: list[QueueRow], errors: list[str], *, job: str, now: float) -> str:
-    """The status view as text."""
+def current_rates(before: list[Party], after: list[Party], seconds: float) -> dict[tuple[str, str], float]:
+    """Samples per second of each party between two snapshots ``seconds`` apart (``--watch``)."""
+    old = {(p.source, p.role): p.samples for p in before}
+    return {(p.source, p.role): max(0.0, p.samples - old[(p.source, p.role)]) / seconds
+            for p in after if (p.source, p.role) in old and seconds > 0}
+
+
+def render(parties: list[Party], queues: list[QueueRow], errors: list[str], *, job: str, now: float,
+           rates: Mapping[tuple[str, str], float] | None = None) -> str:
+    """The status view as text; ``rates`` (from ``current_rates``) fills the now/s column."""
+    rates = rates or {}
     lines = [f"splitmq job {job} at {time.strftime('%H:%M:%S', time.localtime(now))}", ""]
-    lines.append(f"{'party':<28} {'role':<8} {'epoch':>5} {'samples':>9} {'samples/s':>9} {'loss':>8} "
+    lines.append(f"{'party':<24} {'role':<8} {'epoch':>5} {'samples':>9} {'avg/s':>7} {'now/s':>7} {'loss':>8} "
                  f"{'accuracy':>8} {'rtt ms':>7} {'inflight':>8} {'rejected':>8} last progress")
     for p in parties:
         rtt = None if p.mean_round_trip_s is None else p.mean_round_trip_s * 1000
-        lines.append(f"{_short(p.source)[-28:]:<28} {p.role:<8} {_fmt(p.epoch, '.0f'):>5} {p.samples:>9.0f} "
-                     f"{_fmt(p.samples_per_second(), '.1f'):>9} {_fmt(p.loss):>8} {_fmt(p.test_accuracy):>8} "
+        lines.append(f"{_short(p.source)[-24:]:<24} {p.role:<8} {_fmt(p.epoch, '.0f'):>5} {p.samples:>9.0f} "
+                     f"{_fmt(p.samples_per_second(), '.1f'):>7} {_fmt(rates.get((p.source, p.role)), '.1f'):>7} "
+                     f"{_fmt(p.loss):>8} {_fmt(p.test_accuracy):>8} "
                      f"{_fmt(rtt, '.1f'):>7} {_fmt(p.in_flight, '.0f'):>8} {p.rejected:>8.0f} "
                      f"{_ago(p.last_progress, now)}")
     trainer = next((p for p in parties if p.role == "trainer"), None)
@@ -187,8 +214,7 @@ def render(parties: list[Party], queues: list[QueueRow], errors: list[str], *, j
     lines += ["", f"clients seen (reply queues): {len(clients)}"]
     for q in clients:
         state = "connected" if q.consumers else "no consumer"
-        activity = f"idle since {q.idle_since}" if q.idle_since else "active"
-        lines.append(f"  {q.owner:<24} {state:<12} {activity}")
+        lines.append(f"  {q.owner:<24} {state:<12} {_activity(q)}")
     lines += ["", f"{'queue':<44} {'ready':>7} {'unacked':>7} {'consumers':>9} {'publish/s':>9}"]
     for q in queues:
         lines.append(f"{q.name[-44:]:<44} {q.ready:>7} {q.unacked:>7} {q.consumers:>9} "
@@ -234,15 +260,19 @@ def _redact(url: str) -> str:
 
 
 def main(args: argparse.Namespace) -> int:
+    previous: tuple[float, list[Party]] | None = None
     while True:
         snap = collect(args)
+        now = time.time()
+        rates = current_rates(previous[1], snap.parties, now - previous[0]) if previous else None
+        previous = (now, snap.parties)
         if args.json:
             print(json.dumps({"job": args.job_id, "parties": [asdict(p) for p in snap.parties],
                               "queues": [asdict(q) for q in snap.queues], "errors": snap.errors}))
         else:
             if args.watch:
                 print("\033[2J\033[H", end="")  # clear the terminal between refreshes
-            print(render(snap.parties, snap.queues, snap.errors, job=args.job_id, now=time.time()), end="")
+            print(render(snap.parties, snap.queues, snap.errors, job=args.job_id, now=now, rates=rates), end="")
         if not args.watch:
             # Nothing answered: say so in the exit status too, for scripts.
             return 1 if not snap.parties and not snap.queues and snap.errors else 0

@@ -65,12 +65,24 @@ def management_queues(job: str) -> list[dict[str, Any]]:
         {"name": topology.forward_queue(job), "messages_ready": 3, "messages_unacknowledged": 1, "consumers": 1,
          "message_stats": {"publish_details": {"rate": 40.0}}},
         {"name": topology.reply_queue(job, "client-0"), "messages_ready": 0, "messages_unacknowledged": 0,
-         "consumers": 1},
+         "consumers": 1, "message_stats": {"deliver_get": 130, "deliver_get_details": {"rate": 12.5}}},
         {"name": topology.reply_queue(job, "client-1"), "messages_ready": 2, "messages_unacknowledged": 0,
          "consumers": 0, "idle_since": "2026-11-22 03:00:00"},
         {"name": topology.dead_letter_queue(job), "messages_ready": 5, "messages_unacknowledged": 0, "consumers": 0},
         {"name": topology.forward_queue("otherjob"), "messages_ready": 9, "consumers": 1},
     ]
+
+
+def test_watching_gives_each_partys_current_rate_between_refreshes() -> None:
+    # Given two snapshots of a trainer 2 s apart, 640 samples more in the second
+    before = status.parse_parties(trainer_text(640, 0.5, started=1000.0, last=1010.0), "t")
+    after = status.parse_parties(trainer_text(1280, 0.4, started=1000.0, last=1012.0), "t")
+    # When the current rates are computed and shown
+    rates = status.current_rates(before, after, 2.0)
+    text = status.render(after, [], [], job="mnist", now=1012.0, rates=rates)
+    # Then the trainer runs at 320 samples/s now
+    assert rates == {("t", "trainer"): 320.0}
+    assert "  320.0 " in text
 
 
 def test_the_management_api_answer_is_classified_into_the_jobs_queues() -> None:
@@ -91,6 +103,7 @@ def test_the_view_shows_clients_seen_queue_depths_and_dead_letters() -> None:
     text = status.render(parties, rows, ["http://localhost:9401/metrics (refused)"], job="mnist", now=1020.0)
     # Then it names the clients with their state, the depths, the dead letters and what was unreachable
     assert "clients seen (reply queues): 2" in text
+    assert "client-0                 connected    receiving 12.5 gradients/s (130 so far)" in text
     assert "client-1" in text and "no consumer" in text and "idle since 2026-11-22 03:00:00" in text
     assert "localhost:9400" in text and "10s ago" in text
     assert "dead letters: 5 in the dead-letter queue; 2 rejected" in text
