@@ -173,6 +173,7 @@ def run_job(spec: JobSpec, workdir: Path, *, url: str = AMQP_URL,
         _cleanup(url, job, spec.clients)
     summary = d / "server.json"
     trainer = json.loads(summary.read_text()) if summary.exists() else {}
+    trainer = {k: v for k, v in trainer.items() if not isinstance(v, list)}  # e.g. every batch's loss
     return {"spec": asdict(spec), "job_id": job, "workers": workers, "trainer": trainer,
             "trainer_vm_hwm_bytes": peak, "trainer_metrics": _trainer_metrics(metrics)}
 
