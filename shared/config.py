@@ -69,6 +69,10 @@ class JobConfig:
         for name in ("num_clients", "batch_size", "epochs", "max_in_flight", "sync_every", "checkpoint_every"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.momentum > 0 and self.max_in_flight > 1:
+            # Measured on the MNIST subset: momentum 0.9 with 2 in flight diverges whatever the
+            # staleness correction (docs/configurations.md); refuse rather than silently diverge.
+            raise ConfigError("momentum > 0 needs max_in_flight = 1: stale gradients with momentum diverge")
         if not 0 < self.test_fraction < 1 or self.lr <= 0 or not 0 <= self.momentum < 1:
             raise ConfigError("need 0 < test_fraction < 1, lr > 0 and 0 <= momentum < 1")
 

@@ -132,11 +132,11 @@ def test_vertical_split_learns_like_the_same_model_trained_locally(amqp_url: str
 
 def test_vertical_party_stopping_mid_run_skips_its_batches_instead_of_hanging(
         amqp_url: str, job_id: str, tmp_path: Path) -> None:
-    # Given a vertical job whose top gives a batch up after 1 s without all parts
+    # Given a vertical job whose top gives a batch up after 0.5 s without all parts
     cfg = JobConfig(job_id=job_id, num_clients=1, vertical_parts=2, epochs=2, bottom_sync="independent",
-                    label_source="top")
+                    label_source="top", max_in_flight=4)
     common = job_args(cfg, amqp_url)
-    top = Party("top", ["server", *common, "--vertical-timeout", "1", "--metrics-port", "0",
+    top = Party("top", ["server", *common, "--vertical-timeout", "0.5", "--metrics-port", "0",
                         "--summary-json", str(tmp_path / "top.json")], tmp_path)
     p0 = Party("p0", ["worker", *common, "--client-id", "client-0", "--client-index", "0", "--no-eval",
                       "--summary-json", str(tmp_path / "p0.json")], tmp_path)

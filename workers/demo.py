@@ -21,7 +21,7 @@ from shared.config import JobConfig
 from workers import runtime
 
 #: Defaults chosen so the demo shows asynchronous training matching local accuracy.
-DEMO_DEFAULTS = {"epochs": 20, "num_clients": 2, "max_in_flight": 4}
+DEMO_DEFAULTS = {"epochs": 30, "num_clients": 2, "max_in_flight": 4}
 
 
 def _spawn(args: list[str], log_path: Path) -> subprocess.Popen[bytes]:
