@@ -1,0 +1,71 @@
+"""The wire format: round trips, and clear errors for what does not fit."""
+from __future__ import annotations
+
+import msgpack
+import pytest
+import torch
+
+from shared import wire
+from shared.errors import DecodeError
+
+
+def test_a_forward_message_survives_encoding_bit_for_bit() -> None:
+    # Given a forward message with activations, labels and sample ids
+    msg = wire.Forward(job_id="j", client_id="c", seq=7, model_version=3, activations=torch.randn(64, 640),
+                       labels=torch.arange(64), sample_ids=torch.arange(64) * 3, train=False)
+    # When it is encoded and decoded
+    back = wire.decode(msg.encode())
+    # Then every field and tensor is equal, with dtype and shape kept
+    assert isinstance(back, wire.Forward)
+    assert (back.job_id, back.client_id, back.seq, back.model_version, back.train) == ("j", "c", 7, 3, False)
+    assert torch.equal(back.activations, msg.activations) and back.activations.dtype == torch.float32
+    assert torch.equal(back.labels, msg.labels) and torch.equal(back.sample_ids, msg.sample_ids)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64, torch.int32, torch.uint8])
+def test_every_allowed_dtype_round_trips(dtype: torch.dtype) -> None:
+    t = (torch.rand(3, 5) * 100).to(dtype)
+    back = wire.decode(wire.Weights(job_id="j", client_id="c", seq=0, tensors={"w": t}).encode())
+    assert back.tensors["w"].dtype == dtype and torch.equal(back.tensors["w"], t)
+
+
+def test_backward_hello_and_copy_round_trip() -> None:
+    grad = wire.Backward(job_id="j", client_id="c", seq=1, grad=torch.ones(2, 3), loss=0.25, correct=2, skipped=True)
+    back = wire.decode(grad.encode())
+    assert (back.loss, back.correct, back.skipped) == (0.25, 2, True)
+    hello = wire.Hello(job_id="j", client_id="c", seq=0, spec={"cuts": [4], "cut_shapes": [[640]], "lr": 0.03})
+    assert wire.decode(hello.encode()).spec == hello.spec
+    assert grad.copy(seq=9).seq == 9 and grad.seq == 1  # copies, never mutates
+
+
+def test_a_non_contiguous_tensor_is_sent_as_its_values() -> None:
+    t = torch.arange(12.0).view(3, 4).t()
+    back = wire.decode(wire.Backward(job_id="j", client_id="c", seq=0, grad=t).encode())
+    assert torch.equal(back.grad, t)
+
+
+def _body(**changes: object) -> bytes:
+    obj = msgpack.unpackb(wire.Backward(job_id="j", client_id="c", seq=0, grad=torch.ones(2)).encode())
+    obj.update(changes)
+    return msgpack.packb(obj, use_bin_type=True)
+
+
+@pytest.mark.parametrize("body, words", [
+    (b"\xc1", "not valid msgpack"),
+    (msgpack.packb([1, 2]), "must be a msgpack map"),
+    (_body(schema=2), "unsupported schema"),
+    (_body(kind="pickle"), "unknown message kind"),
+    (_body(seq="1"), "field 'seq'"),
+    (_body(extra=1), "unknown field"),
+    (_body(tensors={"grad": {"dtype": "float32", "shape": [3], "data": b"\0" * 8}}), "needs 12 bytes"),
+    (_body(tensors={"grad": {"dtype": "object", "shape": [1], "data": b"\0"}}), "dtype"),
+    (_body(tensors={}), "missing tensor"),
+])
+def test_malformed_bodies_raise_decode_error_saying_what_is_wrong(body: bytes, words: str) -> None:
+    with pytest.raises(DecodeError, match=words):
+        wire.decode(body)
+
+
+def test_a_tensor_of_an_unsupported_dtype_cannot_be_sent() -> None:
+    with pytest.raises(ValueError, match="cannot travel"):
+        wire.encode_tensor(torch.zeros(2, dtype=torch.complex64))
