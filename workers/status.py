@@ -268,11 +268,12 @@ def main(args: argparse.Namespace) -> int:
         previous = (now, snap.parties)
         if args.json:
             print(json.dumps({"job": args.job_id, "parties": [asdict(p) for p in snap.parties],
-                              "queues": [asdict(q) for q in snap.queues], "errors": snap.errors}))
+                              "queues": [asdict(q) for q in snap.queues], "errors": snap.errors}), flush=True)
         else:
             if args.watch:
                 print("\033[2J\033[H", end="")  # clear the terminal between refreshes
-            print(render(snap.parties, snap.queues, snap.errors, job=args.job_id, now=now, rates=rates), end="")
+            print(render(snap.parties, snap.queues, snap.errors, job=args.job_id, now=now, rates=rates), end="",
+                  flush=True)
         if not args.watch:
             # Nothing answered: say so in the exit status too, for scripts.
             return 1 if not snap.parties and not snap.queues and snap.errors else 0
