@@ -29,6 +29,9 @@ log = logging.getLogger(__name__)
 
 #: Log a "still waiting" line this often while the trainer is silent.
 WAIT_LOG_S = 15.0
+#: While waiting (for a restarting trainer, a round, a turn), checkpoint at least this often so
+#: held gradient acks never approach the broker's consumer_timeout, which would close our channel.
+IDLE_CHECKPOINT_S = 5.0
 #: Pause between hellos while the trainer's queue does not exist yet.
 JOIN_RETRY_S = 2.0
 
@@ -97,6 +100,7 @@ class Worker:
         self._orders: dict[int, list[torch.Tensor]] = {}
         self._username = runtime.broker_username(opts.amqp_url)
         self.broker: Broker | None = None
+        self._last_checkpoint = time.monotonic()
 
     # ---- set-up -----------------------------------------------------------------------
 
@@ -185,6 +189,7 @@ class Worker:
                     self._handle(delivery)
                 else:
                     self._check_health()
+                    self._checkpoint_if_idle()
             return self.summary(time.monotonic() - started, self.last_applied - applied_at_start)
         finally:
             self._checkpoint()
@@ -386,6 +391,7 @@ class Worker:
                 self._handle(delivery)
                 continue
             self._check_health()
+            self._checkpoint_if_idle()
             now = time.monotonic()
             if timeout is not None and now - start > timeout:
                 if not required:
@@ -413,7 +419,12 @@ class Worker:
             "handoff_epoch": self.handoff_epoch,
             "config": self.cfg.agreed(), "client_id": self.opts.client_id,
         })
+        self._last_checkpoint = time.monotonic()
         self.acks.release()
+
+    def _checkpoint_if_idle(self) -> None:
+        if self.ckpt_path and len(self.acks) and time.monotonic() - self._last_checkpoint > IDLE_CHECKPOINT_S:
+            self._checkpoint()
 
     def summary(self, seconds: float, batches: int) -> dict[str, Any]:
         rtts = sorted(self.round_trips) or [float("nan")]
@@ -437,13 +448,15 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--join-timeout", type=float, default=600.0, help="seconds to wait for the trainer at start")
     p.add_argument("--dest-stage", default=topology.TOP_STAGE,
                    help="the stage our activations go to (default top; e.g. mid in a U-shaped run)")
+    p.add_argument("--torch-threads", type=int, default=1,
+                   help="CPU threads for the bottom segment (default 1: small devices, predictable timing)")
     p.add_argument("--pushgateway", help="push metrics to this Prometheus Pushgateway (edge devices behind NAT)")
     p.set_defaults(func=main)
 
 
 def main(args: argparse.Namespace) -> int:
     cfg = runtime.job_config(args)
-    torch.set_num_threads(int(args.torch_threads) if getattr(args, "torch_threads", None) else 1)
+    torch.set_num_threads(max(1, args.torch_threads))
     metrics = Metrics("worker")
     if args.metrics_port is not None:
         serve(args.metrics_port)
