@@ -220,7 +220,7 @@ class Broker:
                             pika.exceptions.ProbableAccessDeniedError)):
             self._fail(AccessRefused(f"broker refused the login of {self._params.credentials.username!r}: {exc}"))
             return
-        if isinstance(exc, pika.exceptions.AMQPConnectionError) and "CERTIFICATE_VERIFY_FAILED" in repr(exc):
+        if "CERTIFICATE_VERIFY_FAILED" in repr(exc):  # pika wraps it in AMQPConnectionWorkflowFailed, no AMQPError
             self._fail(BrokerError(f"TLS: the broker's certificate did not verify against the given CA: {exc!r}"))
             return
         self._schedule_reconnect(f"connect failed: {exc!r}")

@@ -22,9 +22,9 @@ from typing import Any
 import torch
 
 from shared import checkpoint, data, models, schedule, topology, validate, wire
-from shared.broker import Broker, Delivery, declare
+from shared.broker import Broker, Delivery, declare, queue_depth
 from shared.config import JobConfig, differences
-from shared.errors import BrokerError, ConfigError, DecodeError, RejectedMessage, Unroutable
+from shared.errors import AccessRefused, BrokerError, ConfigError, DecodeError, RejectedMessage, Unroutable
 from shared.metrics import Metrics, serve
 from shared.stage import Stage, evaluate_correct
 from workers import runtime
@@ -146,7 +146,10 @@ class Trainer:
     def connect(self) -> None:
         job = self.cfg.job_id
         parties = () if self.is_last else (self.party,)
-        declare(self.opts.amqp_url, topology.job_layout(job, stages=(self.party,), parties=parties), self.opts.tls)
+        try:
+            declare(self.opts.amqp_url, topology.job_layout(job, stages=(self.party,), parties=parties), self.opts.tls)
+        except AccessRefused:  # a least-privilege trainer: the admin declared the job (splitmq broker setup)
+            queue_depth(self.opts.amqp_url, topology.forward_queue(job, self.party), self.opts.tls)
         self.broker = Broker(self.opts.amqp_url, name=self.party, prefetch=self.opts.prefetch, tls=self.opts.tls,
                              on_reconnect=lambda: self.metrics.reconnects.labels(self.metrics.role).inc())
         self.broker.start()
@@ -198,7 +201,7 @@ class Trainer:
                                         require=self.opts.require_identity)
             self._dispatch(msg, delivery)
         except DecodeError as exc:
-            self.dead_letter(delivery, "decode", str(exc))
+            self.dead_letter(delivery, validate.decode_reason(exc), str(exc))
         except RejectedMessage as exc:
             self.dead_letter(delivery, exc.reason, exc.detail)
         except Exception:
