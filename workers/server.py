@@ -28,7 +28,7 @@ from shared.errors import AccessRefused, BrokerError, ConfigError, DecodeError, 
 from shared.metrics import Metrics, serve
 from shared.stage import Stage, evaluate_correct
 from workers import runtime
-from workers.rounds import BottomRounds
+from workers.rounds import SYNC_TIMEOUT_S, BottomRounds
 from workers.vertical import VerticalJoin, join, split_gradient
 
 log = logging.getLogger(__name__)
@@ -59,6 +59,7 @@ class TrainerOptions:
     next_stage: str | None = None        # None: we are last; a stage name, or SENDER_HEAD
     vertical_timeout_s: float = 30.0     # vertical: how long to wait for a batch's missing parts
     private_outputs: bool = False        # U-shaped head: loss and accuracy stay here, never sent
+    sync_timeout_s: float = SYNC_TIMEOUT_S  # bottom averaging: close a round without absent owners after this
 
 
 @dataclass
@@ -86,7 +87,8 @@ class Trainer:
         self.labels_by_id = self._label_table() if cfg.label_source == "top" and self.is_last else None
         parties = [f"client-{i}" for i in range(cfg.vertical_parts)]
         self.vertical = VerticalJoin(parties, timeout_s=opts.vertical_timeout_s) if cfg.vertical_parts else None
-        self.rounds = (BottomRounds(mode=cfg.bottom_sync, num_clients=cfg.num_clients, epochs=cfg.epochs)
+        self.rounds = (BottomRounds(mode=cfg.bottom_sync, num_clients=cfg.num_clients, epochs=cfg.epochs,
+                                    timeout_s=opts.sync_timeout_s)
                        if cfg.bottom_sync != "independent" else None)
         self.last_applied: dict[str, int] = {}
         self.recent: dict[str, collections.OrderedDict[int, bytes]] = collections.defaultdict(collections.OrderedDict)
@@ -529,6 +531,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
                    help=f"middle hop: the stage to forward to ({SENDER_HEAD} = the sender's own head, U-shaped)")
     p.add_argument("--vertical-timeout", type=float, default=30.0,
                    help="vertical split: seconds to wait for a batch's missing parts before skipping it")
+    p.add_argument("--sync-timeout", type=float, default=SYNC_TIMEOUT_S,
+                   help="bottom averaging: seconds before a round closes without the owners still absent")
     p.add_argument("--private-outputs", action="store_true",
                    help="U-shaped head: never send loss or accuracy back (they stay in this party's metrics)")
     p.add_argument("--require-identity", action="store_true",
@@ -547,7 +551,7 @@ def main(args: argparse.Namespace) -> int:
                           require_identity=args.require_identity, prefetch=args.prefetch,
                           run_dir=args.run_dir or f"runs/{cfg.job_id}", stage=args.stage, segment=args.segment,
                           next_stage=args.next_stage, vertical_timeout_s=args.vertical_timeout,
-                          private_outputs=args.private_outputs)
+                          private_outputs=args.private_outputs, sync_timeout_s=args.sync_timeout)
     try:
         trainer = Trainer(cfg, opts, metrics=metrics, stop=runtime.StopFlag().install())
         summary = trainer.run()
