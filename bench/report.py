@@ -123,8 +123,9 @@ def reading(r: dict[str, Any]) -> list[str]:
         "development: ~80% of samples), including the weight stash (`functional_call` on cloned parameters) that "
         "staleness correction needs; a larger window cannot add compute.",
         f"- **Scale runs share 2 cores.** N worker processes, the trainer and the broker all run on this 2-core "
-        f"machine, so more clients add CPU contention, not capacity: trainer step time, 1 vs 16 clients: "
-        f"{_f(step[0])} vs {_f(step[1])} ms (the same work, more contention). Trainer peak RSS 1 vs 16 clients: "
+        f"machine, so more clients add CPU contention, not capacity (their bottom segments compete with the "
+        f"trainer and the broker for the same cores). Trainer step time, 1 vs 16 clients: "
+        f"{_f(step[0])} vs {_f(step[1])} ms. Trainer peak RSS 1 vs 16 clients: "
         f"{_f(mem[0], '{:,.0f}')} vs {_f(mem[1], '{:,.0f}')} MB. The backlog itself waits in the broker's queues, not "
         "in the trainer; what grows with clients is the trainer's per-client re-send cache (up to 64 encoded "
         "replies of ~160 KB per client, about 10 MB each).",
