@@ -38,6 +38,9 @@ DTYPES: Mapping[str, tuple[torch.dtype, int]] = {
     "uint8": (torch.uint8, 1),
 }
 _DTYPE_NAMES = {torch_dtype: name for name, (torch_dtype, _) in DTYPES.items()}
+# Decoded tensors are views of the message's immutable bytes; torch warns that it cannot mark
+# them read-only. Filtered once here (a per-call catch_warnings costs more than the decode).
+warnings.filterwarnings("ignore", message="The given buffer is not writable", category=UserWarning)
 
 
 class Kind(str, Enum):
@@ -82,10 +85,7 @@ def decode_tensor(obj: Any, name: str) -> torch.Tensor:
         )
     if expected == 0:
         return torch.empty(shape, dtype=torch_dtype)
-    with warnings.catch_warnings():
-        # The buffer is immutable bytes; torch warns because it cannot mark tensors read-only.
-        warnings.simplefilter("ignore", UserWarning)
-        flat = torch.frombuffer(data, dtype=torch_dtype)
+    flat = torch.frombuffer(data, dtype=torch_dtype)
     return flat.view(shape)
 
 

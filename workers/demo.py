@@ -30,17 +30,20 @@ def _spawn(args: list[str], log_path: Path) -> subprocess.Popen[bytes]:
 
 
 def _scrape(port: int) -> dict[str, float]:
-    """A few sample values from a party's /metrics (empty if it is not serving yet)."""
+    """A few sample values from a worker's /metrics (empty if it is not serving yet)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
     try:
         text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=1).read().decode()
     except OSError:
         return {}
     out = {}
-    for line in text.splitlines():
-        if line.startswith(('splitmq_batches_total{role="worker",outcome="applied"}', "splitmq_test_accuracy_ratio",
-                            "splitmq_loss")):
-            name, value = line.rsplit(" ", 1)
-            out[name.split("{")[0] if not name.startswith("splitmq_batches") else "applied"] = float(value)
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "splitmq_batches_total" and sample.labels.get("outcome") == "applied":
+                out["applied"] = sample.value
+            elif sample.name in ("splitmq_loss", "splitmq_test_accuracy_ratio"):
+                out[sample.name] = sample.value
     return out
 
 

@@ -178,6 +178,7 @@ class Worker:
         try:
             self.join()
             started = time.monotonic()
+            self.stats["started_at"] = time.time()
             applied_at_start = self.last_applied
             while not self.stop:
                 self._after_progress()
@@ -190,6 +191,7 @@ class Worker:
                 else:
                     self._check_health()
                     self._checkpoint_if_idle()
+            self.stats["finished_at"] = time.time()
             return self.summary(time.monotonic() - started, self.last_applied - applied_at_start)
         finally:
             self._checkpoint()
