@@ -130,7 +130,7 @@ def reading(r: dict[str, Any]) -> list[str]:
         "in the trainer; what grows with clients is the trainer's per-client re-send cache (up to 64 encoded "
         "replies of ~160 KB per client, about 10 MB each).",
         "- **Codec.** For a 160 KB batch the fixed Python cost per message (dataclass fields, three tensors' "
-        "dtype/shape checks, the `warnings` context per tensor, msgpack copying the payload twice on encode and "
+        "dtype/shape checks, msgpack copying the payload twice on encode and "
         "once on decode) is several times one memcpy. A prototype that keeps msgpack for the header but appends "
         "the raw tensor bytes after it (decode = memoryview slices, encode = one `b''.join`) measured about 0.45 "
         "of memcpy on this machine; msgpack `bin` fields alone cannot reach 0.5.",
