@@ -26,8 +26,12 @@ setup_python() {
 setup_broker() {
   local url=${AMQP_URL:-amqp://localhost:5672}
   local hostport=${url#*://}; hostport=${hostport#*@}; hostport=${hostport%%/*}
-  local port=${hostport#*:}; [ "$port" = "$hostport" ] && port=5672
-  if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then return; fi
+  local host=${hostport%%:*} port=${hostport#*:}; [ "$port" = "$hostport" ] && port=5672
+  if (exec 3<>"/dev/tcp/$host/$port") 2>/dev/null; then return; fi
+  case "$host" in
+    localhost|127.0.0.1) ;;
+    *) echo "no broker answers at $host:$port (AMQP_URL); start it there, or unset AMQP_URL" >&2; exit 1 ;;
+  esac
   AMQP_PORT=$port deploy/broker.sh start
 }
 
