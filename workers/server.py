@@ -457,6 +457,9 @@ class Trainer:
     def _send_weights(self, sends: list[Any]) -> None:
         assert self.broker is not None
         for s in sends:
+            if f"party:{s.reply_to}" not in self.declared:  # the next owner may not have started yet
+                declare(self.opts.amqp_url, topology.client_layout(self.cfg.job_id, s.reply_to), self.opts.tls)
+                self.declared.add(f"party:{s.reply_to}")
             body = wire.Weights(job_id=self.cfg.job_id, client_id=self.party, seq=s.epoch, tensors=s.tensors).encode()
             self.unconfirmed.append(self.broker.publish(
                 topology.gradients_exchange(self.cfg.job_id), topology.reply_routing_key(s.reply_to), body,
