@@ -14,7 +14,7 @@ import statistics
 import subprocess
 import time
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -55,6 +55,27 @@ class Scale:
 def dataset(name: str = DATASET) -> data.Dataset:
     """The benchmark's data, loaded once per process (parsing MNIST takes seconds)."""
     return data.load(name)
+
+
+def timed_training(train: data.Split, step: "Callable[[torch.Tensor, torch.Tensor], float]", *, seconds: float,
+                   warmup_steps: int = 5) -> dict[str, Any]:
+    """Call ``step(x, y)`` (returns the loss) over epochs of ``train`` for about ``seconds`` after
+    ``warmup_steps``; samples/s of the timed span. Every in-process contender is timed this way."""
+    samples = steps = epoch = 0
+    start, loss = 0.0, float("nan")
+    while True:
+        for idx in data.batch_order(len(train.y), BATCH_SIZE, seed=0, epoch=epoch):
+            loss = step(train.x[idx], train.y[idx])  # (B, 784), (B,)
+            steps += 1
+            if steps == warmup_steps:
+                start = time.perf_counter()
+            elif steps > warmup_steps:
+                samples += len(idx)
+            if start and time.perf_counter() - start >= seconds:
+                elapsed = time.perf_counter() - start
+                return {"samples": samples, "seconds": elapsed, "samples_per_second": samples / elapsed,
+                        "final_loss": loss}
+        epoch += 1
 
 
 def set_threads() -> None:

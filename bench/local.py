@@ -5,14 +5,13 @@ the samples/s here is the denominator of every ratio in the report.
 """
 from __future__ import annotations
 
-import time
 from typing import Any
 
 import torch
 from torch import nn
 
-from bench.common import BATCH_SIZE, LR, MODELS, Scale, dataset, set_threads
-from shared import data, models
+from bench.common import LR, MODELS, Scale, dataset, set_threads, timed_training
+from shared import models
 
 
 def train_for(model_name: str, seconds: float, *, dataset_name: str, warmup_steps: int = 5) -> dict[str, Any]:
@@ -22,26 +21,15 @@ def train_for(model_name: str, seconds: float, *, dataset_name: str, warmup_step
     model = models.build_full(model_name)
     opt = torch.optim.SGD(model.parameters(), lr=LR)
     loss_fn = nn.NLLLoss()
-    samples = steps = 0
-    epoch = 0
-    start = 0.0
-    while True:
-        for idx in data.batch_order(len(train.y), BATCH_SIZE, seed=0, epoch=epoch):
-            x, y = train.x[idx], train.y[idx]  # (B, 784), (B,)
-            opt.zero_grad(set_to_none=True)
-            loss = loss_fn(model(x), y)
-            loss.backward()
-            opt.step()
-            steps += 1
-            if steps == warmup_steps:
-                start = time.perf_counter()
-            elif steps > warmup_steps:
-                samples += len(y)
-            if start and time.perf_counter() - start >= seconds:
-                elapsed = time.perf_counter() - start
-                return {"model": model_name, "samples": samples, "seconds": elapsed,
-                        "samples_per_second": samples / elapsed, "final_loss": float(loss.detach())}
-        epoch += 1
+
+    def step(x: torch.Tensor, y: torch.Tensor) -> float:
+        opt.zero_grad(set_to_none=True)
+        loss = loss_fn(model(x), y)
+        loss.backward()
+        opt.step()
+        return float(loss.detach())
+
+    return {"model": model_name, **timed_training(train, step, seconds=seconds, warmup_steps=warmup_steps)}
 
 
 def run(scale: Scale) -> dict[str, Any]:

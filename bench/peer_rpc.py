@@ -14,15 +14,14 @@ import json
 import os
 import subprocess
 import sys
-import time
 from typing import Any
 
 import torch
 import torch.distributed.rpc as rpc
 from torch import nn
 
-from bench.common import BATCH_SIZE, LR, dataset, free_port, set_threads, thread_env
-from shared import data, models
+from bench.common import LR, dataset, free_port, set_threads, thread_env, timed_training
+from shared import models
 
 _TOP: dict[str, Any] = {}
 
@@ -44,27 +43,16 @@ def _bottom_loop(model: str, seconds: float, dataset_name: str, warmup_steps: in
     bottom = models.build_segments(model)[0]
     opt = torch.optim.SGD(bottom.parameters(), lr=LR)
     train = dataset(dataset_name).train
-    steps = samples = epoch = 0
-    start = 0.0
-    loss = float("nan")
-    while True:
-        for idx in data.batch_order(len(train.y), BATCH_SIZE, seed=0, epoch=epoch):
-            x, y = train.x[idx], train.y[idx]  # (B, 784), (B,)
-            opt.zero_grad(set_to_none=True)
-            acts = bottom(x)  # (B, cut)
-            grad, loss = rpc.rpc_sync("trainer", top_step, args=(acts.detach(), y))
-            acts.backward(grad)
-            opt.step()
-            steps += 1
-            if steps == warmup_steps:
-                start = time.perf_counter()
-            elif steps > warmup_steps:
-                samples += len(y)
-            if start and time.perf_counter() - start >= seconds:
-                elapsed = time.perf_counter() - start
-                return {"model": model, "samples": samples, "seconds": elapsed,
-                        "samples_per_second": samples / elapsed, "final_loss": loss}
-        epoch += 1
+
+    def step(x: torch.Tensor, y: torch.Tensor) -> float:
+        opt.zero_grad(set_to_none=True)
+        acts = bottom(x)  # (B, cut)
+        grad, loss = rpc.rpc_sync("trainer", top_step, args=(acts.detach(), y))
+        acts.backward(grad)
+        opt.step()
+        return float(loss)
+
+    return {"model": model, **timed_training(train, step, seconds=seconds, warmup_steps=warmup_steps)}
 
 
 def _party_main(argv: list[str]) -> int:

@@ -46,6 +46,14 @@ def head_stage(client: str) -> str:
     return f"{client}-head"
 
 
+def _label_table(ds: data.Dataset) -> torch.Tensor:
+    """Labels by global sample id, for runs where labels never travel with the batch."""
+    ids = torch.cat([ds.train.ids, ds.test.ids])
+    table = torch.full((int(ids.max()) + 1,), -1, dtype=torch.int64)
+    table[ids] = torch.cat([ds.train.y, ds.test.y])
+    return table
+
+
 @dataclass(frozen=True)
 class TrainerOptions:
     amqp_url: str
@@ -81,10 +89,11 @@ class Trainer:
         self.stop = stop if stop is not None else runtime.StopFlag()
         self.party = opts.stage
         self.is_last = opts.next_stage is None
-        self.stage, in_shape = self._build_stage()
+        dataset = data.load(cfg.dataset, cfg.data_dir, cfg.test_fraction)  # once: schedule length and labels
+        self.stage, in_shape = self._build_stage(len(dataset.train.y))
         self.limits = validate.Limits(cfg.job_id, in_shape, cfg.batch_size)
         self.num_classes = models.get_spec(cfg.model).num_classes
-        self.labels_by_id = self._label_table() if cfg.label_source == "top" and self.is_last else None
+        self.labels_by_id = _label_table(dataset) if cfg.label_source == "top" and self.is_last else None
         parties = [f"client-{i}" for i in range(cfg.vertical_parts)]
         self.vertical = VerticalJoin(parties, timeout_s=opts.vertical_timeout_s) if cfg.vertical_parts else None
         self.rounds = (BottomRounds(mode=cfg.bottom_sync, num_clients=cfg.num_clients, epochs=cfg.epochs,
@@ -95,6 +104,7 @@ class Trainer:
         self.relayed: dict[str, _Relayed] = {}
         self.declared: set[str] = set()  # next stages whose forward queue we made sure exists
         self.eval_counts: dict[str, list[int]] = {}
+        self.test_accuracy = 0.0  # of the latest evaluation pass(es) this stage scored (0 before any)
         self.unconfirmed: list[Future[None]] = []
         self.ckpt_path = checkpoint.path_for(opts.checkpoint_dir, self.party) if opts.checkpoint_dir else None
         self.history = runtime.History(opts.run_dir, self.party)
@@ -105,9 +115,9 @@ class Trainer:
         self.broker: Broker | None = None
         self._last_checkpoint = time.monotonic()
 
-    def _build_stage(self) -> tuple[Stage, tuple[int, ...]]:
+    def _build_stage(self, num_train: int) -> tuple[Stage, tuple[int, ...]]:
         cfg = self.cfg
-        lr_at = schedule.for_party(cfg, None)
+        lr_at = schedule.for_party(cfg, None, num_train)
         if cfg.vertical_parts:
             _, top = models.vertical_segments(cfg.vertical_parts, cfg.seed)
             return Stage(top, lr=cfg.lr, momentum=cfg.momentum, schedule=lr_at), cfg.cut_shapes()[0]
@@ -120,14 +130,6 @@ class Trainer:
         stage = Stage(segments[index], lr=cfg.lr, momentum=cfg.momentum, stash_weights=not self.is_last,
                       schedule=lr_at)
         return stage, models.cut_shapes(cfg.model, cfg.cuts)[index - 1]
-
-    def _label_table(self) -> torch.Tensor:
-        """Labels by global sample id, for runs where labels never travel with the batch."""
-        ds = data.load(self.cfg.dataset, self.cfg.data_dir, self.cfg.test_fraction)
-        ids = torch.cat([ds.train.ids, ds.test.ids])
-        table = torch.full((int(ids.max()) + 1,), -1, dtype=torch.int64)
-        table[ids] = torch.cat([ds.train.y, ds.test.y])
-        return table
 
     # ---- lifecycle ------------------------------------------------------------------------
 
@@ -348,8 +350,9 @@ class Trainer:
             counts[:] = [0, 0]
         counts[0] += correct
         counts[1] += total
-        self.metrics.test_accuracy.labels(self.metrics.role).set(
-            sum(c[0] for c in self.eval_counts.values()) / max(1, sum(c[1] for c in self.eval_counts.values())))
+        self.test_accuracy = (sum(c[0] for c in self.eval_counts.values())
+                              / max(1, sum(c[1] for c in self.eval_counts.values())))
+        self.metrics.test_accuracy.labels(self.metrics.role).set(self.test_accuracy)
         self.metrics.batches.labels(self.metrics.role, "evaluated").inc()
 
     def _hello(self, msg: wire.Hello, delivery: Delivery) -> None:
@@ -520,7 +523,7 @@ class Trainer:
             "rejected": {k[len("rejected_"):]: v for k, v in self.counts.items() if k.startswith("rejected_")},
             "step_p50_s": steps[len(steps) // 2], "step_p99_s": steps[min(len(steps) - 1, int(len(steps) * 0.99))],
             "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-            "test_accuracy": self.metrics.test_accuracy.labels(self.metrics.role)._value.get(),
+            "test_accuracy": self.test_accuracy,
             "losses": self.losses,
         }
 
