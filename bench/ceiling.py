@@ -160,7 +160,7 @@ def round_trips(url: str, *, mode: str, in_flight: int, request_bytes: int, repl
     requests, replies = f"bench.ceiling.{tag}.requests", f"bench.ceiling.{tag}.replies"
     _declare(url, [requests, replies], mode)
     echo = subprocess.Popen(
-        [sys.executable, "-m", "bench.ceiling", "--url", url, "--requests", requests, "--replies", replies,
+        [sys.executable, "-m", "splitmq.bench.ceiling", "--url", url, "--requests", requests, "--replies", replies,
          "--mode", mode, "--reply-bytes", str(reply_bytes)], stdout=subprocess.PIPE, text=True)
     try:
         if echo.stdout is None or echo.stdout.readline().strip() != "ready":
@@ -174,7 +174,7 @@ def round_trips(url: str, *, mode: str, in_flight: int, request_bytes: int, repl
             echo.terminate()
             echo.wait(timeout=10)
         _delete(url, [requests, replies])
-    from bench.common import percentile  # torch-free modules stay torch-free for the echo side
+    from splitmq.bench.common import percentile  # torch-free modules stay torch-free for the echo side
 
     elapsed = driver.end - driver.start
     return {"mode": mode, "in_flight": in_flight, "request_bytes": request_bytes, "reply_bytes": reply_bytes,
@@ -185,7 +185,7 @@ def round_trips(url: str, *, mode: str, in_flight: int, request_bytes: int, repl
 
 def run(url: str, scale: Any) -> dict[str, Any]:
     """Every mode x in-flight row for each model's message sizes (quick: the MLP only)."""
-    from bench.common import MODELS, message_bodies
+    from splitmq.bench.common import MODELS, message_bodies
 
     rows = []
     for model in MODELS[:1] if scale.quick else MODELS:

@@ -13,8 +13,8 @@ import shlex
 import tempfile
 from pathlib import Path
 
-from bench import report, suite
-from bench.common import Scale
+from splitmq.bench import report, suite
+from splitmq.bench.common import Scale
 
 log = logging.getLogger(__name__)
 

@@ -14,8 +14,8 @@ from typing import Any, Callable
 
 import torch
 
-from bench.common import BATCH_SIZE, Scale, cut_numel, set_threads
-from shared import wire
+from splitmq.bench.common import BATCH_SIZE, Scale, cut_numel, set_threads
+from splitmq.shared import wire
 
 #: Target from the issue: encode + decode at least half as fast as one memcpy.
 TARGET_RATIO = 0.5

@@ -18,8 +18,8 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from shared import data, models, wire
-from shared.config import DEFAULT_AMQP_URL
+from splitmq.shared import data, models, wire
+from splitmq.shared.config import DEFAULT_AMQP_URL
 
 #: The broker every part measures through (the same one, so ratios compare like with like).
 AMQP_URL = os.environ.get("AMQP_URL", DEFAULT_AMQP_URL)

@@ -24,9 +24,9 @@ from typing import Any, Iterator
 
 import pika
 
-from bench.common import AMQP_URL, DATASET, free_port, thread_env
-from bench.proxy import DelayProxy, proxied_url, upstream_of
-from shared import topology
+from splitmq.bench.common import AMQP_URL, DATASET, free_port, thread_env
+from splitmq.bench.proxy import DelayProxy, proxied_url, upstream_of
+from splitmq.shared import topology
 
 #: A job that has not finished in this long is a failure, not a slow result.
 JOB_TIMEOUT_S = 300.0
@@ -56,7 +56,7 @@ class JobSpec:
 
 
 def _cli(*args: str) -> list[str]:
-    return [sys.executable, "-m", "workers.cli", "--log-level", "WARNING", *args]
+    return [sys.executable, "-m", "splitmq", "--log-level", "WARNING", *args]
 
 
 def _common(spec: JobSpec, job: str, url: str) -> list[str]:

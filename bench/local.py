@@ -10,8 +10,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from bench.common import LR, MODELS, Scale, dataset, set_threads, timed_training
-from shared import models
+from splitmq.bench.common import LR, MODELS, Scale, dataset, set_threads, timed_training
+from splitmq.shared import models
 
 
 def train_for(model_name: str, seconds: float, *, dataset_name: str, warmup_steps: int = 5) -> dict[str, Any]:

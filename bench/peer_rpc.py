@@ -20,8 +20,8 @@ import torch
 import torch.distributed.rpc as rpc
 from torch import nn
 
-from bench.common import LR, dataset, free_port, set_threads, thread_env, timed_training
-from shared import models
+from splitmq.bench.common import LR, dataset, free_port, set_threads, thread_env, timed_training
+from splitmq.shared import models
 
 _TOP: dict[str, Any] = {}
 
@@ -79,7 +79,7 @@ def _party_main(argv: list[str]) -> int:
 def train(model: str, seconds: float, dataset_name: str) -> dict[str, Any]:
     """Run both parties as subprocesses; the bottom's samples/s over its timed span."""
     port = free_port()
-    cmd = [sys.executable, "-m", "bench.peer_rpc", "--port", str(port), "--model", model, "--seconds", str(seconds),
+    cmd = [sys.executable, "-m", "splitmq.bench.peer_rpc", "--port", str(port), "--model", model, "--seconds", str(seconds),
            "--dataset", dataset_name]
     top = subprocess.Popen([*cmd, "--rank", "1"], env=thread_env(), stdout=subprocess.DEVNULL)
     try:
@@ -96,7 +96,7 @@ def train(model: str, seconds: float, dataset_name: str) -> dict[str, Any]:
 
 
 def run(scale: Any) -> dict[str, Any]:
-    from bench.common import MODELS
+    from splitmq.bench.common import MODELS
 
     return {name: train(name, scale.seconds, scale.dataset) for name in (MODELS[:1] if scale.quick else MODELS)}
 

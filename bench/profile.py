@@ -13,8 +13,8 @@ import pstats
 from pathlib import Path
 from typing import Any
 
-from bench import jobs
-from bench.common import DATASET
+from splitmq.bench import jobs
+from splitmq.bench.common import DATASET
 
 #: (category, module path suffix, function name): cumulative main-thread time of the function.
 _CATEGORIES = (

@@ -3,9 +3,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from bench import ceiling, codec, local, profile, wirebytes
-from bench.common import BATCH_SIZE, LR, THREADS
-from bench.suite import find
+from splitmq.bench import ceiling, codec, local, profile, wirebytes
+from splitmq.bench.common import BATCH_SIZE, LR, THREADS
+from splitmq.bench.suite import find
 
 
 def _f(x: float | None, fmt: str = "{:.2f}") -> str:

@@ -10,8 +10,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from bench import ceiling, codec, jobs, local, peer_rpc, profile, wirebytes
-from bench.common import AMQP_URL, BATCH_SIZE, MODELS, Scale, machine
+from splitmq.bench import ceiling, codec, jobs, local, peer_rpc, profile, wirebytes
+from splitmq.bench.common import AMQP_URL, BATCH_SIZE, MODELS, Scale, machine
 
 WINDOWS = (1, 2, 4, 8)
 CLIENTS = (1, 2, 4, 8, 16)

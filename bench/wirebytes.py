@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from bench.common import cut_numel, dataset, param_count
+from splitmq.bench.common import cut_numel, dataset, param_count
 
 FLOAT_BYTES = 4
 

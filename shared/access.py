@@ -29,8 +29,8 @@ import urllib.request
 from dataclasses import dataclass
 from typing import Any
 
-from shared import topology
-from shared.errors import AccessRefused, BrokerError
+from splitmq.shared import topology
+from splitmq.shared.errors import AccessRefused, BrokerError
 
 HASHING_ALGORITHM = "rabbit_password_hashing_sha256"
 #: Matches nothing: RabbitMQ's way to grant no right of a kind.

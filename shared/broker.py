@@ -23,8 +23,8 @@ import pika
 import pika.exceptions
 from pika.adapters.select_connection import IOLoop
 
-from shared import topology
-from shared.errors import AccessRefused, BrokerError, PublishNacked, Unroutable
+from splitmq.shared import topology
+from splitmq.shared.errors import AccessRefused, BrokerError, PublishNacked, Unroutable
 
 log = logging.getLogger(__name__)
 

@@ -13,9 +13,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
-from shared import models
-from shared.errors import ConfigError
-from shared.topology import DEFAULT_JOB, check_name
+from splitmq.shared import models
+from splitmq.shared.errors import ConfigError
+from splitmq.shared.topology import DEFAULT_JOB, check_name
 
 DEFAULT_AMQP_URL = "amqp://guest:guest@localhost:5672/%2F"
 

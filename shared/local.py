@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from shared import data, models, schedule
-from shared.config import JobConfig
+from splitmq.shared import data, models, schedule
+from splitmq.shared.config import JobConfig
 
 
 @dataclass(frozen=True)

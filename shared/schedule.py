@@ -10,8 +10,8 @@ from __future__ import annotations
 import math
 from typing import Callable
 
-from shared import data
-from shared.config import JobConfig
+from splitmq.shared import data
+from splitmq.shared.config import JobConfig
 
 SCHEDULES = ("cosine", "constant")
 

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from shared.staleness import NoCorrection, StalenessCorrection
+from splitmq.shared.staleness import NoCorrection, StalenessCorrection
 
 
 @dataclass

@@ -10,10 +10,10 @@ from dataclasses import dataclass
 
 import torch
 
-from shared import topology
-from shared import wire
-from shared.errors import DecodeError, RejectedMessage
-from shared.wire import MAX_MESSAGE_BYTES, Backward, Forward
+from splitmq.shared import topology
+from splitmq.shared import wire
+from splitmq.shared.errors import DecodeError, RejectedMessage
+from splitmq.shared.wire import MAX_MESSAGE_BYTES, Backward, Forward
 
 #: How far ahead of the last applied batch a client's sequence number may jump.
 MAX_SEQ_JUMP = 4096

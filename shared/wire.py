@@ -18,7 +18,7 @@ from typing import Any, ClassVar, Mapping, TypeVar, Union
 import msgpack
 import torch
 
-from shared.errors import DecodeError
+from splitmq.shared.errors import DecodeError
 
 SCHEMA_VERSION = 1
 

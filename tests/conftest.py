@@ -10,7 +10,7 @@ from typing import Iterator
 import pika
 import pytest
 
-from shared import broker, topology
+from splitmq.shared import broker, topology
 
 AMQP_URL = os.environ.get("AMQP_URL", "amqp://guest:guest@localhost:5672/%2F")
 

@@ -7,10 +7,10 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry
 
-from shared.config import JobConfig
-from shared.metrics import Metrics
-from workers.server import Trainer, TrainerOptions
-from workers.worker import Worker, WorkerOptions
+from splitmq.shared.config import JobConfig
+from splitmq.shared.metrics import Metrics
+from splitmq.workers.server import Trainer, TrainerOptions
+from splitmq.workers.worker import Worker, WorkerOptions
 
 
 class TrainerThread:
@@ -59,7 +59,7 @@ class Party:
         self.name = name
         self.log_path = Path(tmp) / f"{name}.log"
         self._log = open(self.log_path, "wb")
-        self.proc = subprocess.Popen([sys.executable, "-m", "workers.cli", *args], stdout=self._log,
+        self.proc = subprocess.Popen([sys.executable, "-m", "splitmq", *args], stdout=self._log,
                                      stderr=subprocess.STDOUT)
 
     def wait(self, timeout: float = 300) -> int:

@@ -7,8 +7,8 @@ from pathlib import Path
 import pika
 import torch
 
-from shared import checkpoint, local, topology, wire
-from shared.config import JobConfig
+from splitmq.shared import checkpoint, local, topology, wire
+from splitmq.shared.config import JobConfig
 from tests.helpers import Party, job_args
 
 

@@ -29,9 +29,9 @@ import pytest
 import torch
 from prometheus_client.parser import text_string_to_metric_families
 
-from shared import checkpoint, local, models, topology, wire
-from shared.broker import Broker, declare, delete_queues, get_messages, queue_depth
-from shared.config import JobConfig
+from splitmq.shared import checkpoint, local, models, topology, wire
+from splitmq.shared.broker import Broker, declare, delete_queues, get_messages, queue_depth
+from splitmq.shared.config import JobConfig
 from tests.helpers import TrainerThread
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -73,7 +73,7 @@ class Party:
 
     def start(self) -> "Party":
         self.port = free_port()
-        argv = [sys.executable, "-m", "workers.cli", self.command, *self.args,
+        argv = [sys.executable, "-m", "splitmq", self.command, *self.args,
                 "--metrics-port", str(self.port), "--summary-json", str(self.summary_path)]
         with open(self.log, "ab") as log:
             log.write(f"==== start {self.starts}: {' '.join(argv)}\n".encode())

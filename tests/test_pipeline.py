@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import torch
 
-from shared import local
-from shared.config import JobConfig
+from splitmq.shared import local
+from splitmq.shared.config import JobConfig
 from tests.helpers import TrainerThread, make_worker
 
 
@@ -47,7 +47,7 @@ def _scrape(port: int) -> dict[str, float]:
 def test_both_metrics_endpoints_serve_the_pipeline_metrics_and_they_move(amqp_url: str, job_id: str) -> None:
     import threading
 
-    from shared.metrics import serve
+    from splitmq.shared.metrics import serve
 
     # Given a trainer and a worker each serving /metrics
     cfg = JobConfig(job_id=job_id, num_clients=1, epochs=2, max_in_flight=2, bottom_sync="independent")
@@ -91,7 +91,7 @@ def test_demo_async_two_clients_with_four_in_flight_reach_local_accuracy(amqp_ur
 
     # Given the demo's defaults: two data owners, four batches in flight each, bottoms averaged
     # When `splitmq demo --json` runs them as separate processes through the broker
-    out = subprocess.run([sys.executable, "-m", "workers.cli", "--log-level", "WARNING", "demo", "--json",
+    out = subprocess.run([sys.executable, "-m", "splitmq", "--log-level", "WARNING", "demo", "--json",
                           "--job-id", job_id, "--amqp-url", amqp_url, "--metrics-port-base", "9460",
                           "--workdir", str(tmp_path)], capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]

@@ -22,8 +22,8 @@ import urllib.parse
 from pathlib import Path
 from typing import Any, Callable
 
-from shared import access, broker, config, topology
-from shared.errors import SplitMQError
+from splitmq.shared import access, broker, config, topology
+from splitmq.shared.errors import SplitMQError
 
 log = logging.getLogger(__name__)
 

@@ -8,13 +8,13 @@ import sys
 
 #: Modules that add sub-commands; each has ``register(subparsers)`` setting ``func``.
 COMMAND_MODULES = (
-    "workers.worker",
-    "workers.server",
-    "workers.demo",
-    "workers.broker_admin",
-    "workers.status",
-    "workers.plot",
-    "bench.cli",
+    "splitmq.workers.worker",
+    "splitmq.workers.server",
+    "splitmq.workers.demo",
+    "splitmq.workers.broker_admin",
+    "splitmq.workers.status",
+    "splitmq.workers.plot",
+    "splitmq.bench.cli",
 )
 
 

@@ -16,9 +16,9 @@ from typing import Any
 
 import torch
 
-from shared import broker, local, topology
-from shared.config import JobConfig
-from workers import runtime
+from splitmq.shared import broker, local, topology
+from splitmq.shared.config import JobConfig
+from splitmq.workers import runtime
 
 #: Defaults chosen so the demo shows asynchronous training matching local accuracy.
 DEMO_DEFAULTS = {"epochs": 30, "num_clients": 2, "max_in_flight": 4}
@@ -26,7 +26,7 @@ DEMO_DEFAULTS = {"epochs": 30, "num_clients": 2, "max_in_flight": 4}
 
 def _spawn(args: list[str], log_path: Path) -> subprocess.Popen[bytes]:
     log = open(log_path, "wb")
-    return subprocess.Popen([sys.executable, "-m", "workers.cli", *args], stdout=log, stderr=subprocess.STDOUT)
+    return subprocess.Popen([sys.executable, "-m", "splitmq", *args], stdout=log, stderr=subprocess.STDOUT)
 
 
 def _scrape(port: int) -> dict[str, float]:
@@ -119,7 +119,7 @@ def run_demo(cfg: JobConfig, *, amqp_url: str, metrics_port_base: int, workdir: 
 
 
 def len_train(cfg: JobConfig) -> int:
-    from shared import data
+    from splitmq.shared import data
     return len(data.shard(data.load(cfg.dataset, cfg.data_dir, cfg.test_fraction).train, 0, cfg.num_clients).y)
 
 

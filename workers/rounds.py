@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from shared import aggregate
+from splitmq.shared import aggregate
 
 #: A round closes with whoever reported once it is this old (absent owners catch up later).
 SYNC_TIMEOUT_S = 120.0

@@ -18,9 +18,9 @@ from types import FrameType
 from typing import Any, Mapping
 from urllib.parse import unquote, urlparse
 
-from shared import config
-from shared.broker import Broker, Delivery
-from shared.config import JobConfig
+from splitmq.shared import config
+from splitmq.shared.broker import Broker, Delivery
+from splitmq.shared.config import JobConfig
 
 log = logging.getLogger(__name__)
 

@@ -21,15 +21,15 @@ from typing import Any
 
 import torch
 
-from shared import checkpoint, data, models, schedule, topology, validate, wire
-from shared.broker import Broker, Delivery, declare, queue_depth
-from shared.config import JobConfig, differences
-from shared.errors import AccessRefused, BrokerError, ConfigError, DecodeError, RejectedMessage, Unroutable
-from shared.metrics import Metrics, serve
-from shared.stage import Stage, evaluate_correct
-from workers import runtime
-from workers.rounds import SYNC_TIMEOUT_S, BottomRounds
-from workers.vertical import VerticalJoin, join, split_gradient
+from splitmq.shared import checkpoint, data, models, schedule, topology, validate, wire
+from splitmq.shared.broker import Broker, Delivery, declare, queue_depth
+from splitmq.shared.config import JobConfig, differences
+from splitmq.shared.errors import AccessRefused, BrokerError, ConfigError, DecodeError, RejectedMessage, Unroutable
+from splitmq.shared.metrics import Metrics, serve
+from splitmq.shared.stage import Stage, evaluate_correct
+from splitmq.workers import runtime
+from splitmq.workers.rounds import SYNC_TIMEOUT_S, BottomRounds
+from splitmq.workers.vertical import VerticalJoin, join, split_gradient
 
 log = logging.getLogger(__name__)
 

@@ -20,7 +20,7 @@ from urllib.parse import quote, urlparse, urlunparse
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from shared import topology
+from splitmq.shared import topology
 
 DEFAULT_TRAINER_METRICS = "http://localhost:9400/metrics"
 DEFAULT_MANAGEMENT_URL = "http://guest:guest@localhost:15672"

@@ -16,8 +16,8 @@ from typing import Any, Sequence
 
 import torch
 
-from shared.errors import RejectedMessage
-from shared.wire import Forward
+from splitmq.shared.errors import RejectedMessage
+from splitmq.shared.wire import Forward
 
 #: Closed batch ids remembered, to answer late parts at once.
 CLOSED_MEMORY = 4096

@@ -17,13 +17,13 @@ from typing import Any
 
 import torch
 
-from shared import checkpoint, data, models, schedule, staleness, topology, validate, wire
-from shared.broker import Broker, Delivery, declare, queue_depth
-from shared.config import JobConfig, differences
-from shared.errors import AccessRefused, BrokerError, ConfigError, DecodeError, RejectedMessage, Unroutable
-from shared.metrics import Metrics, serve
-from shared.stage import Stage
-from workers import runtime
+from splitmq.shared import checkpoint, data, models, schedule, staleness, topology, validate, wire
+from splitmq.shared.broker import Broker, Delivery, declare, queue_depth
+from splitmq.shared.config import JobConfig, differences
+from splitmq.shared.errors import AccessRefused, BrokerError, ConfigError, DecodeError, RejectedMessage, Unroutable
+from splitmq.shared.metrics import Metrics, serve
+from splitmq.shared.stage import Stage
+from splitmq.workers import runtime
 
 log = logging.getLogger(__name__)
 
@@ -464,7 +464,7 @@ def main(args: argparse.Namespace) -> int:
         serve(args.metrics_port)
     stop_pushing = None
     if args.pushgateway:
-        from shared.push import start_pushing
+        from splitmq.shared.push import start_pushing
         stop_pushing = start_pushing(args.pushgateway, job="splitmq-worker", instance=args.client_id,
                                      registry=metrics.registry, interval_s=5.0)
     opts = WorkerOptions(client_id=args.client_id, client_index=args.client_index, amqp_url=args.amqp_url,

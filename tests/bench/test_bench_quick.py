@@ -21,7 +21,7 @@ def test_quick_bench_writes_a_report_and_strict_json_with_every_part(amqp_url: s
 
     # When the suite runs in quick mode
     proc = subprocess.run(
-        [sys.executable, "-m", "workers.cli", "--log-level", "WARNING", "bench", "--quick",
+        [sys.executable, "-m", "splitmq", "--log-level", "WARNING", "bench", "--quick",
          "--out-md", str(out_md), "--out-json", str(out_json), "--work-dir", str(tmp_path / "work")],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
 

@@ -7,7 +7,7 @@ import threading
 
 import pytest
 
-from bench.proxy import DelayProxy, proxied_url, upstream_of
+from splitmq.bench.proxy import DelayProxy, proxied_url, upstream_of
 
 
 def _echo_server() -> tuple[socket.socket, threading.Thread]:

@@ -11,7 +11,7 @@ from typing import Any
 import yaml
 from prometheus_client import CollectorRegistry
 
-from shared.metrics import Metrics
+from splitmq.shared.metrics import Metrics
 from tests.deploy.support import REPO, run
 
 DASHBOARD = REPO / "deploy" / "grafana" / "splitmq-dashboard.json"

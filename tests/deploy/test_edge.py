@@ -96,7 +96,7 @@ def test_the_unit_command_line_is_one_the_worker_accepts() -> None:
     argv = exec_start_argv((EDGE / UNIT).read_text(), "client-0", env)
     assert argv[0] == "/opt/splitmq/venv/bin/splitmq"
     # When the splitmq command parses it
-    from workers.cli import build_parser
+    from splitmq.workers.cli import build_parser
 
     args = build_parser().parse_args(argv[1:])
     # Then it is a worker for that client, with the per-device settings from the env file
@@ -109,7 +109,7 @@ def test_the_unit_command_line_is_one_the_worker_accepts() -> None:
 def test_the_example_env_file_holds_a_job_the_config_loader_accepts() -> None:
     # Given the example env file as the worker's whole environment
     env = env_file(EDGE / "worker.env.example")
-    from shared import config
+    from splitmq.shared import config
 
     # When the job config is loaded from it (as the worker does; other variables are ignored)
     cfg = config.load(None, environ=env)

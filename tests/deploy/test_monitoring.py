@@ -19,9 +19,9 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry
 
-from shared import topology
-from shared.metrics import Metrics
-from shared.push import start_pushing
+from splitmq.shared import topology
+from splitmq.shared.metrics import Metrics
+from splitmq.shared.push import start_pushing
 from tests.deploy.support import REPO, STACK, TEST_METRICS_BASE, Stack, run, wait_for
 
 RANGE = "[10m]"
@@ -30,7 +30,7 @@ RANGE = "[10m]"
 def spawn(args: list[str], log: Path) -> subprocess.Popen[bytes]:
     """A `splitmq` party in its own process group, so a failing test can end it by its id."""
     with open(log, "wb") as out:
-        return subprocess.Popen([sys.executable, "-m", "workers.cli", *args], stdout=out, stderr=subprocess.STDOUT,
+        return subprocess.Popen([sys.executable, "-m", "splitmq", *args], stdout=out, stderr=subprocess.STDOUT,
                                 start_new_session=True)
 
 
@@ -47,7 +47,7 @@ def end(proc: subprocess.Popen[bytes]) -> None:
 
 def consumers(job: str) -> int:
     """Consumers on the job's forward queue, from the management API (0 if it is not there yet)."""
-    from workers.status import DEFAULT_MANAGEMENT_URL, fetch, queue_rows
+    from splitmq.workers.status import DEFAULT_MANAGEMENT_URL, fetch, queue_rows
 
     rows = queue_rows(json.loads(fetch(f"{DEFAULT_MANAGEMENT_URL}/api/queues/%2F")), job)
     return sum(r.consumers for r in rows if r.kind == "forward")
@@ -106,7 +106,7 @@ def test_prometheus_scrapes_the_trainer_a_worker_and_the_broker_during_a_trainin
         for proc in [*workers, server]:
             end(proc)
         # The job's queues are this test's own; remove them so the shared broker stays clean.
-        from shared import broker
+        from splitmq.shared import broker
 
         broker.delete_queues(amqp_url, [topology.forward_queue(job), topology.dead_letter_queue(job)]
                              + [topology.reply_queue(job, f"client-{i}") for i in range(2)])

@@ -22,14 +22,14 @@ from typing import Iterator
 import pytest
 from prometheus_client import CollectorRegistry
 
-from shared import topology
-from shared.broker import Broker, Delivery, declare
-from shared.config import JobConfig
-from shared.errors import BrokerError
-from shared.metrics import Metrics
+from splitmq.shared import topology
+from splitmq.shared.broker import Broker, Delivery, declare
+from splitmq.shared.config import JobConfig
+from splitmq.shared.errors import BrokerError
+from splitmq.shared.metrics import Metrics
 from tests.helpers import TrainerThread
-from workers import cli
-from workers.worker import Worker, WorkerOptions
+from splitmq.workers import cli
+from splitmq.workers.worker import Worker, WorkerOptions
 
 REPO = Path(__file__).resolve().parents[2]
 NODE_ENV = {"NODE": "sec", "AMQP_PORT": "5680", "MGMT_PORT": "15680", "PROM_PORT": "15690", "TLS_PORT": "5681"}

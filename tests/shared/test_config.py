@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from shared import config
-from shared.errors import ConfigError
+from splitmq.shared import config
+from splitmq.shared.errors import ConfigError
 
 
 def test_file_then_environment_then_flags_override_the_defaults(tmp_path: Path) -> None:

@@ -10,8 +10,8 @@ from typing import Iterator
 import pytest
 from prometheus_client import CollectorRegistry
 
-from shared.metrics import Metrics
-from shared.push import start_pushing
+from splitmq.shared.metrics import Metrics
+from splitmq.shared.push import start_pushing
 
 
 class Gateway:
@@ -75,7 +75,7 @@ def test_a_gateway_that_is_down_is_logged_and_never_raises(caplog: pytest.LogCap
     # Given a gateway URL nobody listens on
     registry = CollectorRegistry()
     Metrics("worker", registry)
-    with caplog.at_level(logging.WARNING, logger="shared.push"):
+    with caplog.at_level(logging.WARNING, logger="splitmq.shared.push"):
         # When pushing starts and stops
         stop = start_pushing("http://127.0.0.1:1", job="splitmq-worker", instance="client-0",
                              registry=registry, interval_s=60)

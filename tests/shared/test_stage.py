@@ -7,8 +7,8 @@ import pytest
 import torch
 from torch import nn
 
-from shared import aggregate, schedule, staleness
-from shared.stage import Stage
+from splitmq.shared import aggregate, schedule, staleness
+from splitmq.shared.stage import Stage
 
 
 def _segment() -> nn.Sequential:

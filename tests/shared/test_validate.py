@@ -8,9 +8,9 @@ import msgpack
 import pytest
 import torch
 
-from shared import validate, wire
-from shared.errors import RejectedMessage
-from shared.metrics import REJECT_REASONS
+from splitmq.shared import validate, wire
+from splitmq.shared.errors import RejectedMessage
+from splitmq.shared.metrics import REJECT_REASONS
 
 LIMITS = validate.Limits(job_id="job1", cut_shape=(4,), max_batch=8)
 

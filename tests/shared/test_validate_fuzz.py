@@ -16,9 +16,9 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from shared import validate, wire
-from shared.errors import DecodeError, RejectedMessage
-from shared.metrics import REJECT_REASONS
+from splitmq.shared import validate, wire
+from splitmq.shared.errors import DecodeError, RejectedMessage
+from splitmq.shared.metrics import REJECT_REASONS
 
 LIMITS = validate.Limits(job_id="fuzzjob", cut_shape=(4,), max_batch=8)
 FUZZ = settings(max_examples=800, deadline=None, database=None,

@@ -5,8 +5,8 @@ import msgpack
 import pytest
 import torch
 
-from shared import wire
-from shared.errors import DecodeError
+from splitmq.shared import wire
+from splitmq.shared.errors import DecodeError
 
 
 def test_a_forward_message_survives_encoding_bit_for_bit() -> None:

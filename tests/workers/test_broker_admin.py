@@ -18,10 +18,10 @@ import pika
 import pika.exceptions
 import pytest
 
-from shared import access, broker, topology, validate
-from shared.broker import Broker, Delivery
-from shared.errors import AccessRefused, BrokerError, RejectedMessage
-from workers import broker_admin, cli
+from splitmq.shared import access, broker, topology, validate
+from splitmq.shared.broker import Broker, Delivery
+from splitmq.shared.errors import AccessRefused, BrokerError, RejectedMessage
+from splitmq.workers import broker_admin, cli
 
 WAIT_S = 15.0
 

@@ -8,8 +8,8 @@ from pathlib import Path
 import matplotlib.image
 import pytest
 
-from workers import plot
-from workers.cli import main as splitmq
+from splitmq.workers import plot
+from splitmq.workers.cli import main as splitmq
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

@@ -12,9 +12,9 @@ from typing import Any, Callable
 import msgpack
 import torch
 
-from shared import broker, topology, wire
-from shared.broker import Broker
-from shared.config import JobConfig
+from splitmq.shared import broker, topology, wire
+from splitmq.shared.broker import Broker
+from splitmq.shared.config import JobConfig
 from tests.helpers import TrainerThread, make_worker
 
 WAIT_S = 60.0

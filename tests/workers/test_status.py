@@ -11,9 +11,9 @@ import pika
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
-from shared import broker, topology
-from shared.metrics import Metrics, serve
-from workers import status
+from splitmq.shared import broker, topology
+from splitmq.shared.metrics import Metrics, serve
+from splitmq.workers import status
 
 
 def trainer_text(samples: int, loss: float, started: float, last: float) -> str:

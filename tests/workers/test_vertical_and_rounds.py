@@ -4,10 +4,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from shared import wire
-from shared.errors import RejectedMessage
-from workers.rounds import BottomRounds
-from workers.vertical import VerticalJoin, join, split_gradient
+from splitmq.shared import wire
+from splitmq.shared.errors import RejectedMessage
+from splitmq.workers.rounds import BottomRounds
+from splitmq.workers.vertical import VerticalJoin, join, split_gradient
 
 
 def _part(client: str, seq: int, ids: list[int]) -> wire.Forward:
