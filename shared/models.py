@@ -1,112 +1,57 @@
-"""Model segments, defined once by name; every party builds its own from the same spec.
+"""Model segments: built-in networks by name, or the user's own by import path.
 
-A model is a list of layers; ``cuts`` are indices into it. Segment ``i`` is
-``layers[cuts[i-1]:cuts[i]]``. Both sides compute the cut shape from the spec and compare it
-at join time, so a mismatch fails at start instead of mid-run.
+A job's model is a chain of segments: ``bottom`` (the data owner's), then any ``middle``
+hops, then ``top`` (the last, with the loss; a U-shaped run keeps it at the owner as its
+head). A model factory (``"package.module:function"``) may
+
+- return one ``nn.Sequential`` with named children: it is cut *after* the children named
+  in ``cuts`` (``cuts = ["features"]``), every party building the whole model from the same
+  seed and keeping its own segment, so the split starts from the unsplit model's weights;
+- return a list of modules, one per segment, already cut;
+- take a ``part`` argument (``"bottom"``, ``"middle"``, ``"top"``; a vertical job also
+  passes ``party``, its index, and ``parties``) and build only that segment, so a party
+  never needs another party's code. Each part is then seeded on its own.
+
+The local baseline builds the segments the same way and chains them.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable
+import inspect
+from collections import OrderedDict
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
 
+from splitmq.shared.loader import load_object
 
-@dataclass(frozen=True)
-class ModelSpec:
-    """A named model: input shape per sample, how to build its layers, and its default cut."""
-
-    name: str
-    input_shape: tuple[int, ...]
-    num_classes: int
-    default_cuts: tuple[int, ...]
-    build_layers: Callable[[], list[nn.Module]]
+BOTTOM, TOP = "bottom", "top"
 
 
-def _mlp_layers() -> list[nn.Module]:
-    # The seed tutorial's network: 784 -> 128 -> 640 | 640 -> 10, log-softmax + NLL loss.
-    return [
-        nn.Linear(784, 128), nn.ReLU(),
-        nn.Linear(128, 640), nn.ReLU(),
-        nn.Linear(640, 10), nn.LogSoftmax(dim=1),
-    ]
+def mlp() -> nn.Sequential:
+    """The seed tutorial's network: 784 -> 128 -> 640 | 640 -> 10, log-softmax (NLL loss)."""
+    return nn.Sequential(OrderedDict([
+        ("fc1", nn.Linear(784, 128)), ("relu1", nn.ReLU()),
+        ("fc2", nn.Linear(128, 640)), ("relu2", nn.ReLU()),
+        ("fc3", nn.Linear(640, 10)), ("log_softmax", nn.LogSoftmax(dim=1)),
+    ]))
 
 
-def _cnn_layers() -> list[nn.Module]:
-    # LeNet-style; the default cut is after the two conv blocks.
-    return [
-        nn.Unflatten(1, (1, 28, 28)),                 # (B, 784) -> (B, 1, 28, 28)
-        nn.Conv2d(1, 6, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2),   # -> (B, 6, 14, 14)
-        nn.Conv2d(6, 16, 5), nn.ReLU(), nn.MaxPool2d(2),             # -> (B, 16, 5, 5)
-        nn.Flatten(),                                  # -> (B, 400)
-        nn.Linear(400, 120), nn.ReLU(),
-        nn.Linear(120, 84), nn.ReLU(),
-        nn.Linear(84, 10), nn.LogSoftmax(dim=1),
-    ]
+def cnn() -> nn.Sequential:
+    """LeNet-style on 784-feature images; the default cut is after the two conv blocks."""
+    return nn.Sequential(OrderedDict([
+        ("unflatten", nn.Unflatten(1, (1, 28, 28))),                         # (B, 784) -> (B, 1, 28, 28)
+        ("conv1", nn.Conv2d(1, 6, 5, padding=2)), ("relu1", nn.ReLU()), ("pool1", nn.MaxPool2d(2)),  # (B, 6, 14, 14)
+        ("conv2", nn.Conv2d(6, 16, 5)), ("relu2", nn.ReLU()), ("pool2", nn.MaxPool2d(2)),          # (B, 16, 5, 5)
+        ("flatten", nn.Flatten()),                                                                   # (B, 400)
+        ("fc1", nn.Linear(400, 120)), ("relu3", nn.ReLU()),
+        ("fc2", nn.Linear(120, 84)), ("relu4", nn.ReLU()),
+        ("fc3", nn.Linear(84, 10)), ("log_softmax", nn.LogSoftmax(dim=1)),
+    ]))
 
-
-MODELS: dict[str, ModelSpec] = {
-    "mlp": ModelSpec("mlp", (784,), 10, (4,), _mlp_layers),
-    "cnn": ModelSpec("cnn", (784,), 10, (8,), _cnn_layers),
-}
-
-
-def get_spec(name: str) -> ModelSpec:
-    """Look a model up by name.
-
-    Raises:
-        ValueError: for an unknown name.
-    """
-    if name not in MODELS:
-        raise ValueError(f"unknown model {name!r}; known: {sorted(MODELS)}")
-    return MODELS[name]
-
-
-def resolve_cuts(spec: ModelSpec, cuts: tuple[int, ...]) -> tuple[int, ...]:
-    """The cuts to use (the model's default for an empty tuple), checked to be increasing and inside."""
-    cuts = cuts or spec.default_cuts
-    n = len(spec.build_layers())
-    if list(cuts) != sorted(set(cuts)) or cuts[0] <= 0 or cuts[-1] >= n:
-        raise ValueError(f"cuts {cuts} must be strictly increasing within 1..{n - 1} for {spec.name}")
-    return cuts
-
-
-def build_segments(name: str, cuts: tuple[int, ...] = (), seed: int = 0) -> list[nn.Sequential]:
-    """Build the whole model with ``seed`` and split it at ``cuts``.
-
-    Every party calls this with the same seed and takes its own segment(s), so the split
-    model starts from exactly the weights the unsplit one would.
-    """
-    spec = get_spec(name)
-    cuts = resolve_cuts(spec, cuts)
-    torch.manual_seed(seed)
-    layers = spec.build_layers()
-    bounds = (0, *cuts, len(layers))
-    return [nn.Sequential(*layers[a:b]) for a, b in zip(bounds, bounds[1:])]
-
-
-def build_full(name: str, seed: int = 0) -> nn.Sequential:
-    """The unsplit model with the same initial weights as the segments (the local baseline)."""
-    return nn.Sequential(*[layer for seg in build_segments(name, (), seed) for layer in seg])
-
-
-def cut_shapes(name: str, cuts: tuple[int, ...] = ()) -> list[tuple[int, ...]]:
-    """Per-sample shape of the tensor crossing each cut, computed by a dry run."""
-    segments = build_segments(name, cuts)
-    x = torch.zeros(2, *get_spec(name).input_shape)
-    shapes = []
-    with torch.no_grad():
-        for seg in segments[:-1]:
-            x = seg(x)
-            shapes.append(tuple(x.shape[1:]))
-    return shapes
-
-
-# ---- vertical partitioning: parties hold different image columns of the same samples ----
 
 def column_groups(parts: int, side: int = 28) -> list[torch.Tensor]:
-    """Flat pixel indices of each party's contiguous block of image columns."""
+    """Flat pixel indices of each party's contiguous block of image columns (vertical MNIST)."""
     if not 1 <= parts <= side:
         raise ValueError(f"parts must be in 1..{side}, got {parts}")
     cols = torch.arange(side).tensor_split(parts)
@@ -114,31 +59,110 @@ def column_groups(parts: int, side: int = 28) -> list[torch.Tensor]:
     return [grid[:, c].reshape(-1) for c in cols]                    # (side * len(c),)
 
 
-def vertical_segments(parts: int, seed: int = 0) -> tuple[list[nn.Sequential], nn.Sequential]:
-    """The MLP split vertically: one bottom per party over its columns, joined at 640 by concatenation.
+def vertical_mlp(part: str, party: int = 0, parties: int = 2) -> nn.Module:
+    """The MLP split vertically: party ``i``'s bottom maps its image columns through
+    128/parts hidden units to 640/parts features; the top is the MLP's head over the joined 640."""
+    if part == TOP:
+        return nn.Sequential(OrderedDict([("fc3", nn.Linear(640 // parties * parties, 10)),
+                                          ("log_softmax", nn.LogSoftmax(dim=1))]))
+    width = len(column_groups(parties)[party])
+    return nn.Sequential(OrderedDict([("fc1", nn.Linear(width, 128 // parties)), ("relu1", nn.ReLU()),
+                                      ("fc2", nn.Linear(128 // parties, 640 // parties)), ("relu2", nn.ReLU())]))
 
-    Party ``i``'s bottom maps its ``28 * cols_i`` pixels through 128/parts hidden units to
-    640/parts features; the top is the seed MLP's head (640 -> 10, log-softmax).
+
+#: Built-in models: name -> (factory, default cuts).
+BUILTIN: dict[str, tuple[Callable[..., Any], tuple[str, ...]]] = {
+    "mlp": (mlp, ("relu2",)),
+    "cnn": (cnn, ("flatten",)),
+    "vertical_mlp": (vertical_mlp, ()),
+}
+
+
+def part_names(count: int) -> list[str]:
+    """Names of a chain of ``count`` segments: bottom, middle (or middle1, middle2, ...), top."""
+    if count < 2:
+        raise ValueError(f"a split model has at least 2 segments, got {count}")
+    middles = ["middle"] if count == 3 else [f"middle{i}" for i in range(1, count - 1)]
+    return [BOTTOM, *middles, TOP]
+
+
+def factory(model: str) -> tuple[Callable[..., Any], tuple[str, ...]]:
+    """The model factory and its default cuts, for a built-in name or an import path.
+
+    Raises:
+        ValueError: unknown name, or a path that does not give a callable.
     """
+    if model in BUILTIN:
+        return BUILTIN[model]
+    if ":" not in model:
+        raise ValueError(f"unknown model {model!r}: use one of {sorted(BUILTIN)} or 'package.module:function'")
+    fn = load_object(model, what="model")
+    if not callable(fn):
+        raise ValueError(f"model {model!r} is not callable")
+    return fn, ()
+
+
+def takes_part(fn: Callable[..., Any]) -> bool:
+    return "part" in inspect.signature(fn).parameters
+
+
+def split_sequential(module: nn.Module, cuts: Sequence[str]) -> list[nn.Sequential]:
+    """Cut a model whose children run in order after each child named in ``cuts``.
+
+    Raises:
+        ValueError: not a Sequential, an unknown name, or cuts out of order; lists the names.
+    """
+    if not isinstance(module, nn.Sequential):
+        raise ValueError(f"cuts need an nn.Sequential (got {type(module).__name__}); or return the segments "
+                         "as a list, or take a 'part' argument")
+    names = [name for name, _ in module.named_children()]
+    try:
+        positions = [names.index(c) + 1 for c in cuts]
+    except ValueError:
+        raise ValueError(f"cuts {list(cuts)} must name children of the model: {names}") from None
+    if not positions or positions != sorted(set(positions)) or positions[-1] >= len(names):
+        raise ValueError(f"cuts {list(cuts)} must be increasing and leave a last segment; children: {names}")
+    children = list(module.named_children())
+    bounds = (0, *positions, len(children))
+    return [nn.Sequential(OrderedDict(children[a:b])) for a, b in zip(bounds, bounds[1:])]
+
+
+def _call(fn: Callable[..., Any], **offered: Any) -> Any:
+    params = inspect.signature(fn).parameters
+    return fn(**{k: v for k, v in offered.items() if k in params})
+
+
+def build_segments(model: str, cuts: Sequence[str] = (), seed: int = 0, *, count: int = 2,
+                   party: int = 0, parties: int = 1) -> list[nn.Module]:
+    """Every segment of the chain (the local baseline, or a party taking its own from the list)."""
+    fn, default_cuts = factory(model)
+    names = part_names(count)
+    if takes_part(fn):
+        return [build_part(model, i, cuts, seed, count=count, party=party, parties=parties)
+                for i in range(count)]
     torch.manual_seed(seed)
-    groups = column_groups(parts)
-    hidden, cut = 128 // parts, 640 // parts
-    bottoms = [nn.Sequential(nn.Linear(len(g), hidden), nn.ReLU(), nn.Linear(hidden, cut), nn.ReLU())
-               for g in groups]
-    top = nn.Sequential(nn.Linear(cut * parts, 10), nn.LogSoftmax(dim=1))
-    return bottoms, top
+    built = fn()
+    segments = list(built) if isinstance(built, (list, tuple)) else split_sequential(built, cuts or default_cuts)
+    if len(segments) != count:
+        raise ValueError(f"model {model!r} gives {len(segments)} segments; this job has {count} "
+                         f"({', '.join(names)}): check cuts")
+    return segments
 
 
-class VerticalModel(nn.Module):
-    """The vertical split in one process (the local baseline): same weights, same join."""
+def build_part(model: str, index: int, cuts: Sequence[str] = (), seed: int = 0, *, count: int = 2,
+               party: int = 0, parties: int = 1) -> nn.Module:
+    """Segment ``index`` of the chain, building only that part when the factory can."""
+    fn, _ = factory(model)
+    if takes_part(fn):
+        torch.manual_seed(seed * 1000 + 100 * party + index)
+        module = _call(fn, part=part_names(count)[index], party=party, parties=parties)
+        if not isinstance(module, nn.Module):
+            raise ValueError(f"model {model!r} returned {type(module).__name__} for part "
+                             f"{part_names(count)[index]!r}, not an nn.Module")
+        return module
+    return build_segments(model, cuts, seed, count=count, party=party, parties=parties)[index]
 
-    def __init__(self, parts: int, seed: int = 0) -> None:
-        super().__init__()
-        bottoms, top = vertical_segments(parts, seed)
-        self.bottoms = nn.ModuleList(bottoms)
-        self.top = top
-        self.groups = column_groups(parts)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        cut = torch.cat([b(x[:, g]) for b, g in zip(self.bottoms, self.groups)], dim=1)  # (B, 640)
-        return self.top(cut)
+def parameter_shapes(module: nn.Module) -> list[list[Any]]:
+    """``[name, [shape...]]`` of every parameter: what must agree between owners that share a bottom."""
+    return [[name, list(p.shape)] for name, p in module.state_dict().items()]

@@ -42,6 +42,62 @@ def check_name(kind: str, name: str) -> str:
     return name
 
 
+# ---- party names and message ids: built and parsed here only --------------------------------
+
+#: Data owners are named ``client-<index>`` unless given a name of their own.
+_CLIENT_RE = re.compile(r"^client-(0|[1-9][0-9]{0,5})$")
+#: Suffix of the stage name of a data owner's own head segment (U-shaped runs).
+HEAD_SUFFIX = "-head"
+
+
+def client_name(index: int) -> str:
+    """The conventional name of data owner ``index``: ``client-<index>``."""
+    if index < 0:
+        raise ValueError(f"client index must be >= 0, got {index}")
+    return f"client-{index}"
+
+
+def client_index(name: str) -> int | None:
+    """The index in a conventional ``client-<index>`` name, or None for a name of another form."""
+    match = _CLIENT_RE.match(name)
+    return int(match.group(1)) if match else None
+
+
+def head_stage(client: str) -> str:
+    """Stage name of a data owner's own head segment (U-shaped runs): ``<client>-head``."""
+    return f"{check_name('client', client)}{HEAD_SUFFIX}"
+
+
+def batch_id(client: str, seq: int) -> str:
+    """Message and correlation id of training batch ``seq`` of ``client``; re-sends keep it."""
+    return f"{client}:{seq}"
+
+
+def eval_id(client: str, epoch: int, index: int) -> str:
+    """Correlation id of evaluation batch ``index`` of ``client``'s pass after ``epoch``."""
+    return f"{client}:eval:{epoch}:{index}"
+
+
+def request_id(client: str, what: str, key: int | str) -> str:
+    """Correlation id of a request that is not a batch (``hello``, ``weights``, ``handoff``, ``bye``)."""
+    return f"{client}:{what}:{key}"
+
+
+def reply_id(message_id: str) -> str:
+    """Message id of the answer to ``message_id`` (stable, so a re-sent answer de-duplicates)."""
+    return f"{message_id}:reply"
+
+
+def relay_id(correlation_id: str, stage: str) -> str:
+    """Correlation id a middle stage gives the message it passes on for ``correlation_id``."""
+    return f"{correlation_id}>{stage}"
+
+
+def dead_letter_id(message_id: str, nonce: int) -> str:
+    """Message id of a dead-lettered copy of ``message_id`` (unique: a message may die twice)."""
+    return f"dead:{message_id}:{nonce}"
+
+
 def activations_exchange(job: str) -> str:
     return f"splitmq.{check_name('job', job)}.activations"
 
@@ -63,6 +119,11 @@ def forward_queue(job: str, stage: str = TOP_STAGE) -> str:
     return f"splitmq.{check_name('job', job)}.forward.{check_name('stage', stage)}"
 
 
+def lease_queue(job: str, party: str) -> str:
+    """An exclusive, auto-deleted queue a running party holds: a second party of its name is refused."""
+    return f"splitmq.{check_name('job', job)}.lease.{check_name('client', party)}"
+
+
 def reply_queue(job: str, party: str) -> str:
     """The queue a party consumes backward messages (gradients) and hand-offs from."""
     return f"splitmq.{check_name('job', job)}.reply.{check_name('client', party)}"
@@ -71,6 +132,12 @@ def reply_queue(job: str, party: str) -> str:
 def forward_routing_key(sender: str, dest: str = TOP_STAGE) -> str:
     """Routing key of a forward message; the sender comes first so topic permissions can pin it."""
     return f"{check_name('client', sender)}.{check_name('stage', dest)}"
+
+
+def sender_of(routing_key: str) -> str:
+    """The sender part of a forward routing key (``<sender>.<dest>``), or "" if it has none."""
+    sender, dot, _ = routing_key.partition(".")
+    return sender if dot else ""
 
 
 def forward_binding(dest: str = TOP_STAGE) -> str:

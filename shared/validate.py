@@ -13,10 +13,17 @@ import torch
 from splitmq.shared import topology
 from splitmq.shared import wire
 from splitmq.shared.errors import DecodeError, RejectedMessage
-from splitmq.shared.wire import MAX_MESSAGE_BYTES, Backward, Forward
+from splitmq.shared.ledger import MAX_SEQ_JUMP
+from splitmq.shared.wire import ENVELOPE_BYTES, MAX_MESSAGE_BYTES, Backward, Forward
 
-#: How far ahead of the last applied batch a client's sequence number may jump.
-MAX_SEQ_JUMP = 4096
+
+def all_finite(t: torch.Tensor) -> bool:
+    """No NaN or Inf in ``t``. The sum is checked first: any NaN or Inf makes it non-finite, and
+    one reduction costs ~30x less than ``isfinite(t).all()`` on this torch build; only a sum that
+    overflowed from finite values needs the element-wise check."""
+    if t.numel() == 0 or not t.is_floating_point():
+        return True
+    return math.isfinite(float(t.sum())) or bool(torch.isfinite(t).all())
 
 
 @dataclass(frozen=True)
@@ -39,7 +46,7 @@ class Limits:
         """The largest body a valid forward message can have: full batch at 8 bytes per value,
         labels and sample ids, plus room for the envelope. Anything bigger is refused unread."""
         values = self.max_batch * math.prod(self.cut_shape)
-        return min(MAX_MESSAGE_BYTES, 8 * values + 16 * self.max_batch + 4096)
+        return min(MAX_MESSAGE_BYTES, 8 * values + 16 * self.max_batch + ENVELOPE_BYTES)
 
 
 def check_size(nbytes: int, limits: Limits) -> None:
@@ -93,7 +100,7 @@ def check_forward(msg: Forward, limits: Limits) -> None:
     for name, t in (("labels", msg.labels), ("sample_ids", msg.sample_ids)):
         if t is not None and (t.dtype != torch.int64 or tuple(t.shape) != (a.shape[0],)):
             raise RejectedMessage("shape", f"{name} must be int64 of shape ({a.shape[0]},)")
-    if not bool(torch.isfinite(a).all()):
+    if not all_finite(a):
         raise RejectedMessage("non_finite", "activations contain NaN or Inf")
     if not math.isfinite(msg.created_at):
         raise RejectedMessage("non_finite", f"created_at is {msg.created_at}")
@@ -115,16 +122,21 @@ def check_labels(labels: torch.Tensor, num_classes: int) -> None:
         raise RejectedMessage("shape", f"labels outside 0..{num_classes - 1}")
 
 
-def check_backward(msg: Backward, *, job_id: str, shape: tuple[int, ...]) -> None:
-    """Raises RejectedMessage unless ``msg`` is a gradient matching the activations we sent."""
-    if msg.job_id != job_id:
-        raise RejectedMessage("job", f"job {msg.job_id!r}, expected {job_id!r}")
-    if msg.grad.dtype != torch.float32:
-        raise RejectedMessage("dtype", f"gradient dtype {msg.grad.dtype}")
-    if tuple(msg.grad.shape) != shape:
-        raise RejectedMessage("shape", f"gradient shape {tuple(msg.grad.shape)}, expected {shape}")
-    if not bool(torch.isfinite(msg.grad).all()):
+def check_gradient(grad: torch.Tensor | None, shape: tuple[int, ...]) -> torch.Tensor:
+    """Returns ``grad`` if it is a finite float32 gradient of ``shape`` (the activations we sent).
+
+    Raises:
+        RejectedMessage: missing, of another dtype or shape, or with NaN or Inf in it.
+    """
+    if grad is None:
+        raise RejectedMessage("shape", "an applied batch's answer has no gradient")
+    if grad.dtype != torch.float32:
+        raise RejectedMessage("dtype", f"gradient dtype {grad.dtype}")
+    if tuple(grad.shape) != shape:
+        raise RejectedMessage("shape", f"gradient shape {tuple(grad.shape)}, expected {shape}")
+    if not all_finite(grad):
         raise RejectedMessage("non_finite", "gradient contains NaN or Inf")
+    return grad
 
 
 def check_sequence(seq: int, last_applied: int) -> None:

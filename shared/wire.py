@@ -20,12 +20,14 @@ import torch
 
 from splitmq.shared.errors import DecodeError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 #: Hard cap on one message's size; larger bodies are refused before unpacking.
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 #: Cap on the number of dimensions of one tensor.
 MAX_NDIM = 8
+#: Room for everything in an envelope but the tensor bytes (fields, tensor headers, spec maps).
+ENVELOPE_BYTES = 64 * 1024
 
 #: Wire dtype name -> (torch dtype, item size). Little-endian on the wire.
 DTYPES: Mapping[str, tuple[torch.dtype, int]] = {
@@ -35,6 +37,7 @@ DTYPES: Mapping[str, tuple[torch.dtype, int]] = {
     "float64": (torch.float64, 8),
     "int64": (torch.int64, 8),
     "int32": (torch.int32, 4),
+    "int8": (torch.int8, 1),
     "uint8": (torch.uint8, 1),
 }
 _DTYPE_NAMES = {torch_dtype: name for name, (torch_dtype, _) in DTYPES.items()}
@@ -47,9 +50,21 @@ class Kind(str, Enum):
     """What a message is; the ``kind`` field on the wire."""
 
     FORWARD = "forward"    # activations going up the chain (or a batch to evaluate)
-    BACKWARD = "backward"  # gradient of a forward message's activations, going back down
+    BACKWARD = "backward"  # the answer to a forward: a gradient, a score, or why there is none
     WEIGHTS = "weights"    # a segment's parameters (hand-off or averaging between owners)
     HELLO = "hello"        # a party's job spec when it joins, and the peer's answer
+    BYE = "bye"            # a data owner leaves the job (done, or giving up)
+
+
+class Outcome(str, Enum):
+    """What became of a forward message; the ``outcome`` of its ``backward`` answer."""
+
+    APPLIED = "applied"        # ``grad`` is the gradient of the batch's activations
+    EVALUATED = "evaluated"    # an evaluation batch was scored; no gradient
+    SKIPPED = "skipped"        # given up (a vertical party was missing): drop the stash
+    DUPLICATE = "duplicate"    # applied before; its gradient was sent then and waits in your reply queue
+    REFUSED = "refused"        # not applied and never will be: ``error`` says why
+    REJOIN = "rejoin"          # the peer does not know you (it lost its state): send hello, then re-send
 
 
 def encode_tensor(t: torch.Tensor) -> dict[str, Any]:
@@ -110,17 +125,17 @@ class Message:
         """Serialise to msgpack bytes (see docs/protocol.md)."""
         header: dict[str, Any] = {"schema": SCHEMA_VERSION, "kind": self.kind.value}
         tensors: dict[str, Any] = {}
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            if f.name in self._tensor_fields:
+        for name in _FIELD_NAMES[type(self)]:
+            value = getattr(self, name)
+            if name in self._tensor_fields:
                 if value is not None:
-                    tensors[f.name] = encode_tensor(value)
-            elif f.name == "tensors":  # Weights.tensors
+                    tensors[name] = encode_tensor(value)
+            elif name == "tensors":  # Weights.tensors
                 tensors.update({k: encode_tensor(v) for k, v in value.items()})
-            elif isinstance(value, Mapping):  # Hello.spec
-                header[f.name] = dict(value)
+            elif isinstance(value, Mapping):  # spec, facts, metrics
+                header[name] = dict(value)
             else:
-                header[f.name] = value
+                header[name] = value
         header["tensors"] = tensors
         return msgpack.packb(header, use_bin_type=True)
 
@@ -133,9 +148,11 @@ class Message:
 class Forward(Message):
     """A batch of cut-layer activations travelling to the next segment.
 
-    ``labels`` travel only in the vanilla configuration with labels at the data owner's
-    side; ``sample_ids`` let a party holding labels (or other features) join by id.
-    ``train`` is False for evaluation batches: no gradient comes back for those.
+    ``labels`` travel only when the data owner holds the labels and the top computes the
+    loss; ``sample_ids`` let a party holding labels (or other features) join by id.
+    ``train`` is False for evaluation batches, whose ``seq`` is the batch's index within
+    an evaluation pass of ``eval_batches`` batches; no gradient comes back for those.
+    ``attempt`` counts re-sends of the same batch (0 for the first).
     """
 
     kind: ClassVar[Kind] = Kind.FORWARD
@@ -146,29 +163,34 @@ class Forward(Message):
     labels: torch.Tensor | None = None
     sample_ids: torch.Tensor | None = None
     train: bool = True
+    epoch: int = 0
+    eval_batches: int = 0
+    attempt: int = 0
 
 
 @dataclass(frozen=True)
 class Backward(Message):
-    """The gradient of the loss with respect to a Forward's activations.
+    """The answer to a forward message: its gradient, its score, or why there is none.
 
-    ``loss`` is the batch loss when the sender computed it (-1.0 when it did not);
-    ``correct`` counts correct predictions, for eval batches and training accuracy.
-    ``skipped`` says the batch was given up (a vertical party was missing): drop its stash.
+    ``loss`` is the batch loss when the sender computed it and may share it (else None).
+    ``metrics`` carries task metrics: a training batch's (e.g. ``correct``), or, in the
+    answer that completes an evaluation pass, the pass's results (e.g. ``accuracy``).
     """
 
     kind: ClassVar[Kind] = Kind.BACKWARD
     _tensor_fields: ClassVar[tuple[str, ...]] = ("grad",)
+    _optional_tensors: ClassVar[tuple[str, ...]] = ("grad",)
 
-    grad: torch.Tensor = field(default_factory=lambda: torch.empty(0))
-    loss: float = -1.0
-    correct: int = -1
-    skipped: bool = False
+    grad: torch.Tensor | None = None
+    outcome: str = Outcome.APPLIED.value
+    loss: float | None = None
+    metrics: Mapping[str, float] = field(default_factory=dict)
+    error: str = ""
 
 
 @dataclass(frozen=True)
 class Weights(Message):
-    """A segment's parameters, for hand-off or averaging between data owners."""
+    """A segment's parameters, for hand-off or averaging between data owners (``seq`` = epoch)."""
 
     kind: ClassVar[Kind] = Kind.WEIGHTS
 
@@ -178,25 +200,48 @@ class Weights(Message):
 
 @dataclass(frozen=True)
 class Hello(Message):
-    """A party's agreed job spec (``JobConfig.agreed()``), sent when it joins.
+    """A party's agreed job spec and its own facts, sent when it joins; the peer answers in kind.
 
-    The peer answers with its own spec and, if they differ, ``error`` saying how.
+    ``spec`` must be equal on both sides (``JobConfig.agreed()`` and the model fingerprint);
+    ``facts`` are the sender's own (its client index and data size; in an answer, how far
+    the peer has applied this client's batches). ``error`` is non-empty when the peer refuses.
     """
 
     kind: ClassVar[Kind] = Kind.HELLO
 
     spec: Mapping[str, Any] = field(default_factory=dict)
+    facts: Mapping[str, Any] = field(default_factory=dict)
     error: str = ""
 
 
-AnyMessage = Union[Forward, Backward, Weights, Hello]
-_BY_KIND: dict[str, type[Message]] = {cls.kind.value: cls for cls in (Forward, Backward, Weights, Hello)}
+@dataclass(frozen=True)
+class Bye(Message):
+    """A data owner leaves the job: ``completed`` after its last epoch, else ``reason`` says why.
+
+    ``seq`` is the number of training batches it applied.
+    """
+
+    kind: ClassVar[Kind] = Kind.BYE
+
+    completed: bool = True
+    reason: str = ""
+
+
+AnyMessage = Union[Forward, Backward, Weights, Hello, Bye]
+_CLASSES: tuple[type[Message], ...] = (Forward, Backward, Weights, Hello, Bye)
+_BY_KIND: dict[str, type[Message]] = {cls.kind.value: cls for cls in _CLASSES}
+_FIELD_NAMES: dict[type[Message], tuple[str, ...]] = {
+    cls: tuple(f.name for f in dataclasses.fields(cls)) for cls in _CLASSES}
+_NONE = type(None)
 _SCALAR_TYPES: dict[str, tuple[type, ...]] = {
     "job_id": (str,), "client_id": (str,), "seq": (int,), "model_version": (int,),
-    "created_at": (float, int), "train": (bool,), "loss": (float, int), "correct": (int,), "skipped": (bool,),
-    "num_samples": (int,), "spec": (dict,), "error": (str,),
+    "created_at": (float, int), "train": (bool,), "epoch": (int,), "eval_batches": (int,), "attempt": (int,),
+    "outcome": (str,), "loss": (float, int, _NONE), "metrics": (dict,), "error": (str,),
+    "num_samples": (int,), "spec": (dict,), "facts": (dict,), "completed": (bool,), "reason": (str,),
 }
+_MAP_FIELDS = ("spec", "facts", "metrics")
 _SPEC_VALUE_TYPES = (str, int, float, bool)
+_OUTCOMES = frozenset(o.value for o in Outcome)
 
 
 def _plain(value: Any, depth: int) -> bool:
@@ -229,12 +274,9 @@ def decode(body: bytes | memoryview) -> AnyMessage:
     return _build(cls, obj)  # type: ignore[return-value]
 
 
-def _build(cls: type[Message], obj: dict[str, Any]) -> Message:
-    tensors = obj.get("tensors")
-    if not isinstance(tensors, dict):
-        raise DecodeError("field 'tensors' must be a map")
+def _scalars(cls: type[Message], obj: dict[str, Any]) -> dict[str, Any]:
     kwargs: dict[str, Any] = {}
-    names = {f.name for f in dataclasses.fields(cls)}
+    names = _FIELD_NAMES[cls]
     for key, value in obj.items():
         if key in ("schema", "kind", "tensors"):
             continue
@@ -243,12 +285,25 @@ def _build(cls: type[Message], obj: dict[str, Any]) -> Message:
         allowed = _SCALAR_TYPES[key]
         if not isinstance(value, allowed) or (isinstance(value, bool) and bool not in allowed):
             raise DecodeError(f"field {key!r} has type {type(value).__name__}")
-        kwargs[key] = float(value) if float in allowed else value
-    if "spec" in kwargs and not all(isinstance(k, str) and _plain(v, 2) for k, v in kwargs["spec"].items()):
-        raise DecodeError("field 'spec' must map names to scalars or (nested) lists of scalars")
+        kwargs[key] = float(value) if float in allowed and value is not None else value
+    for key in _MAP_FIELDS:
+        if key in kwargs and not all(isinstance(k, str) and _plain(v, 3) for k, v in kwargs[key].items()):
+            raise DecodeError(f"field {key!r} must map names to scalars or (nested) lists of scalars")
+    if "metrics" in kwargs and not all(type(v) in (int, float) for v in kwargs["metrics"].values()):
+        raise DecodeError("field 'metrics' must map names to numbers")
+    if "outcome" in kwargs and kwargs["outcome"] not in _OUTCOMES:
+        raise DecodeError(f"field 'outcome' is {kwargs['outcome']!r}; allowed: {sorted(_OUTCOMES)}")
     for required in ("job_id", "client_id", "seq"):
         if required not in kwargs:
             raise DecodeError(f"missing field {required!r}")
+    return kwargs
+
+
+def _build(cls: type[Message], obj: dict[str, Any]) -> Message:
+    tensors = obj.get("tensors")
+    if not isinstance(tensors, dict):
+        raise DecodeError("field 'tensors' must be a map")
+    kwargs = _scalars(cls, obj)
     if cls is Weights:
         kwargs["tensors"] = {str(k): decode_tensor(v, str(k)) for k, v in tensors.items()}
     else:

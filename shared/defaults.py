@@ -1,0 +1,64 @@
+"""Every tunable time and count of the party loop, documented once (rq's ``defaults.py``).
+
+Each wait in splitmq has a deadline from this module (or the option that overrides it), logs
+what it waits for and since when every ``WAIT_LOG_S``, and ends in a named exit
+(``splitmq.workers.exits.ExitReason``). docs/guarantees.md has the table of every wait.
+"""
+from __future__ import annotations
+
+#: How often the loop wakes when nothing arrives, to run timers, waits and checkpoints.
+POLL_S = 0.2
+#: A wait older than this is logged ("waiting for X since T"), and again at this interval.
+WAIT_LOG_S = 15.0
+
+# ---- connection -------------------------------------------------------------------------------
+#: Reconnect backoff: first delay and cap (seconds); each delay is jittered down by up to half.
+RECONNECT_BASE_S = 0.5
+RECONNECT_CAP_S = 10.0
+#: AMQP heartbeat: a silent dead connection is noticed within about two of these.
+HEARTBEAT_S = 20
+#: How long a party keeps trying to reach the broker (at start or after losing it) before exiting.
+BROKER_TIMEOUT_S = 900.0
+#: A nacked publish is sent again (same message id) for this long before the refusal is final:
+#: RabbitMQ nacks publishes to a quorum queue for ~0.3 s after its leader node dies.
+NACK_RETRY_S = 30.0
+
+# ---- peers ------------------------------------------------------------------------------------
+#: A data owner waits this long for the answer to any one batch or request, then exits.
+PEER_TIMEOUT_S = 300.0
+#: An unanswered batch is sent again (same seq, attempt + 1) after this long; re-sends are
+#: idempotent, and cover a batch the broker dead-lettered while the trainer crashed repeatedly.
+RESEND_AFTER_S = 120.0
+#: Once the trainer has answered "applied before", the gradient must already be in the owner's
+#: reply queue; if it does not arrive this soon, the owner's state is older than what it acked.
+DUPLICATE_WAIT_S = 20.0
+#: How long a data owner waits for a trainer at start (its hello unanswered or unroutable).
+JOIN_TIMEOUT_S = 600.0
+#: Pause between hellos while no stage consumes the destination queue yet.
+JOIN_RETRY_S = 2.0
+#: How long a party keeps trying to take its queue while another connection holds it.
+LEASE_TIMEOUT_S = 60.0
+#: A trainer with unfinished data owners exits after this long without any message.
+IDLE_TIMEOUT_S = 1800.0
+#: A turn-taking owner waits this long for the previous owner's bottom (hand-off).
+TURN_TIMEOUT_S = 3600.0
+
+# ---- rounds and joins -------------------------------------------------------------------------
+#: A bottom-averaging round closes without the owners still absent this long after it opened.
+SYNC_TIMEOUT_S = 120.0
+#: A vertical batch is skipped if a party's part is missing this long after the first part.
+VERTICAL_TIMEOUT_S = 30.0
+
+# ---- handling ---------------------------------------------------------------------------------
+#: A handler that raises is retried in place this many times (capped, jittered backoff) before
+#: its message is dead-lettered and its sender told.
+HANDLER_ATTEMPTS = 5
+RETRY_BASE_S = 0.05
+RETRY_CAP_S = 2.0
+
+# ---- durability -------------------------------------------------------------------------------
+#: Checkpoint at least this often while holding acks, however few messages came.
+CHECKPOINT_INTERVAL_S = 5.0
+#: A checkpoint waits this long for the broker to confirm the replies it covers, then exits:
+#: a checkpoint must never cover a reply the broker does not hold.
+CONFIRM_TIMEOUT_S = 900.0

@@ -1,0 +1,34 @@
+"""Loading the user's own code by import path: ``"package.module:attribute"``.
+
+Code is imported only from the local machine (the party's own ``sys.path``), never from a
+message: an import path travels in configuration files the party's operator wrote, and
+nothing a peer sends is ever turned into one.
+"""
+from __future__ import annotations
+
+import importlib
+import re
+from typing import Any
+
+_PATH_RE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
+
+
+def load_object(path: str, *, what: str) -> Any:
+    """Import ``package.module`` and return its (possibly dotted) ``attribute``.
+
+    Raises:
+        ValueError: a malformed path, a module that cannot be imported, or a missing attribute;
+            the message says which, for the user to fix the ``what`` setting.
+    """
+    if not _PATH_RE.match(path):
+        raise ValueError(f"{what} {path!r} must look like 'package.module:name'")
+    module_name, _, attribute = path.partition(":")
+    try:
+        obj: Any = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ValueError(f"{what} {path!r}: cannot import {module_name!r} ({exc}); is it on PYTHONPATH?") from exc
+    for part in attribute.split("."):
+        if not hasattr(obj, part):
+            raise ValueError(f"{what} {path!r}: {module_name!r} has no {attribute!r}")
+        obj = getattr(obj, part)
+    return obj

@@ -1,0 +1,454 @@
+"""The party loop: the one place that moves messages between the broker and the roles.
+
+Every splitmq process runs one ``Party``. It owns the transport (pika stays on its own
+thread; deliveries cross over through an inbox), the gate (size, decode, envelope),
+exact per-client dedupe (``shared.ledger``), dead-lettering with a reason, retries of a
+failing handler, acks after confirm and checkpoint, timers and waits, and the named exit.
+Roles (``splitmq.workers.roles``) do the model work: a message in, messages out.
+
+A data path reads in one direction: batch -> bottom role -> loop -> broker -> loop -> top
+role -> loop -> broker -> loop -> bottom role.
+"""
+from __future__ import annotations
+
+import logging
+import queue
+import random
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from splitmq.shared import checkpoint, defaults, topology, wire
+from splitmq.shared.config import differences
+from splitmq.shared.errors import AccessRefused, BrokerError, PublishNacked, RejectedMessage, Unroutable
+from splitmq.shared.transport import Delivery, Transport
+from splitmq.workers import gate
+from splitmq.workers.acks import Acks
+from splitmq.workers.exits import ExitReason, PartyExit, Wait
+from splitmq.workers.roles.base import IfUnroutable, Inbound, Incoming, Role, Send, Source, Step, ToParty, ToStage
+from splitmq.workers.stats import Stats
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class LoopOptions:
+    """How one party runs. ``name`` is its routing-key sender and reply address."""
+
+    name: str
+    job_id: str
+    spec: dict[str, Any] = field(default_factory=dict)   # what a checkpoint must agree with
+    checkpoint_path: Path | None = None
+    checkpoint_every: int = 32
+    user_id: str | None = None
+    rules: gate.GateRules | None = None
+    layout: topology.Layout | None = None                # declared at start when permitted
+    broker_timeout_s: float = defaults.BROKER_TIMEOUT_S
+    lease_timeout_s: float = defaults.LEASE_TIMEOUT_S
+
+
+@dataclass
+class _Retry:
+    due: float
+    attempt: int
+    inc: Incoming
+    delivery: Delivery
+
+
+@dataclass
+class Outcome:
+    """How a party ended, with every role's summary."""
+
+    reason: ExitReason
+    detail: str
+    summary: dict[str, Any]
+
+
+class Party:
+    """Runs roles against a transport until one of them, a wait, a signal or a fault ends it."""
+
+    def __init__(self, roles: Sequence[Role], transport: Transport, opts: LoopOptions, *,
+                 stats: Stats, stop: Callable[[], bool] = lambda: False,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.roles, self.transport, self.opts, self.stats = list(roles), transport, opts, stats
+        self.stop, self.clock = stop, clock
+        self.rules = opts.rules or gate.GateRules(job_id=opts.job_id)
+        self.acks = Acks(checkpointing=opts.checkpoint_path is not None)
+        self.inbox: queue.Queue[Delivery] = queue.Queue()
+        self.inbound: dict[str, Inbound] = {}
+        self.routes: dict[tuple[str, wire.Kind], Role] = {}
+        for role in self.roles:
+            for i in role.inbound():
+                self.inbound[i.queue] = _merge(self.inbound.get(i.queue), i)
+                for kind in i.kinds:
+                    self.routes[(i.queue, kind)] = role
+        self._published: list[Future[None]] = []  # every publish not yet confirmed (flushed at exit)
+        self._retries: list[_Retry] = []
+        self._resends: list[tuple[float, Send]] = []
+        self._logged: dict[str, float] = {}
+        self._last_checkpoint = clock()
+        self._checkpoint_asked = False
+        self._started = clock()
+        self._lost_since: float | None = None
+        self._told: list[Send] = []              # TELL sends that found no queue (pika thread appends)
+        self._nacked: PublishNacked | None = None  # a publish the broker refused for good
+
+    # ---- lifecycle --------------------------------------------------------------------------
+
+    def run(self) -> Outcome:
+        """Restore, connect, serve; returns how it ended (never raises for a named exit)."""
+        try:
+            self._restore()
+            self._connect()
+            now = self.clock()
+            for role in self.roles:
+                self._apply(role.start(now), None, role)
+            self._loop()
+        except PartyExit as exc:
+            return self._finish(exc.reason, exc.detail)
+        except BrokerError as exc:
+            return self._finish(ExitReason.BROKER_UNAVAILABLE, str(exc))
+        except Exception as exc:  # a bug: say so once, with the traceback, and still checkpoint
+            log.exception("%s: unexpected error", self.opts.name)
+            return self._finish(ExitReason.FAILED, f"{type(exc).__name__}: {exc}")
+        raise AssertionError("the loop ends only by PartyExit")  # pragma: no cover
+
+    def _finish(self, reason: ExitReason, detail: str) -> Outcome:
+        log_at = logging.INFO if reason in (ExitReason.DONE, ExitReason.INTERRUPTED) else logging.ERROR
+        log.log(log_at, "%s: exit %s: %s", self.opts.name, reason.value, detail)
+        if self.transport.is_connected:
+            try:
+                self._checkpoint(final=True)
+            except (PartyExit, BrokerError) as exc:
+                log.warning("%s: no final checkpoint: %s", self.opts.name, exc)
+        self.transport.close()
+        counts = self.stats.counts
+        summary: dict[str, Any] = {"party": self.opts.name, "exit": reason.value, "exit_detail": detail,
+                                   "seconds": self.clock() - self._started, "batches_applied": counts["applied"],
+                                   "samples": counts["samples"], "duplicates": counts["duplicates"],
+                                   "skipped": counts["skipped"], "rejected": dict(self.stats.rejections),
+                                   "bytes_sent": counts["bytes_sent"], "bytes_received": counts["bytes_received"]}
+        for role in self.roles:
+            summary.update(role.summary())
+        return Outcome(reason, detail, summary)
+
+    def _restore(self) -> None:
+        path = self.opts.checkpoint_path
+        state = checkpoint.load(path) if path else None
+        if state is None:
+            return
+        diffs = differences(self.opts.spec, state["config"])
+        if diffs:
+            raise PartyExit(ExitReason.CONFIG, f"checkpoint {path} was written for another job: " + "; ".join(diffs)
+                            + " (use another --checkpoint-dir, or the job's own settings)")
+        for role in self.roles:
+            saved = state["roles"].get(role.name, {})
+            if role.ledger is not None:
+                role.ledger.load_state(saved.get("ledger", {}))
+            role.load_state(saved.get("role", {}))
+        log.info("%s: resumed from %s", self.opts.name, path)
+
+    def _connect(self) -> None:
+        """Connect (taking this party's lease), declare what we may, and start consuming."""
+        self.transport.start()
+        self._wait_until(lambda: self.transport.is_connected or self.transport.lease_refused() is not None,
+                         lambda: f"the broker ({self.transport.status()})", self.opts.broker_timeout_s,
+                         ExitReason.BROKER_UNAVAILABLE, "start it (deploy/broker.sh start) or fix --amqp-url")
+        self._wait_until(lambda: self.transport.is_connected,
+                         lambda: f"our name to be free ({self.transport.lease_refused()})", self.opts.lease_timeout_s,
+                         ExitReason.NAME_IN_USE, f"stop the other party named {self.opts.name!r} for job "
+                         f"{self.opts.job_id!r}, or give this one another name")
+        if self.opts.layout is not None:
+            try:
+                self.transport.declare(self.opts.layout)
+            except AccessRefused:  # least privilege: the operator declared the job (splitmq broker setup)
+                missing = [q for q in self.inbound if not self.transport.queue_exists(q)]
+                if missing:
+                    raise PartyExit(ExitReason.CONFIG, f"queues {missing} do not exist and this broker user may not "
+                                    "declare them: ask the operator to run `splitmq broker setup` / `add-client`")
+        for inbound in self.inbound.values():
+            self.transport.consume(inbound.queue, self.inbox.put)
+        log.info("%s: serving job %s (%s)", self.opts.name, self.opts.job_id, self.transport.status())
+
+    def _wait_until(self, ready: Callable[[], bool], what: Callable[[], str], deadline_s: float,
+                    reason: ExitReason, hint: str) -> None:
+        """Wait (logged, with a deadline) for something before the loop starts."""
+        since = self.clock()
+        while not ready():
+            if self.stop():
+                raise PartyExit(ExitReason.INTERRUPTED, f"stopped while waiting for {what()}")
+            self.transport.check()
+            self._watch([Wait(what(), since, deadline_s, reason, hint)], self.clock())
+            time.sleep(defaults.POLL_S)
+
+    # ---- the loop ---------------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        while True:
+            if self.stop():
+                raise PartyExit(ExitReason.INTERRUPTED, "signal: finished the current message")
+            try:
+                delivery: Delivery | None = self.inbox.get(timeout=defaults.POLL_S)
+            except queue.Empty:
+                delivery = None
+            if delivery is not None:
+                self._receive(delivery)
+            now = self.clock()
+            self._run_timers(now)
+            for role in self.roles:
+                self._apply(role.tick(now), None, role)
+            self.transport.check()
+            self._watch([w for r in self.roles for w in r.waits(now)] + self._own_waits(now), now)
+            for d in self.acks.ready():
+                self.transport.ack(d)
+            self._maybe_checkpoint(now, idle=delivery is None)
+            for role in self.roles:
+                done = role.finished()
+                if done is not None:
+                    raise done
+
+    def _own_waits(self, now: float) -> list[Wait]:
+        if self.transport.is_connected:
+            self._lost_since = None
+            return []
+        since = self._lost_since = self._lost_since or now
+        return [Wait(f"the broker to come back ({self.transport.status()})", since, self.opts.broker_timeout_s,
+                     ExitReason.BROKER_UNAVAILABLE, "the party resumes where it was when restarted")]
+
+    def _watch(self, waits: list[Wait], now: float) -> None:
+        """Log each wait once it is old and at intervals; end the party when one's deadline passes."""
+        current = {w.what for w in waits}
+        self._logged = {k: v for k, v in self._logged.items() if k in current}
+        for w in waits:
+            age = now - w.since
+            if w.overdue(now) and w.expire is not None:
+                raise PartyExit(w.expire, f"no {w.what} for {w.deadline_s:.0f}s" + (f": {w.hint}" if w.hint else ""))
+            if age >= defaults.WAIT_LOG_S and now - self._logged.get(w.what, 0.0) >= defaults.WAIT_LOG_S:
+                started = time.strftime("%H:%M:%S", time.localtime(time.time() - age))
+                log.info("%s: waiting for %s since %s (%.0fs of %.0fs)", self.opts.name, w.what, started, age,
+                         w.deadline_s)
+                self._logged[w.what] = now
+
+    # ---- receiving --------------------------------------------------------------------------
+
+    def _receive(self, delivery: Delivery) -> None:
+        self.stats.received(len(delivery.body))
+        try:
+            inc = gate.admit(delivery, self.inbound[delivery.queue], self.rules)
+        except RejectedMessage as exc:
+            self._dead_letter(delivery, exc.reason, exc.detail, None)
+            return
+        self._dispatch(inc, delivery, attempt=1)
+
+    def _dispatch(self, inc: Incoming, delivery: Delivery, *, attempt: int) -> None:
+        role = self.routes[(inc.queue, inc.msg.kind)]
+        key = batch_key(inc) if role.ledger is not None else None
+        if key is not None and role.ledger is not None and role.ledger.applied(*key):
+            self._repeat(inc, delivery, key)
+            return
+        if key is not None and role.ledger is not None and inc.source is Source.FORWARD \
+                and not role.ledger.plausible(*key):
+            self._dead_letter(delivery, "sequence", f"batch {key[1]} is far past {key[0]}'s applied "
+                                                    f"{role.ledger.prefix(key[0])}", inc)
+            return
+        try:
+            step = role.handle(inc)
+        except RejectedMessage as exc:
+            if exc.reason == "not_joined" and isinstance(inc.msg, wire.Forward) and inc.reply_to:
+                self._rejoin(inc, delivery, exc.detail)
+            else:
+                self._dead_letter(delivery, exc.reason, exc.detail, inc)
+            return
+        except PartyExit as exc:
+            if exc.reject_reason:
+                self._dead_letter(delivery, exc.reject_reason, exc.detail, None)
+            raise
+        except Exception as exc:  # not the sender's fault as far as we can tell: retry in place
+            self._retry(inc, delivery, attempt, exc)
+            return
+        self._apply(step, delivery, role)
+
+    def _repeat(self, inc: Incoming, delivery: Delivery, key: tuple[str, int]) -> None:
+        """A batch applied before: answer a forward with where it stands; drop a repeated answer."""
+        self.stats.duplicate()
+        if inc.source is Source.FORWARD and inc.reply_to:
+            answer = wire.Backward(job_id=self.opts.job_id, client_id=key[0], seq=key[1],
+                                   outcome=wire.Outcome.DUPLICATE.value)
+            self._apply(Step(sends=[Send(ToParty(inc.reply_to), answer, inc.correlation_id)], durable=False),
+                        delivery, None)
+        else:
+            log.debug("%s: dropping a repeated answer for %s batch %d", self.opts.name, *key)
+            self._apply(Step(durable=False), delivery, None)
+
+    def _rejoin(self, inc: Incoming, delivery: Delivery, detail: str) -> None:
+        """A batch from an owner we do not know (we lost our state, or it never joined): ask it to join."""
+        log.info("%s: %s; asking it to join again", self.opts.name, detail)
+        msg = inc.msg
+        answer = wire.Backward(job_id=self.opts.job_id, client_id=msg.client_id, seq=msg.seq,
+                               outcome=wire.Outcome.REJOIN.value, error=detail)
+        self._apply(Step(sends=[Send(ToParty(inc.reply_to), answer, inc.correlation_id)], durable=False), delivery, None)
+
+    def _retry(self, inc: Incoming, delivery: Delivery, attempt: int, exc: Exception) -> None:
+        if attempt >= defaults.HANDLER_ATTEMPTS:
+            log.error("%s: handler failed %d times on %s (%s); dead-lettering it", self.opts.name, attempt,
+                      inc.correlation_id, exc)
+            self._dead_letter(delivery, "handler_error", f"{type(exc).__name__}: {exc}", inc)
+            return
+        delay = min(defaults.RETRY_CAP_S, defaults.RETRY_BASE_S * 2 ** (attempt - 1)) * random.uniform(0.5, 1.0)
+        log.warning("%s: handler failed on %s (attempt %d of %d): %s: %s; retrying in %.2fs", self.opts.name,
+                    inc.correlation_id, attempt, defaults.HANDLER_ATTEMPTS, type(exc).__name__, exc, delay,
+                    exc_info=attempt == 1)
+        self.stats.rejected("handler_error")
+        self._retries.append(_Retry(self.clock() + delay, attempt + 1, inc, delivery))
+
+    def _run_timers(self, now: float) -> None:
+        due, self._retries = [r for r in self._retries if r.due <= now], [r for r in self._retries if r.due > now]
+        for r in due:
+            self._dispatch(r.inc, r.delivery, attempt=r.attempt)
+        resend, self._resends = [s for t, s in self._resends if t <= now], [(t, s) for t, s in self._resends if t > now]
+        for send in resend:
+            self._publish(send)
+
+    def _dead_letter(self, delivery: Delivery, reason: str, detail: str, inc: Incoming | None) -> None:
+        """Set a message aside in the job's dead-letter queue with its reason; tell its sender why."""
+        log.warning("%s: dead-lettering %s from %s: %s: %s", self.opts.name, delivery.message_id,
+                    delivery.user_id or delivery.routing_key, reason, detail)
+        self.stats.rejected(reason)
+        future = self.transport.publish(
+            topology.dead_letter_exchange(self.opts.job_id), "", delivery.body,
+            message_id=topology.dead_letter_id(delivery.message_id or "", time.time_ns()),
+            headers={"x-splitmq-reason": reason, "x-splitmq-detail": detail[:500],
+                     "x-splitmq-queue": delivery.queue, "x-splitmq-party": self.opts.name,
+                     "x-splitmq-user": delivery.user_id or "", "x-splitmq-message-id": delivery.message_id or ""})
+        futures = [future]
+        sender = delivery.reply_to or ""
+        if self.inbound[delivery.queue].source is Source.FORWARD and _routable(sender):
+            client = inc.msg.client_id if inc is not None else sender
+            seq = inc.msg.seq if inc is not None else -1
+            refusal = wire.Backward(job_id=self.opts.job_id, client_id=client, seq=seq,
+                                    outcome=wire.Outcome.REFUSED.value, error=f"{reason}: {detail}"[:1000])
+            futures.append(self._publish(Send(ToParty(sender), refusal,
+                                              delivery.correlation_id or delivery.message_id or "")))
+        self.acks.finish(delivery, futures, durable=False)
+
+    # ---- carrying out a step ----------------------------------------------------------------
+
+    def _apply(self, step: Step, delivery: Delivery | None, role: Role | None) -> None:
+        futures = [self._publish(s) for s in step.sends]
+        if step.applied:
+            assert role is not None and role.ledger is not None, f"{role} applies batches but keeps no ledger"
+            for client, seq in step.applied:
+                role.ledger.add(client, seq)
+        if delivery is not None:
+            if step.hold is not None:
+                self.acks.hold(step.hold, delivery)
+            else:
+                self.acks.finish(delivery, futures, durable=step.durable)
+        for key in step.settle:
+            held = self.acks.release(key)
+            if held is not None:
+                self.acks.finish(held, futures, durable=True)
+        self._checkpoint_asked = self._checkpoint_asked or step.checkpoint
+
+    def _publish(self, send: Send) -> Future[None]:
+        if isinstance(send.route, ToStage):
+            exchange = topology.activations_exchange(self.opts.job_id)
+            key = topology.forward_routing_key(self.opts.name, send.route.dest)
+        else:
+            exchange = topology.gradients_exchange(self.opts.job_id)
+            key = topology.reply_routing_key(send.route.party)
+        body = send.msg.encode()
+        self.stats.sent(len(body))
+        future = self.transport.publish(exchange, key, body, message_id=send.message_id or send.correlation_id,
+                                        correlation_id=send.correlation_id, reply_to=self.opts.name,
+                                        user_id=self.opts.user_id)
+        future.add_done_callback(lambda f: self._on_confirm(f, send))
+        self._published = [f for f in self._published if not f.done()]
+        self._published.append(future)
+        return future
+
+    def _on_confirm(self, future: Future[None], send: Send) -> None:
+        """On the transport's thread: a refused publish is logged and, if asked, retried."""
+        exc = future.exception()
+        if exc is None:
+            return
+        if isinstance(exc, Unroutable) and send.if_unroutable is IfUnroutable.RETRY:
+            log.info("%s: nobody consumes %s yet; sending it again in %.0fs", self.opts.name, send.route,
+                     defaults.JOIN_RETRY_S)
+            self._resends.append((self.clock() + defaults.JOIN_RETRY_S, send))
+        elif isinstance(exc, Unroutable) and send.if_unroutable is IfUnroutable.TELL:
+            self._told.append(send)
+        else:
+            log.warning("%s: %s for %s was not delivered: %s", self.opts.name, send.msg.kind.value,
+                        send.route, exc)
+            if isinstance(exc, PublishNacked):
+                self._nacked = exc
+
+    # ---- durability -------------------------------------------------------------------------
+
+    def _maybe_checkpoint(self, now: float, *, idle: bool) -> None:
+        for send in self._drain_told():
+            for role in self.roles:
+                self._apply(role.on_unroutable(send, now), None, role)
+        if self._nacked is not None:
+            raise PartyExit(ExitReason.BROKER_UNAVAILABLE, f"the broker refused a message for good: {self._nacked}")
+        pending = self.acks.pending_checkpoint
+        if self.opts.checkpoint_path is None:
+            return
+        due = self._checkpoint_asked or pending >= self.opts.checkpoint_every or (
+            pending and (idle or now - self._last_checkpoint >= defaults.CHECKPOINT_INTERVAL_S))
+        if due:
+            self._checkpoint()
+
+    def _drain_told(self) -> list[Send]:
+        told, self._told = list(self._told), []
+        return told
+
+    def _checkpoint(self, *, final: bool = False) -> None:
+        """Wait for the replies a checkpoint covers to be confirmed, save, then ack what it covers."""
+        self._checkpoint_asked = False
+        path = self.opts.checkpoint_path
+        since = self.clock()
+        watched = self.acks.unconfirmed() + (self._published if final else [])
+        while any(not f.done() for f in watched):
+            if final and self.clock() - since > 10:
+                raise BrokerError("messages still unconfirmed by the broker after 10 s")
+            self._watch([Wait("the broker to confirm our replies", since, defaults.CONFIRM_TIMEOUT_S,
+                              ExitReason.BROKER_UNAVAILABLE)], self.clock())
+            time.sleep(0.005)
+        for d in self.acks.ready():
+            self.transport.ack(d)
+        if path is not None:
+            checkpoint.save(path, {"config": self.opts.spec, "roles": {
+                r.name: {"role": r.state(), "ledger": r.ledger.state() if r.ledger is not None else {}}
+                for r in self.roles}})
+        for d in self.acks.checkpointed():
+            self.transport.ack(d)
+        self._last_checkpoint = self.clock()
+
+
+def _routable(name: str) -> bool:
+    try:
+        topology.check_name("client", name)
+    except ValueError:
+        return False
+    return True
+
+
+def _merge(a: Inbound | None, b: Inbound) -> Inbound:
+    """Two roles taking different kinds from one queue: one consumer, the union of what it takes."""
+    if a is None:
+        return b
+    return Inbound(a.queue, a.source, a.kinds | b.kinds, lambda: max(a.limit(), b.limit()))
+
+
+def batch_key(inc: Incoming) -> tuple[str, int] | None:
+    """The training batch a message applies, if it is one: ``(client, seq)``."""
+    msg = inc.msg
+    if isinstance(msg, wire.Forward) and msg.train and inc.source is Source.FORWARD:
+        return msg.client_id, msg.seq
+    if isinstance(msg, wire.Backward) and inc.source is Source.REPLY and msg.outcome == wire.Outcome.APPLIED.value:
+        return msg.client_id, msg.seq
+    return None

@@ -1,0 +1,126 @@
+"""What a party counts, for its Prometheus metrics and its summary, in one place.
+
+The loop reports transport facts (bytes, repeats, rejections); roles report model facts
+(a batch applied with its loss, an evaluation's scores). Roles never touch prometheus:
+they call these methods, and a ``Stats`` without ``Metrics`` (unit tests) only counts.
+"""
+from __future__ import annotations
+
+import collections
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any, Mapping
+
+from splitmq.shared.metrics import Metrics
+
+
+class Stats:
+    """Counters and recent values of one party."""
+
+    def __init__(self, metrics: Metrics | None = None, *, history_path: Path | None = None, party: str = "") -> None:
+        self.metrics = metrics
+        self.history_path, self.party = history_path, party
+        if history_path is not None:
+            history_path.parent.mkdir(parents=True, exist_ok=True)
+        self.counts: collections.Counter[str] = collections.Counter()
+        self.rejections: collections.Counter[str] = collections.Counter()
+        self.last_loss: float | None = None
+        self.round_trips: list[float] = []
+        self.step_seconds: list[float] = []
+
+    def _m(self) -> Metrics | None:
+        return self.metrics
+
+    def received(self, nbytes: int) -> None:
+        self.counts["bytes_received"] += nbytes
+        if (m := self._m()) is not None:
+            m.bytes.labels(m.role, "received").inc(nbytes)
+
+    def sent(self, nbytes: int) -> None:
+        self.counts["bytes_sent"] += nbytes
+        if (m := self._m()) is not None:
+            m.bytes.labels(m.role, "sent").inc(nbytes)
+
+    def duplicate(self) -> None:
+        self.counts["duplicates"] += 1
+        if (m := self._m()) is not None:
+            m.batches.labels(m.role, "duplicate").inc()
+
+    def rejected(self, reason: str) -> None:
+        self.rejections[reason] += 1
+        if (m := self._m()) is not None:
+            m.reject(reason)
+
+    def skipped(self, reason: str) -> None:
+        self.counts["skipped"] += 1
+        if (m := self._m()) is not None:
+            m.skipped.labels(m.role, reason).inc()
+            m.batches.labels(m.role, "skipped").inc()
+
+    def applied(self, samples: int, *, loss: float | None = None, staleness: int | None = None,
+                round_trip_s: float | None = None, step_s: float | None = None) -> None:
+        """One training batch's update is in the segment."""
+        self.counts["applied"] += 1
+        self.counts["samples"] += samples
+        if loss is not None and math.isfinite(loss):
+            self.last_loss = loss
+        if round_trip_s is not None:
+            self.round_trips.append(round_trip_s)
+        if step_s is not None:
+            self.step_seconds.append(step_s)
+        m = self._m()
+        if m is None:
+            return
+        m.batches.labels(m.role, "applied").inc()
+        m.samples.labels(m.role).inc(samples)
+        m.last_progress.labels(m.role).set(time.time())
+        if loss is not None and math.isfinite(loss):
+            m.loss.labels(m.role).set(loss)
+        if staleness is not None:
+            m.staleness.labels(m.role).observe(staleness)
+        if round_trip_s is not None:
+            m.round_trip.labels(m.role).observe(round_trip_s)
+        if step_s is not None:
+            m.step_time.labels(m.role).observe(step_s)
+
+    def evaluated(self, scores: Mapping[str, float]) -> None:
+        """An evaluation pass finished with these task metrics (accuracy, roc_auc, mae, ...)."""
+        self.counts["evaluations"] += 1
+        if (m := self._m()) is not None:
+            m.batches.labels(m.role, "evaluated").inc()
+            for name, value in scores.items():
+                m.task_metric(name, value)
+
+    def gauge(self, name: str, value: float) -> None:
+        """``epoch``, ``in_flight`` or ``clients``."""
+        if (m := self._m()) is None:
+            return
+        {"epoch": m.epoch, "in_flight": m.in_flight, "clients": m.clients}[name].labels(m.role).set(value)
+
+    def reconnected(self) -> None:
+        if (m := self._m()) is not None:
+            m.reconnects.labels(m.role).inc()
+
+    def loss(self, value: float) -> None:
+        """A loss this party computed but does not count as its own applied batch (a U-shaped head)."""
+        if math.isfinite(value):
+            self.last_loss = value
+            if (m := self._m()) is not None:
+                m.loss.labels(m.role).set(value)
+
+    def history(self, **fields: Any) -> None:
+        """Append one JSON line of progress to the run's history (``splitmq plot`` reads it)."""
+        if self.history_path is None:
+            return
+        line = {"time": time.time(), "party": self.party, **fields}
+        with open(self.history_path, "a") as f:
+            f.write(json.dumps(line) + "\n")
+
+    def quantiles(self, values: list[float]) -> tuple[float, float]:
+        """p50 and p99 of ``values`` (NaN when empty)."""
+        if not values:
+            return math.nan, math.nan
+        v = sorted(values)
+        return v[len(v) // 2], v[min(len(v) - 1, int(len(v) * 0.99))]
