@@ -178,7 +178,7 @@ class StubTransport:
         self.broker, self.name, self.lease = broker, name, lease
         self.unacked: dict[int, tuple[str, _Message]] = {}
         self.published: list[tuple[str, str, bytes, dict[str, Any]]] = []
-        self.connected = False
+        self.connected = self.closed = False
         self._refused: str | None = None
         #: Set to make every later publish fail with this error (a broker nack, say).
         self.fail_publishes: Exception | None = None
@@ -192,7 +192,7 @@ class StubTransport:
         with self.broker.lock:
             holder = self.broker.leases.get(self.lease) if self.lease else None
             if holder is not None and holder is not self and holder.connected:
-                self._refused = f"another connection holds {self.lease!r}"
+                self._refused = f"another connection holds {self.lease!r}: another party named {self.name!r} is running"
                 return
             if self.lease:
                 self.broker.leases[self.lease] = self
@@ -202,7 +202,7 @@ class StubTransport:
         return "connected" if self.connected else (self._refused or "closed")
 
     def check(self) -> None:
-        if not self.connected:
+        if self.closed:
             raise BrokerError(f"{self.name}: connection closed")
 
     def consume(self, queue: str, handler: Handler) -> None:
@@ -252,7 +252,7 @@ class StubTransport:
     def close(self) -> None:
         """Like a dropped connection: unacked messages go back to the head of their queues."""
         with self.broker.lock:
-            self.connected = False
+            self.connected, self.closed = False, True
             for q in self.broker.queues.values():
                 q.consumers = [(c, h) for c, h in q.consumers if c is not self]
             if self.lease and self.broker.leases.get(self.lease) is self:

@@ -11,10 +11,8 @@ from dataclasses import dataclass
 import torch
 
 from splitmq.shared import topology
-from splitmq.shared import wire
 from splitmq.shared.errors import DecodeError, RejectedMessage
-from splitmq.shared.ledger import MAX_SEQ_JUMP
-from splitmq.shared.wire import ENVELOPE_BYTES, MAX_MESSAGE_BYTES, Backward, Forward
+from splitmq.shared.wire import ENVELOPE_BYTES, MAX_MESSAGE_BYTES, Forward
 
 
 def all_finite(t: torch.Tensor) -> bool:
@@ -47,30 +45,6 @@ class Limits:
         labels and sample ids, plus room for the envelope. Anything bigger is refused unread."""
         values = self.max_batch * math.prod(self.cut_shape)
         return min(MAX_MESSAGE_BYTES, 8 * values + 16 * self.max_batch + ENVELOPE_BYTES)
-
-
-def check_size(nbytes: int, limits: Limits) -> None:
-    """Raises RejectedMessage("size") for a body too big to be a valid batch, before decoding it."""
-    if nbytes > limits.max_body_bytes():
-        raise RejectedMessage("size", f"body of {nbytes} bytes, at most {limits.max_body_bytes()} expected")
-
-
-def parse_forward(body: bytes, limits: Limits) -> Forward:
-    """Size check, decode and ``check_forward`` in one: the trainer's whole gate for a body.
-
-    Raises:
-        RejectedMessage: with reason ``size``, ``schema``, ``kind``, ``decode`` or any of
-            ``check_forward``'s; never anything else, whatever the bytes.
-    """
-    check_size(len(body), limits)
-    try:
-        msg = wire.decode(body)
-    except DecodeError as exc:
-        raise RejectedMessage(decode_reason(exc), str(exc)) from None
-    if not isinstance(msg, Forward):
-        raise RejectedMessage("kind", f"a {msg.kind.value} message where forward was expected")
-    check_forward(msg, limits)
-    return msg
 
 
 def decode_reason(exc: DecodeError) -> str:
@@ -116,12 +90,6 @@ def _check_client_name(client_id: str) -> None:
         raise RejectedMessage("identity", str(exc)) from None
 
 
-def check_labels(labels: torch.Tensor, num_classes: int) -> None:
-    """Raises RejectedMessage unless every label is a class index below ``num_classes``."""
-    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
-        raise RejectedMessage("shape", f"labels outside 0..{num_classes - 1}")
-
-
 def check_gradient(grad: torch.Tensor | None, shape: tuple[int, ...]) -> torch.Tensor:
     """Returns ``grad`` if it is a finite float32 gradient of ``shape`` (the activations we sent).
 
@@ -139,32 +107,3 @@ def check_gradient(grad: torch.Tensor | None, shape: tuple[int, ...]) -> torch.T
     return grad
 
 
-def check_sequence(seq: int, last_applied: int) -> None:
-    """A client's next batches follow its last applied one; a wild jump is refused."""
-    if seq < 0 or seq > last_applied + MAX_SEQ_JUMP:
-        raise RejectedMessage("sequence", f"seq {seq} is more than {MAX_SEQ_JUMP} past the last applied {last_applied}")
-
-
-def check_model_version(version: int, current: int) -> None:
-    """A batch computed on a model version the trainer has not reached yet is a lie."""
-    if not 0 <= version <= current:
-        raise RejectedMessage("sequence", f"model version {version}, current is {current}")
-
-
-def check_identity(user_id: str | None, client_id: str, reply_to: str | None, *, require: bool) -> None:
-    """With ``require``, the broker-validated user id must name the client and its reply route.
-
-    RabbitMQ refuses a publish whose ``user_id`` property differs from the connection's
-    user, so ``user_id`` is the one field a sender cannot forge; ``client_id`` and
-    ``reply_to`` are written by the sender and are trusted only when they agree with it.
-    Whatever ``require`` says, both must be valid names: the trainer routes its reply by them.
-    """
-    _check_client_name(client_id)
-    if reply_to is not None:
-        _check_client_name(reply_to)
-    if not require:
-        return
-    if not user_id:
-        raise RejectedMessage("identity", "message has no broker-validated user_id")
-    if user_id != client_id or (reply_to is not None and reply_to != client_id):
-        raise RejectedMessage("identity", f"user {user_id!r} sent as client {client_id!r} replying to {reply_to!r}")

@@ -224,7 +224,8 @@ class Party:
         for w in waits:
             age = now - w.since
             if w.overdue(now) and w.expire is not None:
-                raise PartyExit(w.expire, f"no {w.what} for {w.deadline_s:.0f}s" + (f": {w.hint}" if w.hint else ""))
+                raise PartyExit(w.expire, f"gave up after {w.deadline_s:g}s waiting for {w.what}"
+                                + (f": {w.hint}" if w.hint else ""))
             if age >= defaults.WAIT_LOG_S and now - self._logged.get(w.what, 0.0) >= defaults.WAIT_LOG_S:
                 started = time.strftime("%H:%M:%S", time.localtime(time.time() - age))
                 log.info("%s: waiting for %s since %s (%.0fs of %.0fs)", self.opts.name, w.what, started, age,

@@ -7,8 +7,11 @@ import pytest
 import torch
 from torch import nn
 
-from splitmq.shared import aggregate, schedule, staleness
+from splitmq.shared import aggregate, losses, schedule, staleness
+from splitmq.shared.optim import OptimizerSpec
 from splitmq.shared.stage import Stage
+
+SGD = OptimizerSpec("SGD", 0.1)
 
 
 def _segment() -> nn.Sequential:
@@ -18,7 +21,7 @@ def _segment() -> nn.Sequential:
 
 def test_a_stashed_gradient_is_computed_at_the_weights_that_made_the_batch() -> None:
     # Given a stage with weight stashing that ran batch A, then was updated by batch B
-    stage = Stage(_segment(), lr=0.1, stash_weights=True, input_grad=False)
+    stage = Stage(_segment(), optimizer=SGD, stash_weights=True, input_grad=False)
     reference = copy.deepcopy(stage.segment)
     xa, xb, g = torch.randn(5, 4), torch.randn(5, 4), torch.randn(5, 2)
     stage.forward("a", xa)
@@ -27,29 +30,58 @@ def test_a_stashed_gradient_is_computed_at_the_weights_that_made_the_batch() -> 
     # When A's gradient arrives
     _, stale = stage.backward("a", g)
     # Then it was computed at A's weights (not the updated ones), and its staleness is 1
-    out = reference(xa)
-    expected = torch.autograd.grad(out, list(reference.parameters()), g)
-    assert stale == 1
-    assert stage.version == 2
+    expected = torch.autograd.grad(reference(xa), list(reference.parameters()), g)
     manual = copy.deepcopy(reference)
-    with torch.no_grad():
-        out_b = reference(xb)
     grads_b = torch.autograd.grad(manual(xb), list(manual.parameters()), g)
     with torch.no_grad():
         for p, gb, ga in zip(manual.parameters(), grads_b, expected):
             p -= 0.1 * gb
             p -= 0.1 * ga
+    assert stale == 1 and stage.version == 2
     for p, q in zip(stage.segment.parameters(), manual.parameters()):
         torch.testing.assert_close(p, q)
-    assert out_b.shape == (5, 2)
 
 
-def test_the_last_stage_returns_the_gradient_of_its_input() -> None:
-    stage = Stage(nn.Sequential(nn.Linear(4, 3), nn.LogSoftmax(dim=1)), lr=0.1)
+@pytest.mark.parametrize("name", ["Adam", "AdamW", "RMSprop"])
+def test_any_torch_optimizer_drives_a_stage_and_its_state_survives_a_checkpoint(name: str) -> None:
+    # Given a stage with an adaptive optimizer that has taken a step
+    stage = Stage(_segment(), optimizer=OptimizerSpec(name, 0.01), input_grad=False)
+    stage.forward(0, torch.randn(5, 4))
+    stage.backward(0, torch.randn(5, 2))
+    # When its state is restored into a fresh stage and both take the same next step
+    other = Stage(_segment(), optimizer=OptimizerSpec(name, 0.01), input_grad=False)
+    other.load_state(copy.deepcopy(stage.state()))
+    x, g = torch.randn(5, 4), torch.randn(5, 2)
+    for s in (stage, other):
+        s.forward(1, x)
+        s.backward(1, g)
+    # Then they stay identical (the optimizer's moments were carried over)
+    assert other.version == stage.version == 2
+    for p, q in zip(stage.segment.parameters(), other.segment.parameters()):
+        assert torch.equal(p, q)
+
+
+def test_the_last_stage_uses_its_loss_and_returns_the_gradient_of_its_input() -> None:
+    stage = Stage(nn.Sequential(nn.Linear(4, 3), nn.LogSoftmax(dim=1)), optimizer=SGD, loss=losses.resolve("nll"))
     x = torch.randn(6, 4)
     result = stage.loss_step(x, torch.tensor([0, 1, 2, 0, 1, 2]))
     assert result.grad_input is not None and result.grad_input.shape == (6, 4)
-    assert result.loss > 0 and 0 <= result.correct <= 6 and stage.version == 1
+    assert result.loss > 0 and stage.version == 1 and result.output.shape == (6, 3)
+
+
+def test_a_local_loss_on_the_stage_changes_its_update_but_not_what_it_sends() -> None:
+    # Given two identical bottoms, one with a local loss on its own side (NoPeek-style)
+    plain = Stage(_segment(), optimizer=SGD, input_grad=False)
+    extra = Stage(_segment(), optimizer=SGD, input_grad=False,
+                  local_loss=lambda x, out: (out ** 2).mean())
+    x, g = torch.randn(5, 4), torch.randn(5, 2)
+    # When both run the same batch and gradient
+    sent = [s.forward(0, x) for s in (plain, extra)]
+    for s in (plain, extra):
+        s.backward(0, g)
+    # Then they sent the same activations but updated differently
+    assert torch.equal(sent[0], sent[1])
+    assert not all(torch.equal(p, q) for p, q in zip(plain.segment.parameters(), extra.segment.parameters()))
 
 
 def test_delay_compensation_adds_the_diagonal_hessian_term_only_when_stale() -> None:
@@ -62,10 +94,14 @@ def test_delay_compensation_adds_the_diagonal_hessian_term_only_when_stale() -> 
         staleness.make("magic")
 
 
-def test_cosine_schedule_decays_from_the_base_rate_to_zero() -> None:
-    lr_at = schedule.make("cosine", base_lr=0.03, total_steps=100)
-    assert lr_at(0) == pytest.approx(0.03) and lr_at(50) == pytest.approx(0.015) and lr_at(100) == pytest.approx(0.0)
-    assert schedule.make("constant", base_lr=0.03, total_steps=1)(10**6) == 0.03
+def test_cosine_schedule_decays_its_factor_from_one_to_zero_over_a_total_that_may_grow() -> None:
+    factor = schedule.make("cosine", 100)
+    assert factor(0) == pytest.approx(1.0) and factor(50) == pytest.approx(0.5) and factor(100) == pytest.approx(0.0)
+    assert schedule.make("constant", 1)(10**6) == 1.0
+    total = [100]
+    growing = schedule.make("cosine", lambda: total[0])
+    total[0] = 200
+    assert growing(100) == pytest.approx(0.5)
 
 
 def test_weighted_average_weighs_by_samples_and_refuses_mismatches() -> None:
@@ -73,3 +109,22 @@ def test_weighted_average_weighs_by_samples_and_refuses_mismatches() -> None:
     torch.testing.assert_close(aggregate.weighted_average([a, b], [3, 1])["w"], torch.ones(2))
     with pytest.raises(ValueError):
         aggregate.weighted_average([a, {"v": torch.ones(2)}], [1, 1])
+
+
+@pytest.mark.parametrize("name, out, labels", [
+    ("cross_entropy", torch.randn(4, 3), torch.tensor([0, 1, 2, 1])),
+    ("nll", torch.log_softmax(torch.randn(4, 3), 1), torch.tensor([0, 1, 2, 1])),
+    ("bce_with_logits", torch.randn(4, 1), torch.tensor([0, 1, 1, 0])),
+    ("mse", torch.randn(4), torch.tensor([0.5, 1.0, 2.0, 3.0])),
+])
+def test_built_in_losses_take_labels_as_the_data_gives_them(name: str, out: torch.Tensor, labels: torch.Tensor) -> None:
+    value = losses.resolve(name)(out, labels)
+    assert value.dim() == 0 and torch.isfinite(value)
+
+
+def test_a_loss_by_import_path_is_loaded_from_the_local_machine_and_a_bad_one_is_named() -> None:
+    assert losses.resolve("torch.nn.functional:l1_loss") is torch.nn.functional.l1_loss
+    with pytest.raises(ValueError, match="cannot import"):
+        losses.resolve("no_such_module:loss")
+    with pytest.raises(ValueError, match="unknown loss"):
+        losses.resolve("hinge")

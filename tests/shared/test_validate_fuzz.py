@@ -1,4 +1,5 @@
-"""Property-based fuzzing of the trainer's gate: wire.decode, then shared.validate.
+"""Property-based fuzzing of the trainer's gate: workers/gate.py (size, decode, envelope), then
+shared.validate's forward checks, exactly as the top role runs them.
 
 Whatever bytes a hostile client publishes, the trainer sees one of two outcomes: a typed
 rejection (DecodeError from the decoder, RejectedMessage from the validator, with a reason
@@ -19,8 +20,13 @@ from hypothesis import strategies as st
 from splitmq.shared import validate, wire
 from splitmq.shared.errors import DecodeError, RejectedMessage
 from splitmq.shared.metrics import REJECT_REASONS
+from splitmq.shared.transport import Delivery
+from splitmq.workers import gate as party_gate
+from splitmq.workers.roles.base import Inbound, Source
 
 LIMITS = validate.Limits(job_id="fuzzjob", cut_shape=(4,), max_batch=8)
+INBOUND = Inbound("q", Source.FORWARD, frozenset({wire.Kind.FORWARD}), LIMITS.max_body_bytes())
+RULES = party_gate.GateRules(job_id="fuzzjob")
 FUZZ = settings(max_examples=800, deadline=None, database=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 #: Peak resident memory may grow this much over all the fuzzing (a single float32 tensor
@@ -115,7 +121,11 @@ def envelopes(draw: st.DrawFn) -> dict[str, Any]:
 def gate(body: bytes) -> str:
     """Run the trainer's gate; return "accepted" or the rejection's reason. Anything else escapes."""
     try:
-        msg = validate.parse_forward(body, LIMITS)
+        inc = party_gate.admit(Delivery("q", body, 1, 0, False, "m", "c", "client-0", None, {}, "x", "client-0.top"),
+                               INBOUND, RULES)
+        msg = inc.msg
+        assert isinstance(msg, wire.Forward)
+        validate.check_forward(msg, LIMITS)
     except RejectedMessage as exc:
         assert exc.reason in REJECT_REASONS, exc.reason
         return exc.reason

@@ -29,12 +29,20 @@ def test_every_allowed_dtype_round_trips(dtype: torch.dtype) -> None:
     assert back.tensors["w"].dtype == dtype and torch.equal(back.tensors["w"], t)
 
 
-def test_backward_hello_and_copy_round_trip() -> None:
-    grad = wire.Backward(job_id="j", client_id="c", seq=1, grad=torch.ones(2, 3), loss=0.25, correct=2, skipped=True)
+def test_backward_hello_bye_and_copy_round_trip() -> None:
+    grad = wire.Backward(job_id="j", client_id="c", seq=1, grad=torch.ones(2, 3), loss=0.25,
+                         metrics={"accuracy": 0.5}, outcome=wire.Outcome.SKIPPED.value)
     back = wire.decode(grad.encode())
-    assert (back.loss, back.correct, back.skipped) == (0.25, 2, True)
-    hello = wire.Hello(job_id="j", client_id="c", seq=0, spec={"cuts": [4], "cut_shapes": [[640]], "lr": 0.03})
-    assert wire.decode(hello.encode()).spec == hello.spec
+    assert isinstance(back, wire.Backward)
+    assert (back.loss, dict(back.metrics), back.outcome) == (0.25, {"accuracy": 0.5}, "skipped")
+    empty = wire.decode(wire.Backward(job_id="j", client_id="c", seq=1, outcome="refused", error="why").encode())
+    assert isinstance(empty, wire.Backward) and empty.grad is None and empty.loss is None and empty.error == "why"
+    hello = wire.Hello(job_id="j", client_id="c", seq=0, spec={"cuts": ["relu2"], "bottom_params": [["w", [3, 4]]]},
+                       facts={"client_index": 0})
+    back_hello = wire.decode(hello.encode())
+    assert isinstance(back_hello, wire.Hello) and back_hello.spec == hello.spec and back_hello.facts == hello.facts
+    bye = wire.decode(wire.Bye(job_id="j", client_id="c", seq=63, completed=False, reason="stopped").encode())
+    assert isinstance(bye, wire.Bye) and (bye.seq, bye.completed, bye.reason) == (63, False, "stopped")
     assert grad.copy(seq=9).seq == 9 and grad.seq == 1  # copies, never mutates
 
 
@@ -53,13 +61,15 @@ def _body(**changes: object) -> bytes:
 @pytest.mark.parametrize("body, words", [
     (b"\xc1", "not valid msgpack"),
     (msgpack.packb([1, 2]), "must be a msgpack map"),
-    (_body(schema=2), "unsupported schema"),
+    (_body(schema=1), "unsupported schema"),
+    (_body(outcome="maybe"), "field 'outcome'"),
+    (_body(metrics={"accuracy": "high"}), "field 'metrics'"),
     (_body(kind="pickle"), "unknown message kind"),
     (_body(seq="1"), "field 'seq'"),
     (_body(extra=1), "unknown field"),
     (_body(tensors={"grad": {"dtype": "float32", "shape": [3], "data": b"\0" * 8}}), "needs 12 bytes"),
     (_body(tensors={"grad": {"dtype": "object", "shape": [1], "data": b"\0"}}), "dtype"),
-    (_body(tensors={}), "missing tensor"),
+    (_body(tensors={"activations": {"dtype": "float32", "shape": [0], "data": b""}}), "unknown tensor"),
 ])
 def test_malformed_bodies_raise_decode_error_saying_what_is_wrong(body: bytes, words: str) -> None:
     with pytest.raises(DecodeError, match=words):

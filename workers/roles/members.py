@@ -70,7 +70,7 @@ class Members:
         theirs = {k: spec.get(k) for k in MODEL_KEYS if k != "bottom_params" or self.compare_bottoms}
         if self.model and self.compare_models:
             out += differences({k: self.model.get(k) for k in theirs}, theirs)
-        elif not out:
+        else:
             why = self.accepts(spec)
             if why:
                 out.append(why)

@@ -92,7 +92,10 @@ class TopRole(Role):
 
     def _train(self, inc: Incoming, msg: wire.Forward, labels: torch.Tensor) -> Step:
         started = time.perf_counter()
-        result = self.stage.loss_step(msg.activations, labels)
+        try:
+            result = self.stage.loss_step(msg.activations, labels)
+        except (IndexError, RuntimeError, ValueError) as exc:  # the loss cannot use these labels
+            raise RejectedMessage("shape", f"the loss cannot take this batch's labels: {exc}") from None
         if self.own_head:
             self.stats.loss(result.loss)
         else:
