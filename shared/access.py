@@ -207,6 +207,18 @@ class ManagementAPI:
             return False
         return True
 
+    def names(self, kind: str, prefix: str) -> list[str]:
+        """Names of the vhost's ``queues`` or ``exchanges`` that start with ``prefix``."""
+        items = self._request("GET", f"/{kind}/{self._q(self.vhost)}?columns=name") or []
+        return sorted(i["name"] for i in items if str(i.get("name", "")).startswith(prefix))
+
+    def delete_exchange(self, exchange: str) -> bool:
+        try:
+            self._request("DELETE", f"/exchanges/{self._q(self.vhost)}/{self._q(exchange)}")
+        except KeyError:
+            return False
+        return True
+
     def delete_queue(self, queue: str) -> bool:
         try:
             self._request("DELETE", f"/queues/{self._q(self.vhost)}/{self._q(queue)}")

@@ -10,7 +10,7 @@ from typing import Iterator
 import pika
 import pytest
 
-from splitmq.shared import broker, topology
+from splitmq.shared.access import ManagementAPI
 
 AMQP_URL = os.environ.get("AMQP_URL", "amqp://guest:guest@localhost:5672/%2F")
 
@@ -27,20 +27,17 @@ def amqp_url() -> str:
 
 @pytest.fixture
 def job_id(amqp_url: str) -> Iterator[str]:
-    """A fresh job id per test, so tests sharing the broker never see each other's messages."""
+    """A fresh job id per test, so tests sharing the broker never see each other's messages;
+    afterwards every queue and exchange of the job is deleted (as ``splitmq job delete`` does)."""
     job = "t" + uuid.uuid4().hex[:10]
     yield job
+    delete_job(job)
+
+
+def delete_job(job: str, admin_url: str = "http://guest:guest@localhost:15672") -> None:
+    api = ManagementAPI(admin_url)
     prefix = f"splitmq.{job}."
-    conn = pika.BlockingConnection(pika.URLParameters(amqp_url))
-    try:
-        names = [topology.forward_queue(job, s) for s in ("top", "mid", "head", "fed")]
-        names += [topology.dead_letter_queue(job)]
-        names += [topology.reply_queue(job, f"client-{i}") for i in range(16)]
-        for name in names:
-            assert name.startswith(prefix)
-            conn.channel().queue_delete(name)
-        for ex in (topology.activations_exchange(job), topology.gradients_exchange(job),
-                   topology.dead_letter_exchange(job)):
-            conn.channel().exchange_delete(ex)
-    finally:
-        conn.close()
+    for name in api.names("queues", prefix):
+        api.delete_queue(name)
+    for name in api.names("exchanges", prefix):
+        api.delete_exchange(name)

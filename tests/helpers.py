@@ -1,98 +1,181 @@
-"""Helpers for tests that run real parties against the real broker."""
+"""Helpers for tests that run real parties against the real broker (processes or threads)."""
 from __future__ import annotations
 
-import os
-import threading
-from typing import Any
+import json
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any, Callable
 
+import pytest
+import torch
 from prometheus_client import CollectorRegistry
+from prometheus_client.parser import text_string_to_metric_families
 
+from splitmq.shared import checkpoint, topology
+from splitmq.shared.broker import Broker
 from splitmq.shared.config import JobConfig
 from splitmq.shared.metrics import Metrics
-from splitmq.workers.server import Trainer, TrainerOptions
-from splitmq.workers.worker import Worker, WorkerOptions
+from splitmq.workers import server, worker
+from splitmq.workers.demo import write_job
+from splitmq.workers.stats import Stats
+from tests.stubs import Running
+
+ROOT = Path(__file__).resolve().parents[1]
+#: Longest wait for any one event (a process start, a run finishing) on a busy 2-core machine.
+DEADLINE_S = 300.0
 
 
-class TrainerThread:
-    """A Trainer serving in a background thread of the test process."""
-
-    def __init__(self, cfg: JobConfig, amqp_url: str, **options: Any) -> None:
-        self.trainer = Trainer(cfg, TrainerOptions(amqp_url=amqp_url, **options),
-                               metrics=Metrics("trainer", CollectorRegistry()))
-        self.summary: dict[str, Any] | None = None
-        self.error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        try:
-            self.summary = self.trainer.run()
-        except BaseException as exc:  # surfaced by stop()
-            self.error = exc
-
-    def __enter__(self) -> "TrainerThread":
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-    def stop(self) -> None:
-        self.trainer.stop.set("test done")
-        self._thread.join(60)
-        if self.error:
-            raise self.error
+def wait_for(condition: Callable[[], Any], what: str, timeout: float = DEADLINE_S) -> Any:
+    """Poll ``condition`` until it returns something truthy; fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.02)
+    pytest.fail(f"timed out after {timeout:.0f}s waiting for {what}")
 
 
-def make_worker(cfg: JobConfig, amqp_url: str, index: int = 0, **options: Any) -> Worker:
-    opts = WorkerOptions(client_id=f"client-{index}", client_index=index, amqp_url=amqp_url, **options)
-    return Worker(cfg, opts, metrics=Metrics("worker", CollectorRegistry()))
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def job_file(cfg: JobConfig, tmp: Path, name: str = "job.toml") -> Path:
+    """The job as the TOML every party loads with --config."""
+    path = tmp / name
+    write_job(cfg, path)
+    lines = path.read_text().splitlines()
+    extra = {"checkpoint_every": cfg.checkpoint_every, "dc_lambda": cfg.dc_lambda, "test_fraction": cfg.test_fraction}
+    path.write_text("\n".join(lines + [f"{k} = {json.dumps(v)}" for k, v in extra.items()]) + "\n")
+    return path
 
 
 class Party:
-    """A ``splitmq`` command running as its own process, logging to ``<tmp>/<name>.log``."""
+    """One ``splitmq`` process; restartable with the same arguments, logging to one file."""
 
-    def __init__(self, name: str, args: list[str], tmp: "os.PathLike[str] | str") -> None:
-        import subprocess
-        import sys
-        from pathlib import Path
+    def __init__(self, tmp: Path, name: str, command: str, args: list[str], *, metrics: bool = True) -> None:
+        self.name, self.command, self.args, self.metrics = name, command, args, metrics
+        self.log = tmp / f"{name}.log"
+        self.summary_path = tmp / f"{name}-summary.json"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.port = 0
+        self.starts = 0
 
-        self.name = name
-        self.log_path = Path(tmp) / f"{name}.log"
-        self._log = open(self.log_path, "wb")
-        self.proc = subprocess.Popen([sys.executable, "-m", "splitmq", *args], stdout=self._log,
-                                     stderr=subprocess.STDOUT)
+    def start(self) -> "Party":
+        self.port = free_port()
+        argv = [sys.executable, "-m", "splitmq", self.command, *self.args, "--summary-json", str(self.summary_path)]
+        if self.metrics:
+            argv += ["--metrics-port", str(self.port)]
+        with open(self.log, "ab") as log:
+            log.write(f"==== start {self.starts}: {' '.join(argv)}\n".encode())
+            self.proc = subprocess.Popen(argv, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+        self.starts += 1
+        return self
 
-    def wait(self, timeout: float = 300) -> int:
-        """Wait for the process to exit by itself; fails the test with its log if it does not."""
-        import subprocess
+    @property
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
 
+    def signal(self, signum: int) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signum)
+
+    def kill(self) -> None:
+        """SIGKILL: no checkpoint, no goodbye."""
+        if self.alive:
+            self.signal(signal.SIGKILL)
+            self.wait()
+
+    def stop(self) -> int:
+        """SIGTERM: finish the current message, checkpoint, write the summary, exit."""
+        if self.alive:
+            self.signal(signal.SIGTERM)
+        return self.wait()
+
+    def wait(self, timeout: float = DEADLINE_S) -> int:
+        assert self.proc is not None
         try:
             return self.proc.wait(timeout)
         except subprocess.TimeoutExpired:
             self.proc.kill()
-            raise AssertionError(f"{self.name} did not finish in {timeout}s:\n{self.log()}") from None
+            pytest.fail(f"{self.name} did not exit within {timeout:.0f}s; log:\n{self.tail()}")
 
-    def stop(self, timeout: float = 60) -> int:
-        """SIGTERM (finish the current message, checkpoint, exit) and wait."""
-        if self.proc.poll() is None:
-            self.proc.terminate()
-        return self.wait(timeout)
+    def metric(self, sample: str, **labels: str) -> float:
+        """A sample from the process's /metrics, or -1 while it is not serving."""
+        try:
+            text = urllib.request.urlopen(f"http://127.0.0.1:{self.port}/metrics", timeout=2).read().decode()
+        except OSError:
+            return -1.0
+        for family in text_string_to_metric_families(text):
+            for s in family.samples:
+                if s.name == sample and all(s.labels.get(k) == v for k, v in labels.items()):
+                    return float(s.value)
+        return -1.0
 
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
+    def applied(self, role: str) -> float:
+        return self.metric("splitmq_batches_total", role=role, outcome="applied")
 
-    def log(self) -> str:
-        return self.log_path.read_text()[-4000:]
+    def summary(self) -> dict[str, Any]:
+        return dict(json.loads(self.summary_path.read_text()))
+
+    def tail(self, lines: int = 80) -> str:
+        return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:]) if self.log.exists() else ""
+
+    def close(self) -> None:
+        if self.alive:
+            self.proc.kill()  # type: ignore[union-attr]
+            self.proc.wait()  # type: ignore[union-attr]
 
 
-def job_args(cfg: JobConfig, amqp_url: str) -> list[str]:
-    """Command-line flags that give a party exactly ``cfg``."""
-    args = ["--amqp-url", amqp_url, "--job-id", cfg.job_id, "--model", cfg.model, "--num-clients",
-            str(cfg.num_clients), "--epochs", str(cfg.epochs), "--max-in-flight", str(cfg.max_in_flight),
-            "--bottom-sync", cfg.bottom_sync, "--staleness", cfg.staleness, "--label-source", cfg.label_source,
-            "--lr-schedule", cfg.lr_schedule, "--vertical-parts", str(cfg.vertical_parts), "--seed", str(cfg.seed)]
-    if cfg.cuts:
-        args += ["--cuts", ",".join(map(str, cfg.cuts))]
-    return args
+def server_party(tmp: Path, job: Path, url: str, *extra: str, name: str = "trainer",
+                 ckpt: bool = True) -> Party:
+    args = ["--config", str(job), "--amqp-url", url, "--run-dir", str(tmp / "run"), *extra]
+    if ckpt:
+        args += ["--checkpoint-dir", str(tmp / f"ckpt-{name}")]
+    return Party(tmp, name, "server", args)
+
+
+def worker_party(tmp: Path, job: Path, url: str, index: int = 0, *extra: str, ckpt: bool = True) -> Party:
+    name = topology.client_name(index)
+    args = ["--config", str(job), "--amqp-url", url, "--run-dir", str(tmp / "run"), "--client-index", str(index),
+            *extra]
+    if ckpt:
+        args += ["--checkpoint-dir", str(tmp / f"ckpt-{name}")]
+    return Party(tmp, name, "worker", args)
+
+
+def state(tmp: Path, party: str, role: str) -> dict[str, Any]:
+    """A role's part of a party's checkpoint (``{"role": ..., "ledger": ...}``)."""
+    saved = checkpoint.load(checkpoint.path_for(tmp / f"ckpt-{party}", party))
+    assert saved is not None, f"{party} left no checkpoint"
+    return dict(saved["roles"][role])
+
+
+def in_thread(kind: str, cfg: JobConfig, url: str, **opts: Any) -> Running:
+    """A server or worker party in a thread of the test process, on the real broker."""
+    stats = Stats(Metrics("trainer" if kind == "server" else "worker", CollectorRegistry()))
+    if kind == "server":
+        roles, loop = server.build(cfg, server.ServerOptions(**opts), stats)
+    else:
+        roles, loop = worker.build(cfg, worker.WorkerOptions(**opts), stats)
+    transport = Broker(url, name=loop.name, lease=topology.lease_queue(cfg.job_id, loop.name),
+                       prefetch=256)
+    return Running(roles, transport, loop, stats).start()  # type: ignore[arg-type]
+
+
+def assert_segments_equal(states: list[dict[str, torch.Tensor]], reference: list[torch.nn.Module],
+                          atol: float = 1e-5) -> None:
+    """Each party's final segment equals the same segment of the local baseline."""
+    assert len(states) == len(reference)
+    for got, want in zip(states, reference):
+        want_state = want.state_dict()
+        assert set(got) == set(want_state)
+        for name, value in got.items():
+            torch.testing.assert_close(value, want_state[name], atol=atol, rtol=0)

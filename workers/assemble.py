@@ -35,14 +35,14 @@ def owner_data(cfg: JobConfig, index: int) -> data.Data:
         ValueError: index out of range, unusable data; the message says what to change.
     """
     if cfg.vertical_parts:  # every party holds every sample, but only its own block of features
-        full = data.load(cfg.data, data_dir=cfg.data_dir, test_fraction=cfg.test_fraction,
-                         client_index=index, num_clients=1)
-        if cfg.data in data.BUILTIN:
-            if not 0 <= index < cfg.vertical_parts:
-                raise ValueError(f"client index {index} is out of range for {cfg.vertical_parts} vertical parties")
-            columns = models.column_groups(cfg.vertical_parts)[index]
-            return data.Data(_columns(full.train, columns), _columns(full.test, columns) if full.test else None)
-        return full
+        if cfg.data not in data.BUILTIN:
+            return data.load(cfg.data, data_dir=cfg.data_dir, test_fraction=cfg.test_fraction,
+                             client_index=index, num_clients=cfg.vertical_parts)
+        if not 0 <= index < cfg.vertical_parts:
+            raise ValueError(f"client index {index} is out of range for {cfg.vertical_parts} vertical parties")
+        full = data.load(cfg.data, data_dir=cfg.data_dir, test_fraction=cfg.test_fraction)
+        columns = models.column_groups(cfg.vertical_parts)[index]
+        return data.Data(_columns(full.train, columns), _columns(full.test, columns) if full.test else None)
     return data.load(cfg.data, data_dir=cfg.data_dir, test_fraction=cfg.test_fraction, client_index=index,
                      num_clients=cfg.num_clients)
 

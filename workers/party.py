@@ -47,6 +47,8 @@ class LoopOptions:
     layout: topology.Layout | None = None                # declared at start when permitted
     broker_timeout_s: float = defaults.BROKER_TIMEOUT_S
     lease_timeout_s: float = defaults.LEASE_TIMEOUT_S
+    #: The role whose summary is the party's (the others' go under their names).
+    primary: str = ""
 
 
 @dataclass
@@ -131,7 +133,10 @@ class Party:
                                    "skipped": counts["skipped"], "rejected": dict(self.stats.rejections),
                                    "bytes_sent": counts["bytes_sent"], "bytes_received": counts["bytes_received"]}
         for role in self.roles:
-            summary.update(role.summary())
+            if role.name == self.opts.primary or not self.opts.primary:
+                summary.update(role.summary())
+            elif role.summary():
+                summary[role.name] = role.summary()
         return Outcome(reason, detail, summary)
 
     def _restore(self) -> None:

@@ -94,7 +94,7 @@ def build(cfg: JobConfig, opts: ServerOptions, stats: Stats) -> tuple[list[Role]
     following_queue = () if last or cfg.stages[position] == OWNER_HEAD else (cfg.stages[position],)
     layout = topology.job_layout(job, stages=(stage_name, *following_queue), parties=() if last else (stage_name,))
     upstream = frozenset({cfg.stages[position - 2]}) if position > 1 else frozenset()
-    loop = LoopOptions(name=stage_name, job_id=job, spec=cfg.agreed(),
+    loop = LoopOptions(name=stage_name, job_id=job, spec=cfg.agreed(), primary=serving.name,
                        checkpoint_path=checkpoint.path_for(opts.checkpoint_dir, stage_name) if opts.checkpoint_dir
                        else None, checkpoint_every=cfg.checkpoint_every,
                        rules=gate.GateRules(job_id=job, require_identity=opts.require_identity, upstream=upstream),

@@ -80,6 +80,7 @@ def build(cfg: JobConfig, opts: WorkerOptions, stats: Stats) -> tuple[list[Role]
         head = TopRole(head_stage, members=head_members, stats=stats, job_id=job, forward_queue=forward,
                        limits=lambda: None, labels=assemble.top_labels(cfg, own=samples), task=cfg.task.value,
                        private=True, own_head=True)
+        head.name = "head"
         roles.append(JoinDesk(head_members, head.ledger or Ledger(), stage=head_name, job_id=job,
                               forward_queue=forward, serve_forever=True))
         roles.append(head)
@@ -92,7 +93,7 @@ def build(cfg: JobConfig, opts: WorkerOptions, stats: Stats) -> tuple[list[Role]
                         local_scores=(lambda: head.last_scores) if head is not None else None)
     roles.insert(0, bottom)
     upstream = frozenset({cfg.stages[-2]}) if cfg.u_shaped else frozenset()
-    loop = LoopOptions(name=me, job_id=job, spec={**cfg.agreed(), "client_id": me},
+    loop = LoopOptions(name=me, job_id=job, spec={**cfg.agreed(), "client_id": me}, primary="bottom",
                        checkpoint_path=checkpoint.path_for(opts.checkpoint_dir, me) if opts.checkpoint_dir else None,
                        checkpoint_every=cfg.checkpoint_every, rules=gate.GateRules(job_id=job, upstream=upstream),
                        layout=topology.job_layout(job, stages=tuple(queues), parties=(me,)))
