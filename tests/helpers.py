@@ -152,9 +152,11 @@ def worker_party(tmp: Path, job: Path, url: str, index: int = 0, *extra: str, ck
 
 
 def state(tmp: Path, party: str, role: str) -> dict[str, Any]:
-    """A role's part of a party's checkpoint (``{"role": ..., "ledger": ...}``)."""
-    saved = checkpoint.load(checkpoint.path_for(tmp / f"ckpt-{party}", party))
-    assert saved is not None, f"{party} left no checkpoint"
+    """A role's part of the checkpoint in ``<tmp>/ckpt-<party>`` (``{"role": ..., "ledger": ...}``)."""
+    files = sorted((tmp / f"ckpt-{party}").glob("*.pt"))
+    assert len(files) == 1, f"{party} left {len(files)} checkpoints"
+    saved = checkpoint.load(files[0])
+    assert saved is not None
     return dict(saved["roles"][role])
 
 
