@@ -52,20 +52,27 @@ class Scale:
 
 
 @functools.lru_cache(maxsize=2)
-def dataset(name: str = DATASET) -> data.Dataset:
+def dataset(name: str = DATASET) -> data.Data:
     """The benchmark's data, loaded once per process (parsing MNIST takes seconds)."""
     return data.load(name)
 
 
-def timed_training(train: data.Split, step: "Callable[[torch.Tensor, torch.Tensor], float]", *, seconds: float,
+def full_model(model: str) -> torch.nn.Module:
+    """The unsplit model with the segments' initial weights (every contender trains this)."""
+    from splitmq.shared.local import Chain
+    return Chain(models.build_segments(model))
+
+
+def timed_training(train: data.SampleSet, step: "Callable[[torch.Tensor, torch.Tensor], float]", *, seconds: float,
                    warmup_steps: int = 5) -> dict[str, Any]:
     """Call ``step(x, y)`` (returns the loss) over epochs of ``train`` for about ``seconds`` after
     ``warmup_steps``; samples/s of the timed span. Every in-process contender is timed this way."""
     samples = steps = epoch = 0
     start, loss = 0.0, float("nan")
     while True:
-        for idx in data.batch_order(len(train.y), BATCH_SIZE, seed=0, epoch=epoch):
-            loss = step(train.x[idx], train.y[idx])  # (B, 784), (B,)
+        for idx in data.batch_order(len(train), BATCH_SIZE, seed=0, epoch=epoch):
+            batch = train.batch(idx)
+            loss = step(batch.x, batch.y)  # (B, 784), (B,)
             steps += 1
             if steps == warmup_steps:
                 start = time.perf_counter()
@@ -111,15 +118,13 @@ def mean(values: Sequence[float]) -> float:
 
 def cut_numel(model: str) -> int:
     """Floats per sample crossing the default cut (640 for the MLP, 16x5x5 = 400 for the CNN)."""
-    shape = models.cut_shapes(model)[0]
-    n = 1
-    for d in shape:
-        n *= d
-    return n
+    bottom = models.build_segments(model)[0]
+    with torch.no_grad():
+        return int(bottom(torch.zeros(1, 784)).numel())
 
 
 def param_count(model: str) -> int:
-    return sum(p.numel() for p in models.build_full(model).parameters())
+    return sum(p.numel() for p in full_model(model).parameters())
 
 
 def message_bodies(model: str, batch: int = BATCH_SIZE) -> tuple[bytes, bytes]:

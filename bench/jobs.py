@@ -61,7 +61,7 @@ def _cli(*args: str) -> list[str]:
 
 def _common(spec: JobSpec, job: str, url: str) -> list[str]:
     return ["--amqp-url", url, "--job-id", job, "--num-clients", str(spec.clients), "--epochs", str(spec.epochs),
-            "--model", spec.model, "--max-in-flight", str(spec.in_flight), "--dataset", spec.dataset]
+            "--model", spec.model, "--max-in-flight", str(spec.in_flight), "--data", spec.dataset]
 
 
 def _wait_for_consumer(url: str, queue: str, proc: subprocess.Popen[bytes], deadline: float) -> None:
@@ -154,7 +154,7 @@ def run_job(spec: JobSpec, workdir: Path, *, url: str = AMQP_URL,
     d.mkdir(parents=True)
     env = thread_env()
     mport = free_port()
-    server = subprocess.Popen(_cli("server", *_common(spec, job, url), "--metrics-port", str(mport),
+    server = subprocess.Popen(_cli("server", *_common(spec, job, url), "--metrics-port", str(mport), "--serve-forever",
                                    "--summary-json", str(d / "server.json"), "--run-dir", str(d / "runs"),
                                    *(["--checkpoint-dir", str(d / "ckpt-server")] if spec.checkpoints else [])),
                               env=env, stdout=subprocess.DEVNULL, stderr=open(d / "server.log", "wb"))
@@ -182,8 +182,8 @@ def _run_workers(spec: JobSpec, job: str, url: str, d: Path, env: dict[str, str]
                  prefix: tuple[str, ...]) -> list[dict[str, Any]]:
     procs = []
     for i in range(spec.clients):
-        cid = f"client-{i}"
-        cmd = _cli("worker", *_common(spec, job, url), "--client-id", cid, "--client-index", str(i), "--no-eval",
+        cid = topology.client_name(i)
+        cmd = _cli("worker", *_common(spec, job, url), "--client-index", str(i), "--no-eval",
                    "--join-timeout", str(JOIN_TIMEOUT_S),
                    "--summary-json", str(d / f"{cid}.json"), "--run-dir", str(d / "runs"),
                    *(["--checkpoint-dir", str(d / f"ckpt-{cid}")] if spec.checkpoints else []))

@@ -10,15 +10,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from splitmq.bench.common import LR, MODELS, Scale, dataset, set_threads, timed_training
-from splitmq.shared import models
+from splitmq.bench.common import LR, MODELS, Scale, dataset, full_model, set_threads, timed_training
 
 
 def train_for(model_name: str, seconds: float, *, dataset_name: str, warmup_steps: int = 5) -> dict[str, Any]:
     """Train ``model_name`` for about ``seconds`` after a short warm-up; samples/s of that span."""
     set_threads()
     train = dataset(dataset_name).train
-    model = models.build_full(model_name)
+    model = full_model(model_name)
     opt = torch.optim.SGD(model.parameters(), lr=LR)
     loss_fn = nn.NLLLoss()
 

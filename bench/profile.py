@@ -23,9 +23,9 @@ _CATEGORIES = (
     ("encode Forward", "shared/wire.py", "encode"),
     ("publish hand-off to pika thread", "shared/broker.py", "publish"),
     ("decode Backward", "shared/wire.py", "decode"),
-    ("validate", "shared/validate.py", "check_backward"),
-    ("checkpoint (held acks)", "workers/worker.py", "_checkpoint"),
-    ("waiting for the gradient", "workers/runtime.py", "get"),
+    ("validate", "shared/validate.py", "check_gradient"),
+    ("checkpoint (held acks)", "workers/party.py", "_checkpoint"),
+    ("waiting for the gradient", "queue.py", "get"),
 )
 
 
@@ -37,13 +37,10 @@ def _cumtime(stats: pstats.Stats, suffix: str, name: str) -> float:
 def summarise(prof_path: Path, batches: int, trainer_step_s: float, trainer_codec_s: float) -> dict[str, Any]:
     """Per-step milliseconds by category from the worker's profile plus the trainer's numbers."""
     stats = pstats.Stats(str(prof_path))
-    total = _cumtime(stats, "workers/worker.py", "run")
-    setup = _cumtime(stats, "workers/worker.py", "connect") + _cumtime(stats, "workers/worker.py", "join")
+    total = _cumtime(stats, "workers/party.py", "run")
+    setup = _cumtime(stats, "workers/party.py", "_connect") + _cumtime(stats, "workers/party.py", "_restore")
     rows = {name: _cumtime(stats, suffix, func) for name, suffix, func in _CATEGORIES}
-    # join() waits on the inbox too; that wait is set-up, not a training step.
-    join_wait = _cumtime(stats, "workers/worker.py", "join")
-    rows["waiting for the gradient"] = max(0.0, rows["waiting for the gradient"] - join_wait)
-    loop = total - setup
+    loop = max(1e-9, total - setup)
     rows["other worker Python"] = max(0.0, loop - sum(rows.values()))
     per_step = {k: v / batches * 1e3 for k, v in rows.items()}
     wait_ms = per_step["waiting for the gradient"]
@@ -86,7 +83,7 @@ def markdown(result: dict[str, Any]) -> list[str]:
     lines = [f"Synchronous MLP, one client{link}, {result['batches']} steps, {result['step_ms']:.2f} ms per step "
              "on the worker's main thread (under cProfile).", "",
              "| where | ms per step | share |", "|---|---:|---:|"]
-    step = result["step_ms"]
+    step = result["step_ms"] or float("nan")
     for name, ms in result["worker_ms"].items():
         lines.append(f"| worker: {name} | {ms:.2f} | {ms / step:.0%} |")
     for name, ms in result["waiting_split_ms"].items():

@@ -29,7 +29,7 @@ def textbook(model: str, train_samples: int) -> dict[str, float]:
 
 def table(job_rows: list[dict[str, Any]], dataset_name: str) -> dict[str, Any]:
     """For each model: the formulas and the measured bytes of its synchronous one-client run."""
-    train_samples = len(dataset(dataset_name).train.y)
+    train_samples = len(dataset(dataset_name).train)
     out: dict[str, Any] = {"train_samples_per_epoch": train_samples, "dataset": dataset_name, "models": {}}
     for row in job_rows:
         if row["clients"] != 1 or row["in_flight"] != 1 or row["delay_s"] or row["model"] in out["models"]:

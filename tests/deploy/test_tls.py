@@ -7,6 +7,7 @@ teardown; the shared node on 5672 is never touched.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -17,19 +18,20 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import pytest
 from prometheus_client import CollectorRegistry
 
 from splitmq.shared import topology
 from splitmq.shared.broker import Broker, Delivery, declare
-from splitmq.shared.config import JobConfig
+from splitmq.shared.config import BottomSync, JobConfig
 from splitmq.shared.errors import BrokerError
 from splitmq.shared.metrics import Metrics
-from tests.helpers import TrainerThread
-from splitmq.workers import cli
-from splitmq.workers.worker import Worker, WorkerOptions
+from splitmq.workers import cli, runtime, server, worker
+from splitmq.workers.exits import ExitReason
+from splitmq.workers.stats import Stats
+from tests.stubs import Running
 
 REPO = Path(__file__).resolve().parents[2]
 NODE_ENV = {"NODE": "sec", "AMQP_PORT": "5680", "MGMT_PORT": "15680", "PROM_PORT": "15690", "TLS_PORT": "5681"}
@@ -104,7 +106,8 @@ def test_a_client_verifying_the_broker_round_trips_a_message_over_amqps(tls_node
     declare(TLS_URL, topology.job_layout(job), tls_node.tls())
     got: list[Delivery] = []
     b = Broker(TLS_URL, name="tls-roundtrip", tls=tls_node.tls())
-    b.start(timeout=WAIT_S)
+    b.start()
+    b.wait_ready(WAIT_S)
     try:
         b.consume(topology.forward_queue(job), got.append)
         # When it publishes and consumes over amqps
@@ -129,8 +132,9 @@ def test_a_client_trusting_the_wrong_ca_fails_with_a_clear_error(tls_node: TlsNo
     # Given a client whose CA bundle is another CA than the broker's
     b = Broker(TLS_URL, name="tls-wrong-ca", tls=tls_node.tls(ca=tls_node.other_ca))
     # When it connects, Then it fails at once, saying the certificate did not verify
+    b.start()
     with pytest.raises(BrokerError, match="certificate did not verify"):
-        b.start(timeout=WAIT_S)
+        b.wait_ready(WAIT_S)
     b.close()
 
 
@@ -153,19 +157,29 @@ def test_a_worker_and_the_trainer_train_over_amqps_as_least_privilege_users_with
         tls_node: TlsNode, capsys: pytest.CaptureFixture[str]) -> None:
     # Given a trainer user and a client user made by `splitmq broker`, on the TLS node
     job = "tls" + uuid.uuid4().hex[:8]
-    cfg = JobConfig(job_id=job, dataset="synthetic", num_clients=1, epochs=1, bottom_sync="independent")
+    cfg = JobConfig(job_id=job, data="synthetic", epochs=1, bottom_sync=BottomSync.INDEPENDENT)
     trainer_url = add_user(capsys, tls_node, "trainer", f"trainer-{job}", job, "--may-declare")
     client_url = add_user(capsys, tls_node, "client", "client-0", job)
     try:
         # When they train one epoch over amqps, the trainer requiring broker-validated identity
-        with TrainerThread(cfg, trainer_url, tls=tls_node.tls(), require_identity=True) as trainer:
-            worker = Worker(cfg, WorkerOptions(client_id="client-0", client_index=0, amqp_url=client_url,
-                                               tls=tls_node.tls(), evaluate=False, join_timeout_s=60),
-                            metrics=Metrics("worker", CollectorRegistry()))
-            summary = worker.run()
+        top = _run("server", cfg, trainer_url, tls_node.tls(), require_identity=True)
+        owner = _run("worker", cfg, client_url, tls_node.tls(), evaluate=False)
+        owner_end, top_end = owner.wait(), top.wait()
         # Then the run completes and the trainer rejected nothing
-        assert summary["completed"]
-        assert not [k for k, v in trainer.trainer.counts.items() if k.startswith("rejected_") and v]
+        assert owner_end.reason is ExitReason.DONE and owner_end.summary["completed"], owner_end.detail
+        assert top_end.reason is ExitReason.DONE and top_end.summary["rejected"] == {}
     finally:
         for name in (f"trainer-{job}", "client-0"):
             cli.main(["broker", "remove-client", name, "--job-id", job, *admin_args(tls_node)])
+
+
+def _run(kind: str, cfg: JobConfig, url: str, tls: dict[str, str], **opts: Any) -> Running:
+    """A party in a thread, connecting over amqps as the given user (its user_id set on publishes)."""
+    stats = Stats(Metrics("trainer" if kind == "server" else "worker", CollectorRegistry()))
+    if kind == "server":
+        roles, loop = server.build(cfg, server.ServerOptions(**opts), stats)
+    else:
+        roles, loop = worker.build(cfg, worker.WorkerOptions(**opts), stats)
+        loop = dataclasses.replace(loop, user_id=runtime.broker_username(url))
+    transport = Broker(url, name=loop.name, tls=tls, lease=topology.lease_queue(cfg.job_id, loop.name))
+    return Running(roles, transport, loop, stats).start()  # type: ignore[arg-type]

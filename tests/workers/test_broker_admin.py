@@ -18,10 +18,15 @@ import pika
 import pika.exceptions
 import pytest
 
-from splitmq.shared import access, broker, topology, validate
+import dataclasses
+
+import torch
+
+from splitmq.shared import access, broker, topology, wire
 from splitmq.shared.broker import Broker, Delivery
 from splitmq.shared.errors import AccessRefused, BrokerError, RejectedMessage
-from splitmq.workers import broker_admin, cli
+from splitmq.workers import broker_admin, cli, gate
+from splitmq.workers.roles.base import Inbound, Source
 
 WAIT_S = 15.0
 
@@ -55,7 +60,8 @@ def clients(job_id: str, capsys: pytest.CaptureFixture[str]) -> Iterator[tuple[d
 
 def connected(url: str, name: str) -> Broker:
     b = Broker(url, name=name)
-    b.start(timeout=WAIT_S)
+    b.start()
+    b.wait_ready(WAIT_S)
     return b
 
 
@@ -104,6 +110,8 @@ def test_client_permissions_match_only_its_own_names() -> None:
     assert perms.allows("read", topology.reply_queue("j", "c1"))
     assert not perms.allows("read", topology.reply_queue("j", "c10"))
     assert not perms.allows("configure", topology.reply_queue("j", "c1"))
+    assert perms.allows("configure", topology.lease_queue("j", "c1"))
+    assert not perms.allows("configure", topology.lease_queue("j", "c10"))
     topic = perms.topics[0]
     assert topic.exchange == topology.activations_exchange("j")
     assert re.search(topic.write, topology.forward_routing_key("c1"))
@@ -223,13 +231,19 @@ def test_the_trainer_sees_the_broker_validated_sender_and_rejects_messages_witho
         publish_forward(client, job_id, a["routing_keys"][0]).result(WAIT_S)
     finally:
         client.close()
-    # When the trainer reads them and checks identity as under --require-identity
+    # When the trainer's gate reads them as under --require-identity
     signed, unsigned = broker.get_messages(amqp_url, topology.forward_queue(job_id))
-    # Then the first names A and passes; the second is rejected for identity
-    assert signed.user_id == a["username"]
-    validate.check_identity(signed.user_id, a["client_id"], a["client_id"], require=True)
+    body = wire.Forward(job_id=job_id, client_id=a["client_id"], seq=0, activations=torch.ones(1, 4)).encode()
+    inbound = Inbound("q", Source.FORWARD, frozenset({wire.Kind.FORWARD}), 1 << 20)
+    rules = gate.GateRules(job_id=job_id, require_identity=True)
+
+    def admit(d: Delivery) -> Any:
+        return gate.admit(dataclasses.replace(d, body=body, reply_to=a["client_id"]), inbound, rules)
+    # Then the first names A (the broker vouched for it) and passes; the second is rejected for identity
+    assert signed.user_id == a["username"] and unsigned.user_id is None
+    assert admit(signed).sender == a["client_id"]
     with pytest.raises(RejectedMessage) as info:
-        validate.check_identity(unsigned.user_id, a["client_id"], a["client_id"], require=True)
+        admit(unsigned)
     assert info.value.reason == "identity"
 
 

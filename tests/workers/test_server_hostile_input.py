@@ -1,11 +1,10 @@
-"""End to end on the real broker: hostile messages injected into the activations queue during a
+"""End to end on the real broker: hostile messages injected into the trainer's queue during a
 run are dead-lettered with their reasons, and the run ends with exactly the weights of a
 clean run."""
 from __future__ import annotations
 
 import math
 import threading
-import time
 import uuid
 from typing import Any, Callable
 
@@ -14,16 +13,18 @@ import torch
 
 from splitmq.shared import broker, topology, wire
 from splitmq.shared.broker import Broker
-from splitmq.shared.config import JobConfig
-from tests.helpers import TrainerThread, make_worker
+from splitmq.shared.config import BottomSync, JobConfig
+from splitmq.workers.exits import ExitReason
+from tests.helpers import in_thread, wait_for
+from tests.stubs import Running
 
-WAIT_S = 60.0
+WAIT_S = 120.0
 
 
 def hostile_messages(job: str, cut: tuple[int, ...], batch: int) -> list[tuple[str, bytes]]:
     """(expected reason, body) for each kind of hostile input a client could send."""
     def forward(**changes: Any) -> bytes:
-        fields: dict[str, Any] = dict(job_id=job, client_id="client-0", seq=10**5,
+        fields: dict[str, Any] = dict(job_id=job, client_id="client-0", seq=10**3,
                                       activations=torch.zeros(2, *cut), labels=torch.zeros(2, dtype=torch.int64))
         fields.update(changes)
         return wire.Forward(**fields).encode()
@@ -34,6 +35,7 @@ def hostile_messages(job: str, cut: tuple[int, ...], batch: int) -> list[tuple[s
     return [
         ("decode", b"\xc1 not msgpack at all"),
         ("decode", huge),  # declares 4 PiB of activations
+        ("size", b"\x00" * (1 << 20)),  # bigger than any batch of this job: refused unread
         ("job", forward(job_id="another-job")),
         ("dtype", forward(activations=torch.zeros(2, *cut, dtype=torch.float64))),
         ("shape", forward(activations=torch.zeros(2, cut[0] + 1))),
@@ -43,60 +45,56 @@ def hostile_messages(job: str, cut: tuple[int, ...], batch: int) -> list[tuple[s
         ("sequence", forward(seq=10**9)),
         ("identity", forward(client_id="client-0.top")),
         ("kind", wire.Backward(job_id=job, client_id="client-0", seq=1, grad=torch.zeros(2, *cut)).encode()),
+        ("shape", forward(labels=torch.full((2,), 99, dtype=torch.int64))),  # a class the model does not have
     ]
 
 
-def train(cfg: JobConfig, amqp_url: str, inject: Callable[[TrainerThread], None] | None = None
+def train(cfg: JobConfig, amqp_url: str, inject: Callable[[Running], None] | None = None
           ) -> dict[str, dict[str, torch.Tensor]]:
-    """One split training run; ``inject`` runs in a thread while it trains. Returns both segments' weights."""
-    with TrainerThread(cfg, amqp_url) as trainer:
-        injector = threading.Thread(target=inject, args=(trainer,)) if inject else None
-        if injector:
-            injector.start()
-        worker = make_worker(cfg, amqp_url, evaluate=False)
-        assert worker.run()["completed"]
-        if injector:
-            injector.join(WAIT_S)
-    return {"bottom": worker.stage.segment.state_dict(), "top": trainer.trainer.stage.segment.state_dict()}
+    """One split run; ``inject`` runs in a thread once the owner has joined. Returns both segments."""
+    top = in_thread("server", cfg, amqp_url)
+    owner = in_thread("worker", cfg, amqp_url, evaluate=False)
+    injector = threading.Thread(target=inject, args=(top,)) if inject else None
+    if injector:
+        wait_for(lambda: top.roles[1].members.model, "the owner's join")
+        injector.start()
+    assert owner.wait().reason is ExitReason.DONE
+    if injector:
+        injector.join(WAIT_S)
+    assert top.wait().reason is ExitReason.DONE
+    return {"bottom": owner.roles[0].stage.segment.state_dict(), "top": top.roles[1].stage.segment.state_dict()}
 
 
 def test_hostile_messages_during_a_run_are_dead_lettered_and_change_no_weight(amqp_url: str, job_id: str) -> None:
-    # Given a clean reference run of one client
-    cfg = JobConfig(job_id=job_id, dataset="synthetic", num_clients=1, epochs=1, max_in_flight=1,
-                    bottom_sync="independent")
+    # Given a clean reference run of one owner
+    cfg = JobConfig(job_id=job_id, data="synthetic", epochs=1, bottom_sync=BottomSync.INDEPENDENT)
     clean = train(cfg, amqp_url)
     broker.delete_queues(amqp_url, [topology.forward_queue(job_id), topology.dead_letter_queue(job_id)])
-
     sent: dict[str, str] = {}
 
-    def inject(trainer: TrainerThread) -> None:
-        limits = trainer.trainer.limits
-        bodies = hostile_messages(job_id, limits.cut_shape, limits.max_batch)
-        deadline = time.monotonic() + WAIT_S
-        while trainer.trainer.broker is None and time.monotonic() < deadline:
-            time.sleep(0.01)  # the trainer declares the topology as it connects
+    def inject(top: Running) -> None:
+        bodies = hostile_messages(job_id, (640,), cfg.batch_size)
         admin = Broker(amqp_url, name="hostile")
         admin.start()
+        admin.wait_ready(WAIT_S)
         try:
             for i, (reason, body) in enumerate(bodies):
                 if i == len(bodies) // 2:  # the rest once training is under way
-                    while trainer.trainer.counts["applied"] < 10 and time.monotonic() < deadline:
-                        time.sleep(0.01)
+                    wait_for(lambda: top.stats.counts["applied"] >= 10, "training under way", WAIT_S)
                 mid = f"hostile-{i}-{uuid.uuid4().hex[:6]}"
                 sent[mid] = reason
                 admin.publish(topology.activations_exchange(job_id), topology.forward_routing_key("client-0"),
-                              body, message_id=mid, reply_to="client-0").result(WAIT_S)
+                              body, message_id=mid, correlation_id=mid, reply_to="client-0").result(WAIT_S)
         finally:
             admin.close()
 
-    # When the same run is repeated with hostile messages injected before and during training
+    # When the same run is repeated with hostile messages injected while it trains
     attacked = train(cfg, amqp_url, inject)
 
     # Then every hostile message sits in the dead-letter queue with its reason
-    assert len(sent) == 10
-    deadline = time.monotonic() + WAIT_S
-    while broker.queue_depth(amqp_url, topology.dead_letter_queue(job_id)) < len(sent) and time.monotonic() < deadline:
-        time.sleep(0.05)
+    assert len(sent) == 12
+    wait_for(lambda: broker.queue_depth(amqp_url, topology.dead_letter_queue(job_id)) >= len(sent),
+             "every dead letter", WAIT_S)
     dead = broker.get_messages(amqp_url, topology.dead_letter_queue(job_id))
     assert {d.headers["x-splitmq-message-id"]: d.headers["x-splitmq-reason"] for d in dead} == sent
     # And the final weights of both segments are exactly those of the clean run

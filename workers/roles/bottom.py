@@ -131,6 +131,13 @@ class BottomRole(Role):
         if msg.client_id != self.me:
             raise RejectedMessage("identity", f"an answer for {msg.client_id} in {self.me}'s queue")
         request = self.requests.pop(inc.correlation_id, None)
+        ours = request is not None or (msg.seq in self.in_flight
+                                       and inc.correlation_id == topology.batch_id(self.me, msg.seq))
+        if isinstance(msg, wire.Backward) and msg.outcome in (wire.Outcome.REFUSED.value, wire.Outcome.REJOIN.value) \
+                and not ours:  # about a message we never sent (someone else wrote under our name)
+            log.warning("%s: ignoring a %s answer to %s, which is not ours: %s", self.me, msg.outcome,
+                        inc.correlation_id, msg.error)
+            return Step(durable=False)
         if isinstance(msg, wire.Backward) and msg.outcome == wire.Outcome.REFUSED.value:
             what = request.what if request else f"batch {msg.seq}"
             raise PartyExit(ExitReason.PEER_REFUSED, f"{self.dest} refused {what}: {msg.error}")
@@ -183,6 +190,9 @@ class BottomRole(Role):
         if msg.loss is not None:
             self.losses[seq] = msg.loss
         self.stats.gauge("in_flight", len(self.in_flight))
+        if seq % 10 == 0:
+            self.stats.history(epoch=self.epoch_of(seq), seq=seq, loss=msg.loss if msg.loss is not None
+                               else self.stats.last_loss, samples=self.stats.counts["samples"])
         return Step(applied=[(self.me, seq)])
 
     def _weights(self, inc: Incoming, msg: wire.Weights) -> Step:

@@ -101,6 +101,8 @@ class TopRole(Role):
         else:
             self.stats.applied(len(labels), loss=result.loss, step_s=time.perf_counter() - started)
         self.losses.append(result.loss)
+        if self.stage.version % 10 == 0:
+            self.stats.history(version=self.stage.version, loss=result.loss, samples=self.stats.counts["samples"])
         answer = wire.Backward(job_id=self.job_id, client_id=msg.client_id, seq=msg.seq,
                                model_version=self.stage.version, grad=result.grad_input,
                                loss=None if self.private else result.loss)
@@ -121,6 +123,8 @@ class TopRole(Role):
             del self.passes[key]
             self.last_scores = result
             self.stats.evaluated(result)
+            self.stats.history(version=self.stage.version, client=msg.client_id, epoch=msg.epoch,
+                               **{f"test_{k}": v for k, v in result.items()})
         answer = wire.Backward(job_id=self.job_id, client_id=msg.client_id, seq=msg.seq,
                                model_version=self.stage.version, outcome=wire.Outcome.EVALUATED.value,
                                metrics={} if self.private else result)
