@@ -35,10 +35,23 @@ setup_broker() {
   AMQP_PORT=$port deploy/broker.sh start
 }
 
+# mypy --strict over shared/ and workers/ as the installed package sees them (splitmq.shared,
+# splitmq.workers): a tree of links under build/typecheck maps the folders to their package names.
+typecheck() {
+  local tree=build/typecheck
+  rm -rf "$tree" && mkdir -p "$tree/splitmq"
+  cp splitmq/__init__.py "$tree/splitmq/"
+  ln -s ../../../shared "$tree/splitmq/shared"
+  ln -s ../../../workers "$tree/splitmq/workers"
+  (cd "$tree" && MYPYPATH=. "../../$venv/bin/mypy" --strict --ignore-missing-imports --no-error-summary \
+     -p splitmq.shared -p splitmq.workers) && echo "mypy --strict: shared/ and workers/ clean"
+}
+
 cmd=${1:-}; shift || true
 case "$cmd" in
   demo) setup_python; setup_broker; exec "$venv/bin/splitmq" demo "$@" ;;
-  test) setup_python; setup_broker; exec "$venv/bin/python" -m pytest "$@" ;;
+  test) setup_python; setup_broker; typecheck; exec "$venv/bin/python" -m pytest "$@" ;;
+  typecheck) setup_python; typecheck ;;
   setup) setup_python; setup_broker ;;
-  *) echo "usage: $0 demo|test|setup [args]" >&2; exit 2 ;;
+  *) echo "usage: $0 demo|test|setup|typecheck [args]" >&2; exit 2 ;;
 esac

@@ -22,5 +22,6 @@ def weighted_average(states: Sequence[Mapping[str, torch.Tensor]], weights: Sequ
     for name in sorted(keys):
         if any(set(s) != keys or s[name].shape != states[0][name].shape for s in states):
             raise ValueError(f"states disagree on {name!r}")
-        out[name] = sum(s[name].double() * (w / total) for s, w in zip(states, weights)).to(states[0][name].dtype)
+        weighted = torch.stack([s[name].double() * (w / total) for s, w in zip(states, weights)])
+        out[name] = weighted.sum(0).to(states[0][name].dtype)
     return out

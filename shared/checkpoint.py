@@ -40,4 +40,5 @@ def load(path: str | Path) -> dict[str, Any] | None:
     path = Path(path)
     if not path.exists():
         return None
-    return torch.load(path, map_location="cpu", weights_only=True)
+    state: dict[str, Any] = torch.load(path, map_location="cpu", weights_only=True)
+    return state

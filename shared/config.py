@@ -182,16 +182,17 @@ def coerce(name: str, value: Any) -> Any:
         ConfigError: naming the field, the expected type and the value.
     """
     f = FIELDS[name]
-    kind = type(f.default)
+    default: Any = f.default
+    kind: Any = type(default)
     try:
         if name == "optimizer_args":
             return _optimizer_args(value)
-        if isinstance(f.default, tuple):
+        if isinstance(default, tuple):
             items = [v.strip() for v in value.split(",") if v.strip()] if isinstance(value, str) else value
             if not isinstance(items, (list, tuple)):
                 raise TypeError
             return tuple(str(v) for v in items)
-        if isinstance(f.default, Enum):
+        if isinstance(default, Enum):
             return kind(value)
         if isinstance(value, str) and kind is not str:
             if kind is bool:
@@ -203,7 +204,7 @@ def coerce(name: str, value: Any) -> Any:
             raise TypeError
         return value
     except (TypeError, ValueError):
-        allowed = f" (one of {[e.value for e in kind]})" if isinstance(f.default, Enum) else ""
+        allowed = f" (one of {[e.value for e in kind]})" if isinstance(default, Enum) else ""
         raise ConfigError(f"{name}: expected {kind.__name__}{allowed}, got {value!r}") from None
 
 

@@ -121,7 +121,7 @@ def batch_order(num_samples: int, batch_size: int, seed: int, epoch: int) -> lis
     """Row indices of each batch of one epoch: a seeded shuffle, last partial batch kept."""
     g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
     perm = torch.randperm(num_samples, generator=g)
-    return list(perm.split(batch_size))
+    return list(torch.split(perm, batch_size))
 
 
 def batches_per_epoch(num_samples: int, batch_size: int) -> int:

@@ -51,10 +51,11 @@ class VerticalChain(nn.Module):
         super().__init__()
         self.bottoms, self.top, self.combine = nn.ModuleList(bottoms), top, combine
 
-    def forward(self, parts: Sequence[torch.Tensor]) -> torch.Tensor:  # type: ignore[override]
+    def forward(self, parts: Sequence[torch.Tensor]) -> torch.Tensor:
         outs = [b(x) for b, x in zip(self.bottoms, parts)]
         joined = torch.stack(outs).sum(0) if self.combine is Combine.SUM else torch.cat(outs, dim=1)
-        return self.top(joined)
+        out: torch.Tensor = self.top(joined)
+        return out
 
 
 def evaluate(model: nn.Module, test: data.SampleSet, task: str, loss_fn: losses.Loss, batch_size: int = 1024,
@@ -62,7 +63,7 @@ def evaluate(model: nn.Module, test: data.SampleSet, task: str, loss_fn: losses.
     """Task metrics of ``model`` on ``test`` (``inputs`` overrides how a batch is fed, for vertical)."""
     scorer = scores.Scorer(task)
     with torch.no_grad():
-        for rows in torch.arange(len(test)).split(batch_size):
+        for rows in torch.split(torch.arange(len(test)), batch_size):
             batch = test.batch(rows)
             assert batch.y is not None
             out = model(inputs(rows) if inputs is not None else batch.x)
@@ -105,7 +106,7 @@ def _loop(cfg: JobConfig, model: nn.Module, segments: list[nn.Module], loss_fn: 
             loss = loss_fn(model(x), y)
             for o in optimizers:
                 o.zero_grad(set_to_none=True)
-            loss.backward()
+            torch.autograd.backward(loss)
             factor = lr_at(len(recorded))
             for o, base in zip(optimizers, bases):
                 for group, b in zip(o.param_groups, base):

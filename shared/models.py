@@ -142,7 +142,8 @@ def build_segments(model: str, cuts: Sequence[str] = (), seed: int = 0, *, count
                 for i in range(count)]
     torch.manual_seed(seed)
     built = fn()
-    segments = list(built) if isinstance(built, (list, tuple)) else split_sequential(built, cuts or default_cuts)
+    segments: list[nn.Module] = (list(built) if isinstance(built, (list, tuple))
+                                 else list(split_sequential(built, cuts or default_cuts)))
     if len(segments) != count:
         raise ValueError(f"model {model!r} gives {len(segments)} segments; this job has {count} "
                          f"({', '.join(names)}): check cuts")

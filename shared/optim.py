@@ -47,7 +47,9 @@ class OptimizerSpec:
         return cls
 
     def build(self, params: Iterable[torch.nn.Parameter]) -> torch.optim.Optimizer:
-        return self.cls()(params, lr=self.lr, **dict(self.args))
+        cls: Any = self.cls()  # an Optimizer subclass: each takes its own keyword arguments
+        optimizer: torch.optim.Optimizer = cls(params, lr=self.lr, **dict(self.args))
+        return optimizer
 
     @property
     def uses_momentum(self) -> bool:

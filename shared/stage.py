@@ -80,7 +80,7 @@ class Stage:
         params = None
         if self.stash_weights:
             params = {n: p.detach().clone().requires_grad_() for n, p in self.segment.named_parameters()}
-            output = functional_call(self.segment, params, (inputs,))
+            output: torch.Tensor = functional_call(self.segment, params, (inputs,))
         else:
             output = self.segment(inputs)
         self._pending[key] = _Pending(inputs, output, params, self.version)
@@ -120,10 +120,10 @@ class Stage:
         if self.loss is None:
             raise RuntimeError("loss_step on a stage without a loss")
         inputs = self._in(x).detach().requires_grad_(self.input_grad)
-        output = self.segment(inputs)
+        output: torch.Tensor = self.segment(inputs)
         loss = self.loss(output, self._in(labels))
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        torch.autograd.backward(loss)
         self._step()
         grad = inputs.grad.cpu() if self.input_grad and inputs.grad is not None else None
         return LossStep(float(loss.detach()), output.detach().cpu(), grad)
@@ -131,7 +131,8 @@ class Stage:
     def infer(self, x: torch.Tensor) -> torch.Tensor:
         """Evaluation forward pass: no graph, no stash; the output on the CPU."""
         with torch.no_grad():
-            return self.segment(self._in(x)).cpu()
+            out: torch.Tensor = self.segment(self._in(x))
+        return out.cpu()
 
     def eval_loss(self, output: torch.Tensor, labels: torch.Tensor) -> float:
         """The batch's mean loss for an evaluation output (NaN without a loss)."""

@@ -13,7 +13,7 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any, ClassVar, Mapping, TypeVar, Union
+from typing import Any, ClassVar, Mapping, TypeVar, Union, cast
 
 import msgpack
 import torch
@@ -137,7 +137,8 @@ class Message:
             else:
                 header[name] = value
         header["tensors"] = tensors
-        return msgpack.packb(header, use_bin_type=True)
+        body: bytes = msgpack.packb(header, use_bin_type=True)
+        return body
 
     def copy(self: _M, **changes: Any) -> _M:
         """A new message with some fields changed; messages are never mutated."""
@@ -285,7 +286,7 @@ def _scalars(cls: type[Message], obj: dict[str, Any]) -> dict[str, Any]:
         allowed = _SCALAR_TYPES[key]
         if not isinstance(value, allowed) or (isinstance(value, bool) and bool not in allowed):
             raise DecodeError(f"field {key!r} has type {type(value).__name__}")
-        kwargs[key] = float(value) if float in allowed and value is not None else value
+        kwargs[key] = float(cast(float, value)) if float in allowed and value is not None else value
     for key in _MAP_FIELDS:
         if key in kwargs and not all(isinstance(k, str) and _plain(v, 3) for k, v in kwargs[key].items()):
             raise DecodeError(f"field {key!r} must map names to scalars or (nested) lists of scalars")

@@ -41,6 +41,20 @@ def wait_for(condition: Callable[[], Any], what: str, timeout: float = DEADLINE_
     pytest.fail(f"timed out after {timeout:.0f}s waiting for {what}")
 
 
+def consumers(url: str, queue: str) -> int:
+    """How many consumers ``queue`` has (0 if it does not exist yet)."""
+    import pika
+    import pika.exceptions
+    conn = pika.BlockingConnection(pika.URLParameters(url))
+    try:
+        return int(conn.channel().queue_declare(queue, passive=True).method.consumer_count)
+    except pika.exceptions.ChannelClosedByBroker:
+        return 0
+    finally:
+        if conn.is_open:
+            conn.close()
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

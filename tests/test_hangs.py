@@ -19,7 +19,7 @@ from splitmq.shared.config import BottomSync, JobConfig
 from splitmq.workers import cli
 from splitmq.workers.exits import ExitReason
 from tests.conftest import node
-from tests.helpers import Party, assert_segments_equal, in_thread, job_file, server_party, wait_for, worker_party
+from tests.helpers import Party, assert_segments_equal, consumers, in_thread, job_file, server_party, wait_for, worker_party
 
 
 def test_a_transient_handler_error_with_four_in_flight_still_applies_every_batch_exactly_once(
@@ -66,18 +66,19 @@ def test_a_transient_handler_error_in_a_synchronous_run_leaves_the_weights_of_lo
 
 def test_a_second_worker_with_the_same_client_id_is_refused_saying_why(
         amqp_url: str, job_id: str, tmp_path: Path) -> None:
-    # Given a trainer and an owner training as client-0
-    cfg = JobConfig(job_id=job_id, epochs=3, bottom_sync=BottomSync.INDEPENDENT)
+    # Given an owner running as client-0, waiting for its trainer (it holds its name meanwhile)
+    cfg = JobConfig(job_id=job_id, epochs=1, bottom_sync=BottomSync.INDEPENDENT)
     job = job_file(cfg, tmp_path)
-    top = server_party(tmp_path, job, amqp_url, ckpt=False).start()
     first = worker_party(tmp_path, job, amqp_url, 0, "--no-eval", ckpt=False).start()
-    wait_for(lambda: first.applied("worker") >= 1, "the first owner's progress")
+    wait_for(lambda: "serving job" in first.log.read_text(), "the first owner to connect")
     # When a second process starts as client-0
     second = Party(tmp_path, "second", "worker", ["--config", str(job), "--amqp-url", amqp_url,
                                                   "--client-id", "client-0", "--lease-timeout", "3"]).start()
-    # Then it is refused within seconds with a message naming the problem, and the first is unharmed
+    # Then it is refused within seconds with a message naming the problem
     assert second.wait(120) == 3, second.tail()
     assert "another party named 'client-0' is running" in second.log.read_text()
+    # And the first is unharmed: once its trainer starts, it trains to the end
+    top = server_party(tmp_path, job, amqp_url, ckpt=False).start()
     assert first.wait() == 0 and top.wait() == 0, first.tail() + top.tail()
 
 
@@ -173,6 +174,7 @@ def test_an_oversized_body_is_refused_before_it_is_read_and_the_broker_refuses_t
     from tests.stubs import owner_spec
     cfg = JobConfig(job_id=job_id, epochs=1, bottom_sync=BottomSync.INDEPENDENT)
     top = in_thread("server", cfg, amqp_url, serve_forever=True)
+    wait_for(lambda: consumers(amqp_url, topology.forward_queue(job_id)), "the trainer to consume")
     client = Broker(amqp_url, name="big-client")
     client.start()
     client.wait_ready(30)

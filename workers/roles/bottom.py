@@ -88,6 +88,12 @@ class BottomRole(Role):
         self.started = clock()
         self._orders: dict[int, list[torch.Tensor]] = {}
 
+    @property
+    def applied(self) -> Ledger:
+        """Our batches whose gradient is applied (the loop records them; we read them)."""
+        assert self.ledger is not None
+        return self.ledger
+
     def inbound(self) -> list[Inbound]:
         kinds = frozenset({wire.Kind.BACKWARD, wire.Kind.WEIGHTS, wire.Kind.HELLO})
         return [Inbound(self.reply_queue, Source.REPLY, kinds, wire.MAX_MESSAGE_BYTES)]
@@ -95,14 +101,14 @@ class BottomRole(Role):
     # ---- joining ----------------------------------------------------------------------------
 
     def start(self, now: float) -> Step:
-        self.applied_at_start = self.ledger.count(self.me)
+        self.applied_at_start = self.applied.count(self.me)
         self.started = now
         return self._hello(now)
 
     def _hello(self, now: float) -> Step:
         self.joined, self.hello_since = False, now
         facts = {"client_index": self.index, "num_samples": len(self.samples.train),
-                 "batches_per_epoch": self.per_epoch, "applied_prefix": self.ledger.prefix(self.me)}
+                 "batches_per_epoch": self.per_epoch, "applied_prefix": self.applied.prefix(self.me)}
         cid = topology.request_id(self.me, "hello", time.time_ns())
         self.requests = {k: v for k, v in self.requests.items() if ":hello:" not in k}
         self.requests[cid] = _Request(f"{self.dest}'s answer to our hello", now, self.timeouts.join_s)
@@ -114,7 +120,7 @@ class BottomRole(Role):
             raise PartyExit(ExitReason.CONFIG, f"{self.dest} refused our join: {msg.error}")
         self.joined = True
         theirs = msg.facts.get("applied_prefix", -1)
-        mine = self.ledger.prefix(self.me)
+        mine = self.applied.prefix(self.me)
         log.info("%s: joined job %s at %s (it has applied our batches up to %s; our checkpoint: %d%s)", self.me,
                  self.cfg.job_id, self.dest, theirs, mine,
                  f"; expecting the gradients of {mine + 1}..{theirs} from our queue" if theirs > mine else "")
@@ -223,7 +229,7 @@ class BottomRole(Role):
 
     def current_epoch(self) -> int:
         """The epoch of the first batch not yet applied (``epochs`` when all are)."""
-        first = next(self.ledger.unapplied(self.me))
+        first = next(self.applied.unapplied(self.me))
         return min(self.epoch_of(first), self.cfg.epochs)
 
     def tick(self, now: float) -> Step:
@@ -292,26 +298,26 @@ class BottomRole(Role):
             self.scores = metrics
             self.stats.evaluated(metrics)
         self.stats.gauge("epoch", epoch)
-        done = self.ledger.count(self.me) - self.applied_at_start
+        done = self.applied.count(self.me) - self.applied_at_start
         elapsed = max(1e-9, self.clock() - self.started)
         rate = done * self.cfg.batch_size / elapsed
-        left = (self.total - self.ledger.count(self.me)) * elapsed / max(1, done)
+        left = (self.total - self.applied.count(self.me)) * elapsed / max(1, done)
         score = ", ".join(f"test {k} {v:.4f}" for k, v in metrics.items()) or "no evaluation"
         loss = self.stats.last_loss
         log.info("%s: epoch %d/%d: loss %s, %s, %.0f samples/s, ETA %s", self.me, epoch + 1, self.cfg.epochs,
                  "n/a" if loss is None else f"{loss:.4f}", score, rate, _duration(left))
-        self.stats.history(epoch=epoch, seq=self.ledger.prefix(self.me), loss=loss, samples=self.stats.counts["samples"],
+        self.stats.history(epoch=epoch, seq=self.applied.prefix(self.me), loss=loss, samples=self.stats.counts["samples"],
                            **{f"test_{k}": v for k, v in metrics.items()})
 
     def _bye(self) -> Step:
         self.bye_sent = True
-        msg = wire.Bye(job_id=self.cfg.job_id, client_id=self.me, seq=self.ledger.count(self.me), completed=True)
+        msg = wire.Bye(job_id=self.cfg.job_id, client_id=self.me, seq=self.applied.count(self.me), completed=True)
         return Step(sends=[Send(ToStage(self.dest), msg, topology.request_id(self.me, "bye", 0))])
 
     def _fill(self, epoch: int, now: float) -> Step:
         """Send batches of ``epoch`` until ``max_in_flight`` are out; re-send overdue ones."""
         step = Step()
-        for seq in self.ledger.unapplied(self.me):
+        for seq in self.applied.unapplied(self.me):
             if self.epoch_of(seq) != epoch or len(self.in_flight) >= self.cfg.max_in_flight:
                 break
             if seq in self.in_flight:
@@ -395,9 +401,9 @@ class BottomRole(Role):
         seconds = max(1e-9, self.clock() - self.started)
         samples = self.stats.counts["samples"]
         headline = scores.headline(self.cfg.task.value)
-        return {"client_id": self.me, "epochs": self.cfg.epochs, "batches": self.ledger.count(self.me) - self.applied_at_start,
+        return {"client_id": self.me, "epochs": self.cfg.epochs, "batches": self.applied.count(self.me) - self.applied_at_start,
                 "samples": samples, "samples_per_second": samples / seconds, "max_in_flight": self.cfg.max_in_flight,
-                "completed": self.ledger.count(self.me) >= self.total,
+                "completed": self.applied.count(self.me) >= self.total,
                 "losses": [self.losses[k] for k in sorted(self.losses)], "test_scores": self.scores,
                 "test_metric": headline, "test_value": self.scores.get(headline, math.nan),
                 "round_trip_p50_s": p50, "round_trip_p99_s": p99, "duplicates": self.stats.counts["duplicates"],

@@ -18,7 +18,7 @@ class EvalPass:
                  send_labels: bool, window: int) -> None:
         self.epoch, self.test, self.me, self.job_id = epoch, test, me, job_id
         self.send_labels, self.window = send_labels, window
-        self.order = list(torch.arange(len(test)).split(batch_size))
+        self.order = list(torch.split(torch.arange(len(test)), batch_size))
         self.next = 0
         self.pending: set[int] = set()
         self.answered_seqs: set[int] = set()

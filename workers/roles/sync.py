@@ -9,6 +9,7 @@ then Independent, so a one-owner job needs no flag.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
@@ -175,7 +176,17 @@ class SyncDesk(Role):
         self.turns: dict[int, Outgoing] = {}  # hand-offs waiting for their owner to join, by index
 
     def inbound(self) -> list[Inbound]:
-        return [Inbound(self.forward_queue, Source.FORWARD, frozenset({wire.Kind.WEIGHTS}), wire.MAX_MESSAGE_BYTES)]
+        return [Inbound(self.forward_queue, Source.FORWARD, frozenset({wire.Kind.WEIGHTS}), self._max_body)]
+
+    def _max_body(self) -> int:
+        """A bottom's parameters at 8 bytes each plus the envelope, once the first owner said what they are."""
+        if self.mode is BottomSync.INDEPENDENT or self.members.num_clients == 1:
+            return wire.ENVELOPE_BYTES  # no bottoms are taken here: anything bigger is refused unread
+        params = self.members.model.get("bottom_params")
+        if not params:
+            return wire.MAX_MESSAGE_BYTES
+        values = sum(math.prod(shape) for _, shape in params)
+        return min(wire.MAX_MESSAGE_BYTES, 8 * values + 64 * len(params) + wire.ENVELOPE_BYTES)
 
     def handle(self, inc: Incoming) -> Step:
         msg = inc.msg

@@ -50,7 +50,7 @@ def split_gradient(grad: torch.Tensor, widths: Sequence[int], combine: Combine) 
     """Each party's slice of the joined input's gradient (concat), or the whole of it (sum)."""
     if combine is Combine.SUM:
         return [grad for _ in widths]
-    return [g.contiguous() for g in grad.split(list(widths), dim=1)]  # (B, w_i) each
+    return [g.contiguous() for g in torch.split(grad, list(widths), dim=1)]  # (B, w_i) each
 
 
 class VerticalTopRole(Role):
