@@ -16,7 +16,9 @@ The local baseline builds the segments the same way and chains them.
 """
 from __future__ import annotations
 
+import copy
 import inspect
+import threading
 from collections import OrderedDict
 from typing import Any, Callable, Sequence
 
@@ -97,6 +99,12 @@ def factory(model: str) -> tuple[Callable[..., Any], tuple[str, ...]]:
     if ":" not in model:
         raise ValueError(f"unknown model {model!r}: use one of {sorted(BUILTIN)} or 'package.module:function'")
     fn = load_object(model, what="model")
+    if isinstance(fn, nn.Module):  # an instance handed to the Python API: each build is a fresh copy
+        instance = fn
+        return (lambda: copy.deepcopy(instance)), ()
+    if isinstance(fn, (list, tuple)) and all(isinstance(m, nn.Module) for m in fn):
+        segments = list(fn)
+        return (lambda: copy.deepcopy(segments)), ()
     if not callable(fn):
         raise ValueError(f"model {model!r} is not callable")
     return fn, ()
@@ -127,6 +135,17 @@ def split_sequential(module: nn.Module, cuts: Sequence[str]) -> list[nn.Sequenti
     return [nn.Sequential(OrderedDict(children[a:b])) for a, b in zip(bounds, bounds[1:])]
 
 
+#: Building seeds torch's global generator; parties running as threads of one process take turns.
+_BUILDING = threading.Lock()
+
+
+def _seeded(seed: int, build: Callable[[], Any]) -> Any:
+    """Run ``build`` with torch's generator seeded, leaving the caller's generator state as it was."""
+    with _BUILDING, torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return build()
+
+
 def _call(fn: Callable[..., Any], **offered: Any) -> Any:
     params = inspect.signature(fn).parameters
     return fn(**{k: v for k, v in offered.items() if k in params})
@@ -140,8 +159,7 @@ def build_segments(model: str, cuts: Sequence[str] = (), seed: int = 0, *, count
     if takes_part(fn):
         return [build_part(model, i, cuts, seed, count=count, party=party, parties=parties)
                 for i in range(count)]
-    torch.manual_seed(seed)
-    built = fn()
+    built = _seeded(seed, fn)
     segments: list[nn.Module] = (list(built) if isinstance(built, (list, tuple))
                                  else list(split_sequential(built, cuts or default_cuts)))
     if len(segments) != count:
@@ -155,8 +173,8 @@ def build_part(model: str, index: int, cuts: Sequence[str] = (), seed: int = 0, 
     """Segment ``index`` of the chain, building only that part when the factory can."""
     fn, _ = factory(model)
     if takes_part(fn):
-        torch.manual_seed(seed * 1000 + 100 * party + index)
-        module = _call(fn, part=part_names(count)[index], party=party, parties=parties)
+        module = _seeded(seed * 1000 + 100 * party + index,
+                         lambda: _call(fn, part=part_names(count)[index], party=party, parties=parties))
         if not isinstance(module, nn.Module):
             raise ValueError(f"model {model!r} returned {type(module).__name__} for part "
                              f"{part_names(count)[index]!r}, not an nn.Module")

@@ -14,7 +14,7 @@ from typing import Callable
 
 import torch
 
-from splitmq.shared import checkpoint, defaults, topology, validate
+from splitmq.shared import checkpoint, data, defaults, topology, validate
 from splitmq.shared.broker import Broker
 from splitmq.shared.config import OWNER_HEAD, BottomSync, JobConfig
 from splitmq.shared.metrics import Metrics
@@ -42,6 +42,7 @@ class ServerOptions:
     sync_timeout_s: float = defaults.SYNC_TIMEOUT_S
     vertical_timeout_s: float = defaults.VERTICAL_TIMEOUT_S
     private_outputs: bool = False
+    data: data.Data | None = None        # this party's own samples (labels kept at the top), given in-process
 
 
 def build(cfg: JobConfig, opts: ServerOptions, stats: Stats) -> tuple[list[Role], LoopOptions]:
@@ -68,14 +69,15 @@ def build(cfg: JobConfig, opts: ServerOptions, stats: Stats) -> tuple[list[Role]
     roles: list[Role]
     nxt: Callable[[str], str] | None = None
     if cfg.vertical_parts:
-        labels = assemble.top_labels(cfg)
+        labels = assemble.top_labels(cfg, own=opts.data)
         serving: Role = VerticalTopRole(stage, members=members, stats=stats, job_id=job, forward_queue=forward_queue,
                                         parties=cfg.vertical_parts, combine=cfg.combine, labels=labels,
                                         task=cfg.task.value, batch_size=cfg.batch_size,
                                         timeout_s=opts.vertical_timeout_s)
     elif last:
         serving = TopRole(stage, members=members, stats=stats, job_id=job, forward_queue=forward_queue, limits=limits,
-                          labels=assemble.top_labels(cfg), task=cfg.task.value, private=opts.private_outputs)
+                          labels=assemble.top_labels(cfg, own=opts.data), task=cfg.task.value,
+                          private=opts.private_outputs)
     else:
         following = cfg.stages[position]
         nxt = topology.head_stage if following == OWNER_HEAD else (lambda _client: following)

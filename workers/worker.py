@@ -10,7 +10,7 @@ import argparse
 from dataclasses import dataclass
 from pathlib import Path
 
-from splitmq.shared import checkpoint, defaults, topology
+from splitmq.shared import checkpoint, data, defaults, topology
 from splitmq.shared.broker import Broker
 from splitmq.shared.config import JobConfig, LabelSource
 from splitmq.shared.errors import ConfigError
@@ -34,6 +34,7 @@ class WorkerOptions:
     checkpoint_dir: str | None = None
     evaluate: bool = True
     timeouts: OwnerTimeouts = OwnerTimeouts()
+    data: data.Data | None = None    # the owner's samples, given in-process (else the job's `data` setting)
 
 
 def identity(client_id: str, index: int, cfg: JobConfig) -> tuple[str, int]:
@@ -61,7 +62,7 @@ def identity(client_id: str, index: int, cfg: JobConfig) -> tuple[str, int]:
 def build(cfg: JobConfig, opts: WorkerOptions, stats: Stats) -> tuple[list[Role], LoopOptions]:
     """This owner's roles and loop options."""
     me, index = identity(opts.client_id, opts.client_index, cfg)
-    samples = assemble.owner_data(cfg, index)
+    samples = opts.data if opts.data is not None else assemble.owner_data(cfg, index)
     stage = assemble.bottom_stage(cfg, index, len(samples.train), opts.device)
     spec = assemble.owner_spec(cfg, stage, samples)
     job, dest = cfg.job_id, cfg.stages[0]

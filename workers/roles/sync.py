@@ -185,7 +185,7 @@ class SyncDesk(Role):
         params = self.members.model.get("bottom_params")
         if not params:
             return wire.MAX_MESSAGE_BYTES
-        values = sum(math.prod(shape) for _, shape in params)
+        values = int(sum(math.prod(shape) for _, shape in params))
         return min(wire.MAX_MESSAGE_BYTES, 8 * values + 64 * len(params) + wire.ENVELOPE_BYTES)
 
     def handle(self, inc: Incoming) -> Step:
