@@ -2,9 +2,11 @@
 # Install, start, stop a RabbitMQ node configured from broker_config/.
 # Usage: deploy/broker.sh install|start|stop|status|ensure
 #   ensure = install if missing, start if no broker answers on AMQP_PORT.
-# Environment: NODE (node name, default splitmq), AMQP_PORT (5672), MGMT_PORT (15672),
-#   PROM_PORT (15692), STATE_ROOT (/var/lib/splitmq). Several nodes can run side by side
-#   with different NODE and ports (the broker-restart tests do).
+# Environment: NODE (node name, default splitmq), NODE_HOST (the host part of the Erlang node
+#   name, default localhost; a cluster over several hosts needs each host's own short name),
+#   AMQP_PORT (5672), MGMT_PORT (15672), PROM_PORT (15692), STATE_ROOT (/var/lib/splitmq).
+#   Several nodes can run side by side with different NODE and ports (the broker-restart tests
+#   do); deploy/cluster.sh makes them one cluster.
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
 NODE=${NODE:-splitmq}
@@ -13,7 +15,8 @@ MGMT_PORT=${MGMT_PORT:-15672}
 PROM_PORT=${PROM_PORT:-15692}
 STATE_ROOT=${STATE_ROOT:-/var/lib/splitmq}
 state="$STATE_ROOT/broker-$NODE"
-nodename="$NODE@localhost"
+NODE_HOST=${NODE_HOST:-localhost}
+nodename="$NODE@$NODE_HOST"
 export RABBITMQ_NODENAME="$nodename" RABBITMQ_NODE_PORT="$AMQP_PORT" \
   RABBITMQ_CONFIG_FILE="$state/rabbitmq.conf" RABBITMQ_ENABLED_PLUGINS_FILE="$state/enabled_plugins" \
   RABBITMQ_MNESIA_BASE="$state/mnesia" RABBITMQ_LOG_BASE="$state/log" RABBITMQ_PID_FILE="$state/rabbitmq.pid" \
@@ -48,8 +51,12 @@ start() {
   if answers; then echo "a broker already answers on port $AMQP_PORT"; return; fi
   install
   configure
+  as_root rm -f "$state/rabbitmq.pid"  # left by a node that was killed; `wait` below would read it
   echo "starting RabbitMQ node $nodename on port $AMQP_PORT..."
-  as_root rabbitmq-server -detached
+  # The node outlives this script: it must not keep the caller's open files (a lock the caller
+  # holds while it runs this script, a pipe), so every descriptor above stderr is closed first.
+  (for fd in $(ls /proc/$BASHPID/fd); do [ "$fd" -gt 2 ] && [ "$fd" -lt 255 ] && eval "exec $fd>&-"; done
+   as_root rabbitmq-server -detached)
   as_root timeout 120 rabbitmqctl -n "$nodename" wait "$state/rabbitmq.pid" >/dev/null
   echo "RabbitMQ $nodename is up: amqp://localhost:$AMQP_PORT, management :$MGMT_PORT, metrics :$PROM_PORT/metrics"
 }

@@ -2,17 +2,21 @@
 # The monitoring stack on one Debian/Ubuntu host: RabbitMQ (deploy/broker.sh, with the
 # rabbitmq_prometheus plugin on :15692), Prometheus (:9090) with deploy/prometheus/, and a
 # Pushgateway (:9091) for edge workers behind NAT that Prometheus cannot scrape.
-# Usage: deploy/stack.sh install|start|stop [--with-broker]|status
+# Usage: deploy/stack.sh install|start|stop [--with-broker]|status|config
 #   install  apt-installs prometheus and prometheus-pushgateway when missing
 #   start    installs what is missing, then starts what is not running (running it twice is harmless)
 #   stop     stops Prometheus and the Pushgateway; the RabbitMQ node only with --with-broker,
 #            since trainers, workers and tests share it
+#   config   prints the path of the Prometheus configuration start uses (see RABBITMQ_TARGETS)
 # Prometheus and the Pushgateway run as plain background processes (no systemd needed), with
 # pid files, logs and data under $MON_STATE.
 # Environment: PROMETHEUS_PORT (9090), PUSHGATEWAY_PORT (9091), PROMETHEUS_CONFIG
 #   (deploy/prometheus/prometheus.yml), STATE_ROOT (/var/lib/splitmq), MON_STATE
 #   ($STATE_ROOT/monitoring), NO_BROKER=1 (leave the broker alone on start), and
 #   deploy/broker.sh's NODE, AMQP_PORT, MGMT_PORT, PROM_PORT.
+#   RABBITMQ_TARGETS ("host:port ..."): a cluster's nodes, each one's metrics endpoint (every
+#   node reports only itself); Prometheus then scrapes all of them instead of localhost:15692.
+#   deploy/cluster.sh prints the value for its local clusters.
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
 PROMETHEUS_PORT=${PROMETHEUS_PORT:-9090}
@@ -81,10 +85,28 @@ launch() {  # launch NAME READY_URL COMMAND...: start in the background unless a
   echo "$name is up: ${url%/-/ready}"
 }
 
+config() {  # the configuration Prometheus runs with: PROMETHEUS_CONFIG, scraping RABBITMQ_TARGETS if set
+  if [ -z "${RABBITMQ_TARGETS:-}" ]; then echo "$PROMETHEUS_CONFIG"; return; fi
+  local dir="$MON_STATE/prometheus-config"
+  mkdir -p "$dir"
+  cp "$(dirname "$PROMETHEUS_CONFIG")"/*.yml "$dir/"  # the rule files it names, next to it
+  # The broker's default target, in flow style ["localhost:15692"] or as a block item, becomes the list.
+  python3 - "$PROMETHEUS_CONFIG" "$dir/prometheus.yml" $RABBITMQ_TARGETS <<'EOF'
+import re, sys
+src, out, targets = sys.argv[1], sys.argv[2], sys.argv[3:]
+text = open(src).read().replace('["localhost:15692"]', "[" + ", ".join(f'"{t}"' for t in targets) + "]")
+text = re.sub(r"^(\s*)- localhost:15692$", lambda m: "\n".join(f"{m.group(1)}- {t}" for t in targets), text,
+              flags=re.M)
+open(out, "w").write(text)
+EOF
+  echo "$dir/prometheus.yml"
+}
+
 start() {
   install
   [ "${NO_BROKER:-0}" = 1 ] || "$here/deploy/broker.sh" start
   mkdir -p "$MON_STATE/prometheus-data" "$MON_STATE/pushgateway"
+  PROMETHEUS_CONFIG=$(config)
   promtool check config "$PROMETHEUS_CONFIG" >/dev/null
   launch pushgateway "http://127.0.0.1:$PUSHGATEWAY_PORT/-/ready" "$PUSHGATEWAY_BIN" \
     --web.listen-address=":$PUSHGATEWAY_PORT" \
@@ -128,5 +150,6 @@ case "${1:-}" in
   start) start ;;
   stop) stop "${2:-}" ;;
   status) status ;;
-  *) echo "usage: $0 install|start|stop [--with-broker]|status" >&2; exit 2 ;;
+  config) config ;;
+  *) echo "usage: $0 install|start|stop [--with-broker]|status|config" >&2; exit 2 ;;
 esac

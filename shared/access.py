@@ -21,6 +21,7 @@ import base64
 import hashlib
 import json
 import os
+import random
 import re
 import secrets
 import urllib.error
@@ -136,26 +137,47 @@ def user_definitions(name: str, pw_hash: str, perms: Permissions, vhost: str = "
     return defs
 
 
+class _Unreachable(Exception):
+    """One management endpoint did not answer (another node of the cluster may)."""
+
+
 class ManagementAPI:
     """The few calls of RabbitMQ's management HTTP API that user administration needs.
 
     ``url`` may carry the admin credentials (``http://user:pass@host:15672``); they default to
-    guest:guest, which RabbitMQ accepts from loopback only.
+    guest:guest, which RabbitMQ accepts from loopback only. A cluster's nodes may be listed,
+    comma-separated: each call goes to one that answers.
     """
 
     def __init__(self, url: str, *, vhost: str = "/") -> None:
-        parsed = urllib.parse.urlsplit(url)
-        if parsed.scheme not in ("http", "https") or not parsed.hostname:
-            raise ValueError(f"management URL must be http(s)://[user:pass@]host:port, got {url!r}")
-        self._user = urllib.parse.unquote(parsed.username or "guest")
-        self._password = urllib.parse.unquote(parsed.password or "guest")
-        netloc = parsed.hostname + (f":{parsed.port}" if parsed.port else "")
-        self._base = f"{parsed.scheme}://{netloc}/api"
+        self._bases: list[str] = []
+        self._user = self._password = "guest"
+        for one in url.replace(",", " ").split():  # the nodes of a cluster: any of them answers for all
+            parsed = urllib.parse.urlsplit(one)
+            if parsed.scheme not in ("http", "https") or not parsed.hostname:
+                raise ValueError(f"management URL must be http(s)://[user:pass@]host:port, got {one!r}")
+            if parsed.username:
+                self._user = urllib.parse.unquote(parsed.username)
+                self._password = urllib.parse.unquote(parsed.password or "guest")
+            netloc = parsed.hostname + (f":{parsed.port}" if parsed.port else "")
+            self._bases.append(f"{parsed.scheme}://{netloc}/api")
+        if not self._bases:
+            raise ValueError("no management URL given (http(s)://[user:pass@]host:port, comma-separated for a cluster)")
         self.vhost = vhost
 
     def _request(self, method: str, path: str, body: Any = None) -> Any:
+        """One call, to the first node that answers (in a random order); the others only if one is down."""
+        errors = []
+        for base in random.sample(self._bases, len(self._bases)):
+            try:
+                return self._request_at(base, method, path, body)
+            except _Unreachable as exc:
+                errors.append(str(exc))
+        raise BrokerError("management API unreachable: " + "; ".join(errors))
+
+    def _request_at(self, base: str, method: str, path: str, body: Any) -> Any:
         data = json.dumps(body).encode() if body is not None else None
-        req = urllib.request.Request(self._base + path, data=data, method=method)
+        req = urllib.request.Request(base + path, data=data, method=method)
         token = base64.b64encode(f"{self._user}:{self._password}".encode()).decode()
         req.add_header("Authorization", f"Basic {token}")
         req.add_header("Content-Type", "application/json")
@@ -169,7 +191,7 @@ class ManagementAPI:
                 raise KeyError(path) from exc
             raise BrokerError(f"management API {method} {path}: {exc.code} {exc.read()[:200]!r}") from exc
         except (urllib.error.URLError, OSError) as exc:
-            raise BrokerError(f"management API at {self._base} unreachable: {exc}") from exc
+            raise _Unreachable(f"{base}: {exc}") from exc
         return json.loads(raw) if raw else None
 
     def _q(self, name: str) -> str:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import collections
 import logging
 import random
+import re
 import ssl
 import threading
 import time
@@ -37,6 +38,9 @@ log = logging.getLogger(__name__)
 #: Channel-close codes that retrying cannot fix (no permission, missing queue, bad arguments).
 _FATAL_CODES = {403: AccessRefused, 404: BrokerError, 406: BrokerError}
 _RESOURCE_LOCKED = 405
+#: The broker's refusal of a queue whose only difference is its replica count, and the count it has.
+_REPLICAS_REFUSED = re.compile(r"inequivalent arg 'x-quorum-initial-group-size'.*but current is "
+                               r"(?:the value '(\d+)'|'(\d+)'|none)")
 
 
 @dataclass
@@ -95,8 +99,9 @@ class Broker:
             raise ValueError(f"prefetch must be >= 1, got {prefetch}")
         self._urls, self._tls = addresses(urls), dict(tls or {})
         self._params = [connection_parameters(u, name=name, tls=tls) for u in self._urls]
-        self._order: list[pika.URLParameters] = []
+        self._order: list[pika.URLParameters] = []  # this round's addresses not yet tried
         self._current = self._params[0]
+        self._ready_once_this_round = False
         self._name, self._prefetch, self._lease, self._on_reconnect = name, prefetch, lease, on_reconnect
         self._ioloop = IOLoop()
         self._thread = threading.Thread(target=self._run, name=f"pika-{name}", daemon=True)
@@ -229,7 +234,7 @@ class Broker:
 
     def _connect(self) -> None:
         if not self._order:
-            self._order = random.sample(self._params, len(self._params))
+            self._new_round(avoid=None)
         self._current = self._order.pop()
         self._conn = pika.SelectConnection(
             self._current, on_open_callback=self._on_open, on_open_error_callback=self._on_open_error,
@@ -254,12 +259,26 @@ class Broker:
         if self._closing or self._fatal is not None:
             self._ioloop.stop()
             return
+        if self._ready_once_this_round:  # we were serving: a new round, the node we lost tried last
+            self._new_round(avoid=self._current)
         self._schedule_reconnect(f"connection to {self._current.host}:{self._current.port} lost: {_short(exc)}")
 
+    def _new_round(self, avoid: pika.URLParameters | None) -> None:
+        """Every address once, in a fresh random order (``pop`` takes from the end); ``avoid`` last."""
+        others = [p for p in self._params if p is not avoid]
+        self._order = ([avoid] if avoid is not None else []) + random.sample(others, len(others))
+        self._ready_once_this_round = False
+
     def _schedule_reconnect(self, why: str) -> None:
+        """The next address of this round at once; after a whole round failed, capped, jittered backoff."""
+        self._last_error = why
+        if self._order:
+            nxt = self._order[-1]
+            log.warning("%s: %s; trying %s:%s", self._name, why, nxt.host, nxt.port)
+            self._ioloop.call_later(defaults.NEXT_ADDRESS_S, self._connect)
+            return
         delay = min(defaults.RECONNECT_CAP_S, defaults.RECONNECT_BASE_S * 2 ** self._attempt) * random.uniform(0.5, 1)
         self._attempt += 1
-        self._last_error = why
         log.warning("%s: %s; trying again in %.1fs (attempt %d)", self._name, why, delay, self._attempt)
         self._ioloop.call_later(delay, self._connect)
 
@@ -296,6 +315,7 @@ class Broker:
             if self._on_reconnect:
                 self._on_reconnect()
         self.connected_once = True
+        self._ready_once_this_round = True
         self._attempt = 0
         self._last_error = ""
         self._publishing = chan
@@ -403,9 +423,10 @@ def _short(exc: BaseException) -> str:
 # ---- short-lived admin operations (blocking, caller's thread) ----------------------------
 
 def _blocking(urls: str | Sequence[str], tls: Mapping[str, str] | None = None) -> pika.BlockingConnection:
-    """A blocking connection to the first broker address that answers."""
+    """A blocking connection to the first broker address that answers, tried in a random order."""
     errors = []
-    for url in addresses(urls):
+    listed = addresses(urls)
+    for url in random.sample(listed, len(listed)):
         try:
             return pika.BlockingConnection(connection_parameters(url, name="splitmq-admin", tls=tls))
         except pika.exceptions.ProbableAuthenticationError as exc:
@@ -428,7 +449,7 @@ def declare(urls: str | Sequence[str], layout: topology.Layout, tls: Mapping[str
         for ex in layout.exchanges:
             ch.exchange_declare(ex.name, ex.type, durable=True)
         for q in layout.queues:
-            ch.queue_declare(q.name, durable=True, arguments=q.arguments)
+            ch = _declare_queue(conn, ch, q)
         for b in layout.bindings:
             ch.queue_bind(b.queue, b.exchange, routing_key=b.routing_key)
     except pika.exceptions.ChannelClosedByBroker as exc:
@@ -437,6 +458,32 @@ def declare(urls: str | Sequence[str], layout: topology.Layout, tls: Mapping[str
     finally:
         if conn.is_open:
             conn.close()
+
+
+def _declare_queue(conn: pika.BlockingConnection, ch: Any, q: topology.Queue) -> Any:
+    """Declare ``q``; an existing queue that differs only in its replica count is taken as it is.
+
+    The replica count matters only when a queue is created (``rabbitmq-queues grow`` and
+    ``shrink`` change it later), and queues made before it was set, or with another value,
+    must not stop a party. Returns the channel to go on with (a refusal closes the old one).
+    """
+    try:
+        ch.queue_declare(q.name, durable=True, arguments=q.arguments)
+        return ch
+    except pika.exceptions.ChannelClosedByBroker as exc:
+        found = _REPLICAS_REFUSED.search(exc.reply_text) if exc.reply_code == 406 else None
+        if found is None:
+            raise
+    current = found.group(1) or found.group(2)
+    log.warning("queue %s exists with %s replicas (%s), not %s; using it as it is", q.name,
+                current or "the broker's default number of", topology.REPLICAS_ARGUMENT,
+                q.arguments.get(topology.REPLICAS_ARGUMENT))
+    arguments = {k: v for k, v in q.arguments.items() if k != topology.REPLICAS_ARGUMENT}
+    if current:
+        arguments[topology.REPLICAS_ARGUMENT] = int(current)
+    ch = conn.channel()
+    ch.queue_declare(q.name, durable=True, arguments=arguments)  # every other argument still checked
+    return ch
 
 
 def queue_depth(urls: str | Sequence[str], queue: str, tls: Mapping[str, str] | None = None) -> int:

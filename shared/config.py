@@ -56,9 +56,30 @@ class Task(str, Enum):
     REGRESSION = "regression"
 
 
+class Align(str, Enum):
+    NONE = "none"   # every vertical party holds the same sample ids
+    PSI = "psi"     # private set intersection: train on the ids every party holds, revealing no other
+
+
 class Schedule(str, Enum):
     COSINE = "cosine"
     CONSTANT = "constant"
+
+
+class Privacy(str, Enum):
+    """A preset of the cut's defences (docs/privacy.md: what each stops, measured)."""
+
+    OFF = "off"
+    STANDARD = "standard"   # see PRIVACY_PRESETS
+
+
+#: What each preset sets, for the settings left at their defaults (an explicit value wins).
+#: Measured by ``splitmq audit`` (docs/privacy.md). label_protection applies only where the
+#: labels are kept from the data owner (label_source = top, or U-shaped) on a binary task.
+PRIVACY_PRESETS: dict[Privacy, dict[str, Any]] = {
+    Privacy.OFF: {},
+    Privacy.STANDARD: {"bottleneck": 16, "label_protection": 16.0},
+}
 
 
 def _f(default: Any, help: str, *, local: bool = False, flag: bool = True) -> Any:
@@ -95,8 +116,24 @@ class JobConfig:
     staleness: Staleness = _f(Staleness.DC, "correction of stale gradients when max_in_flight > 1", local=True)
     dc_lambda: float = _f(1.0, "delay-compensation strength", local=True)
     checkpoint_every: int = _f(32, "checkpoint after this many applied messages", local=True)
+    align: Align = _f(Align.NONE, "vertical: how parties find the samples they share (none: all hold the same ids)")
+    privacy: Privacy = _f(Privacy.OFF, "a preset of the cut's defences (standard: see docs/privacy.md)")
+    bottleneck: int = _f(0, "width of a learned layer ending the owner's segment (0: none); the first server "
+                         "stage gets the matching widening layer")
+    cut_noise: float = _f(0.0, "Gaussian noise on the activations sent, sigma in units of their std (0: none)",
+                          local=True)
+    nopeek_lambda: float = _f(0.0, "NoPeek: weight of dCor(input, activations) in the owner's loss (0: off)",
+                              local=True)
+    nopeek_warmup_epochs: int = _f(0, "NoPeek: epochs over which its weight ramps up from 0", local=True)
+    label_protection: float = _f(0.0, "label holder's noise on returned gradients, power in units of the "
+                                 "class gap (0: off; binary tasks, labels kept from the owner)", local=True)
+    replicas: int = _f(3, "replicas of each of the job's queues on a RabbitMQ cluster (x-quorum-initial-group-size; "
+                       "a smaller cluster gives one per node)", local=True)
+    shards: int = _f(1, "trainers sharing the data owners, owner i served by trainer i mod shards (`splitmq server "
+                     "--shard K`); their tops are averaged every round (docs/scaling.md)")
 
     def __post_init__(self) -> None:
+        _apply_preset(self)
         _check(self)
 
     def replace(self, **changes: Any) -> "JobConfig":
@@ -132,8 +169,47 @@ def _plain(value: Any) -> Any:
     return value
 
 
+def _labels_kept(cfg: JobConfig) -> bool:
+    """Whether the party with the loss holds labels the data owner does not send."""
+    return cfg.label_source is LabelSource.TOP or cfg.u_shaped
+
+
+def _apply_preset(cfg: JobConfig) -> None:
+    """Fill the privacy preset's settings that are at their defaults (frozen: set in place once)."""
+    for name, value in PRIVACY_PRESETS[cfg.privacy].items():
+        if getattr(cfg, name) != FIELDS[name].default:
+            continue
+        if name == "label_protection" and (not _labels_kept(cfg) or cfg.task is not Task.BINARY
+                                           or cfg.vertical_parts):
+            continue
+        object.__setattr__(cfg, name, value)
+
+
+def _check_privacy(cfg: JobConfig) -> None:
+    for name in ("bottleneck", "cut_noise", "nopeek_lambda", "nopeek_warmup_epochs", "label_protection"):
+        value = getattr(cfg, name)
+        if not math.isfinite(value) or value < 0:
+            raise ConfigError(f"{name} must be >= 0, got {value}")
+    if cfg.bottleneck and cfg.vertical_parts:
+        raise ConfigError("bottleneck is not available with vertical_parts: set bottleneck = 0")
+    if cfg.label_protection and (not _labels_kept(cfg) or cfg.task is not Task.BINARY or cfg.vertical_parts):
+        raise ConfigError("label_protection needs task = binary with the labels kept from the owner "
+                          "(label_source = top, or U-shaped; not vertical): set label_protection = 0")
+
+
+def _check_cluster(cfg: JobConfig) -> None:
+    if cfg.replicas < 1 or cfg.shards < 1:
+        raise ConfigError(f"replicas and shards must be >= 1, got {cfg.replicas} and {cfg.shards}")
+    if cfg.shards > 1 and (cfg.bottom_sync is not BottomSync.AVERAGE or len(cfg.stages) != 1 or cfg.vertical_parts
+                           or cfg.shards > cfg.num_clients):
+        raise ConfigError(f"shards = {cfg.shards} needs bottom_sync = average, one stage after the bottom, no "
+                          "vertical_parts and at least as many num_clients: set shards = 1 otherwise")
+
+
 def _check(cfg: JobConfig) -> None:
     """One-line refusals naming the field and what to do."""
+    _check_privacy(cfg)
+    _check_cluster(cfg)
     check_name("job", cfg.job_id)
     for name in ("num_clients", "batch_size", "epochs", "max_in_flight", "sync_every", "checkpoint_every"):
         if getattr(cfg, name) < 1:
@@ -149,6 +225,9 @@ def _check(cfg: JobConfig) -> None:
         raise ConfigError(f"vertical_parts must be >= 0, got {cfg.vertical_parts}")
     if cfg.vertical_parts and (len(cfg.stages) != 1 or cfg.bottom_sync is not BottomSync.INDEPENDENT):
         raise ConfigError("a vertical split has one top stage and bottom_sync = independent")
+    if cfg.align is Align.PSI and (not cfg.vertical_parts or cfg.label_source is not LabelSource.TOP):
+        raise ConfigError("align = psi is for vertical jobs whose top holds the labels (vertical_parts > 0, "
+                          "label_source = top)")
     if cfg.cuts and len(cfg.cuts) != len(cfg.stages):
         raise ConfigError(f"cuts {list(cfg.cuts)} must name one cut per stage after the bottom ({len(cfg.stages)})")
     if not 0 < cfg.test_fraction < 1:
@@ -167,9 +246,19 @@ def _check(cfg: JobConfig) -> None:
 
 
 def differences(mine: Mapping[str, Any], theirs: Mapping[str, Any]) -> list[str]:
-    """Human-readable list of fields where two agreed maps differ."""
+    """Human-readable list of fields where two agreed maps differ.
+
+    A job setting one side does not mention (a peer or checkpoint from before the setting
+    existed) counts as its default, so adding a setting does not break running jobs.
+    """
     keys = sorted(set(mine) | set(theirs))
-    return [f"{k}: here {mine.get(k)!r}, peer {theirs.get(k)!r}" for k in keys if mine.get(k) != theirs.get(k)]
+
+    def value(side: Mapping[str, Any], key: str) -> Any:
+        if key in side or key not in FIELDS:
+            return side.get(key)
+        return _plain(FIELDS[key].default)
+    return [f"{k}: here {value(mine, k)!r}, peer {value(theirs, k)!r}" for k in keys
+            if value(mine, k) != value(theirs, k)]
 
 
 FIELDS: dict[str, dataclasses.Field[Any]] = {f.name: f for f in dataclasses.fields(JobConfig)}

@@ -106,6 +106,20 @@ class Data:
     test: SampleSet | None = None
 
 
+def pool(samples: Data) -> SampleSet:
+    """A party's training and test samples as one set (to re-split them as another party decides)."""
+    if samples.test is None or len(samples.test) == 0:
+        return samples.train
+    a, b = samples.train, samples.test
+    y = torch.cat([a.y, b.y]) if a.y is not None and b.y is not None else None
+    if (isinstance(a.x, torch.Tensor) or a.x is None) and (isinstance(b.x, torch.Tensor) or b.x is None):
+        x = torch.cat([a.x, b.x]) if a.x is not None and b.x is not None else None
+        return SampleSet(x, y, torch.cat([a.ids, b.ids]))
+    parts = [a.x if a.x is not None else torch.utils.data.TensorDataset(a.ids), b.x if b.x is not None else
+             torch.utils.data.TensorDataset(b.ids)]
+    return SampleSet(torch.utils.data.ConcatDataset(parts), y, torch.cat([a.ids, b.ids]))
+
+
 def shard(samples: SampleSet, index: int, count: int) -> SampleSet:
     """Owner ``index`` of ``count`` gets every ``count``-th sample (deterministic).
 

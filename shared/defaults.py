@@ -15,6 +15,9 @@ WAIT_LOG_S = 15.0
 #: Reconnect backoff: first delay and cap (seconds); each delay is jittered down by up to half.
 RECONNECT_BASE_S = 0.5
 RECONNECT_CAP_S = 10.0
+#: Pause before trying the next broker address of a cluster when one fails (a whole round of
+#: failed addresses backs off as above): a dead node costs a refused connection, not a backoff.
+NEXT_ADDRESS_S = 0.05
 #: AMQP heartbeat: a silent dead connection is noticed within about two of these.
 HEARTBEAT_S = 20
 #: How long a party keeps trying to reach the broker (at start or after losing it) before exiting.
@@ -48,6 +51,14 @@ TURN_TIMEOUT_S = 3600.0
 SYNC_TIMEOUT_S = 120.0
 #: A vertical batch is skipped if a party's part is missing this long after the first part.
 VERTICAL_TIMEOUT_S = 30.0
+
+# ---- serving -----------------------------------------------------------------------------------
+#: An inference request's deadline: its requester (and every stage) gives up on it after this long.
+PREDICT_TIMEOUT_S = 30.0
+#: ``splitmq export`` waits this long for every segment holder's answer.
+EXPORT_TIMEOUT_S = 60.0
+#: How long ``splitmq predict`` waits for the broker and its own queues before its first request.
+PREDICT_START_S = 60.0
 
 # ---- handling ---------------------------------------------------------------------------------
 #: A handler that raises is retried in place this many times (capped, jittered backoff) before

@@ -72,11 +72,15 @@ def evaluate(model: nn.Module, test: data.SampleSet, task: str, loss_fn: losses.
 
 
 def train_local(cfg: JobConfig, samples: data.Data | None = None, *, client_index: int = 0,
-                num_clients: int = 1) -> LocalResult:
+                num_clients: int = 1, parties: Sequence[data.Data] | None = None) -> LocalResult:
     """Train the unsplit model on owner ``client_index``'s data (of ``num_clients``; default all)
-    with the batch order that owner uses, the job's optimizer, loss and schedule."""
+    with the batch order that owner uses, the job's optimizer, loss and schedule.
+
+    A vertical job takes each party's data (``parties``; default: built from the job) and the
+    label holder's (``samples``; default: the job's ``data``).
+    """
     if cfg.vertical_parts:
-        return _train_vertical(cfg)
+        return _train_vertical(cfg, parties, samples)
     samples = samples or data.load(cfg.data, data_dir=cfg.data_dir, test_fraction=cfg.test_fraction,
                                    client_index=client_index, num_clients=num_clients)
     segments = models.build_segments(cfg.model, cfg.cuts, cfg.seed, count=cfg.segment_count)
@@ -117,15 +121,18 @@ def _loop(cfg: JobConfig, model: nn.Module, segments: list[nn.Module], loss_fn: 
     return LocalResult(model, segments, recorded, evaluation(), cfg.epochs * num_samples / seconds)
 
 
-def _train_vertical(cfg: JobConfig) -> LocalResult:
+def _train_vertical(cfg: JobConfig, given: Sequence[data.Data] | None, held: data.Data | None) -> LocalResult:
     from splitmq.workers import assemble  # the same data and segments the parties build
 
-    parties = [assemble.owner_data(cfg, i) for i in range(cfg.vertical_parts)]
+    parties = list(given) if given is not None else [assemble.owner_data(cfg, i) for i in range(cfg.vertical_parts)]
+    held = held if held is not None else assemble.own_data(cfg)
+    if cfg.align.value == "psi":  # every party keeps the ids all hold, split as the label holder splits them
+        parties = [_aligned(p, parties, held) for p in parties]
     bottoms = [assemble.segment(cfg, 0, party=i) for i in range(cfg.vertical_parts)]
     top = models.build_part(assemble.model_name(cfg), 1, cfg.cuts, cfg.seed, count=2, parties=cfg.vertical_parts)
     model = VerticalChain(bottoms, top, cfg.combine)
     loss_fn = losses.resolve(cfg.loss)
-    labels = assemble.top_labels(cfg)
+    labels = assemble.top_labels(cfg, own=held)
     train = parties[0].train
     per_epoch = data.batches_per_epoch(len(train), cfg.batch_size)
 
@@ -153,6 +160,17 @@ def _train_vertical(cfg: JobConfig) -> LocalResult:
     return _loop(cfg, model, [*bottoms, top], loss_fn, per_epoch, batches,
                  lambda: evaluate(model, test_with_labels, cfg.task.value, loss_fn,
                                   inputs=lambda rows: feed("test", rows)), len(train))
+
+
+def _aligned(party: data.Data, parties: Sequence[data.Data], held: data.Data) -> data.Data:
+    common = data.pool(held).ids
+    for p in parties:
+        common = common[torch.isin(common, data.pool(p).ids)]
+    train = torch.sort(common[torch.isin(common, held.train.ids)]).values
+    held_test = held.test.ids if held.test is not None else torch.empty(0, dtype=torch.int64)
+    test = torch.sort(common[torch.isin(common, held_test)]).values
+    pool = data.pool(party)
+    return data.Data(pool.only(train), pool.only(test) if len(test) else None)
 
 
 def _ids_only(ids: torch.Tensor) -> Any:

@@ -22,6 +22,10 @@ TASK_METRICS = ("loss", "accuracy", "roc_auc", "mae", "rmse")
 ROUND_TRIP_BUCKETS = (0.002, 0.004, 0.006, 0.008, 0.012, 0.016, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0)
 STEP_BUCKETS = (0.0002, 0.0005, 0.001, 0.002, 0.004, 0.008, 0.016, 0.032, 0.064, 0.25, 1.0)
 STALENESS_BUCKETS = (0, 1, 2, 3, 4, 6, 8, 12, 16, 32)
+#: What became of inference requests (``shared.wire.Served``; a test checks they agree).
+INFERENCE_OUTCOMES = ("ok", "invalid", "expired", "timeout", "unavailable", "failed")
+#: Prediction latency through the broker: milliseconds on a LAN, up to the request's deadline.
+INFERENCE_BUCKETS = (0.001, 0.002, 0.004, 0.006, 0.008, 0.012, 0.016, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0)
 
 
 class Metrics:
@@ -65,14 +69,27 @@ class Metrics:
                                ["role", "reason"], registry=registry)
         self.test_metric = Gauge(p + "test_metric", "Task metrics of the latest evaluation pass (accuracy, roc_auc, "
                                  "mae, rmse, loss)", ["role", "metric"], registry=registry)
+        self.inference_requests = Counter(p + "inference_requests_total", "Inference requests by outcome: a "
+                                          "requester counts the requests it made, a stage those it served",
+                                          ["role", "outcome"], registry=registry)
+        self.inference_latency = Histogram(p + "inference_latency_seconds", "Inference request latency: at the "
+                                           "requester from sending to the answer, at a stage the time to serve it",
+                                           ["role"], buckets=INFERENCE_BUCKETS, registry=registry)
+        self.cut_dcor = Gauge(p + "cut_distance_correlation", "NoPeek: distance correlation between the raw "
+                              "inputs and the cut activations of the latest training batch (0-1)",
+                              ["role"], registry=registry)
         for outcome in OUTCOMES:
             self.batches.labels(role, outcome)
+        for outcome in INFERENCE_OUTCOMES:
+            self.inference_requests.labels(role, outcome)
+        self.inference_latency.labels(role)
         for reason in REJECT_REASONS:
             self.rejected.labels(role, reason)
         for direction in ("sent", "received"):
             self.bytes.labels(role, direction)
         for m in (self.samples, self.loss, self.test_accuracy, self.round_trip, self.step_time,
-                  self.in_flight, self.staleness, self.reconnects, self.clients, self.last_progress, self.epoch):
+                  self.in_flight, self.staleness, self.reconnects, self.clients, self.last_progress, self.epoch,
+                  self.cut_dcor):
             m.labels(role)
 
     def task_metric(self, name: str, value: float) -> None:

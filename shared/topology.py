@@ -27,6 +27,12 @@ DELIVERY_LIMIT = 5
 DEAD_LETTER_TTL_MS = 7 * 24 * 3600 * 1000
 #: Cap on a queue's length; publishers see a nack (``PublishNacked``) beyond it.
 MAX_QUEUE_LENGTH = 100_000
+#: Replicas of each quorum queue on a cluster (``x-quorum-initial-group-size``; the job setting
+#: ``replicas`` overrides it through ``with_replicas``). A cluster with fewer nodes gives a queue
+#: one per node; a publish is confirmed once a majority of them stored it, so three replicas
+#: survive the loss of any one node.
+QUORUM_REPLICAS = 3
+REPLICAS_ARGUMENT = "x-quorum-initial-group-size"
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
@@ -68,6 +74,41 @@ def head_stage(client: str) -> str:
     return f"{check_name('client', client)}{HEAD_SUFFIX}"
 
 
+# ---- shards: several trainers share a stage's data owners ----------------------------------
+
+def shard_of(index: int, shards: int) -> int:
+    """Which of ``shards`` trainers serves data owner ``index``: the sharding rule.
+
+    Owners are dealt out in turn (``index mod shards``): every trainer knows, before anyone
+    joins, exactly which owners it serves and whom an averaging round waits for; shards differ
+    by at most one owner; and an owner keeps its trainer for the whole job (the exactly-once
+    record of its batches lives in that trainer's checkpoint).
+    """
+    if shards < 1 or index < 0:
+        raise ValueError(f"need shards >= 1 and index >= 0, got {shards} and {index}")
+    return index % shards
+
+
+def shard_stage(stage: str, shard: int) -> str:
+    """Shard ``shard`` of ``stage`` (``top-s1``): the name of its party, forward and reply queues, lease."""
+    return f"{check_name('stage', stage)}-s{shard}"
+
+
+def shard_stages(stage: str, shards: int) -> tuple[str, ...]:
+    """Every shard of ``stage``; just ``stage`` itself when it has one."""
+    return (stage,) if shards == 1 else tuple(shard_stage(stage, k) for k in range(shards))
+
+
+def owner_stage(stage: str, index: int, shards: int) -> str:
+    """The stage data owner ``index`` sends to: ``stage``, or its shard of it."""
+    return shard_stages(stage, shards)[shard_of(index, shards)]
+
+
+def shard_owners(shard: int, shards: int, num_clients: int) -> frozenset[int]:
+    """The owner indexes shard ``shard`` of ``shards`` serves."""
+    return frozenset(i for i in range(num_clients) if shard_of(i, shards) == shard)
+
+
 def batch_id(client: str, seq: int) -> str:
     """Message and correlation id of training batch ``seq`` of ``client``; re-sends keep it."""
     return f"{client}:{seq}"
@@ -91,6 +132,16 @@ def reply_id(message_id: str) -> str:
 def relay_id(correlation_id: str, stage: str) -> str:
     """Correlation id a middle stage gives the message it passes on for ``correlation_id``."""
     return f"{correlation_id}>{stage}"
+
+
+def predict_id(requester: str, n: int) -> str:
+    """Request id (and correlation id) of inference request ``n`` of ``requester``."""
+    return request_id(requester, "predict", n)
+
+
+def export_id(requester: str, holder: str, segment: int) -> str:
+    """Request id of ``requester``'s export request for ``holder``'s segment ``segment``."""
+    return request_id(requester, f"export-{check_name('client', holder)}", segment)
 
 
 def dead_letter_id(message_id: str, nonce: int) -> str:
@@ -148,11 +199,38 @@ def reply_routing_key(party: str) -> str:
     return check_name("client", party)
 
 
+# ---- serving: inference and export requests, kept apart from training's queues ---------------
+
+#: Suffix of the address of a party's serving side: requests go to stage ``<name>-serve`` on the
+#: activations exchange, answers to party ``<name>-serve`` on the gradients exchange.
+SERVE_SUFFIX = "-serve"
+
+
+def serve_address(name: str) -> str:
+    """The stage (for requests) or party (for answers) name of ``name``'s serving side."""
+    return f"{check_name('stage', name)}{SERVE_SUFFIX}"
+
+
+def serve_queue(job: str, name: str) -> str:
+    """The queue a party consumes inference and export requests from (never training batches)."""
+    return f"splitmq.{check_name('job', job)}.serve.{check_name('stage', name)}"
+
+
+def answer_queue(job: str, name: str) -> str:
+    """The queue a party consumes the answers to its inference and export requests from."""
+    return f"splitmq.{check_name('job', job)}.answers.{check_name('client', name)}"
+
+
+def serve_lease(job: str, name: str) -> str:
+    """The lease of a process serving as ``name`` apart from its training process (``splitmq predict``)."""
+    return lease_queue(job, serve_address(name))
+
+
 def work_queue_arguments(job: str) -> dict[str, Any]:
-    """Arguments of every forward and reply queue: durable quorum, bounded, dead-lettering."""
+    """Arguments of every forward and reply queue: durable quorum, replicated, bounded, dead-lettering."""
     return {
         "x-queue-type": "quorum",
-        "x-delivery-limit": DELIVERY_LIMIT,
+        REPLICAS_ARGUMENT: QUORUM_REPLICAS,
         "x-dead-letter-exchange": dead_letter_exchange(job),
         "x-dead-letter-strategy": "at-least-once",
         "x-overflow": "reject-publish",
@@ -160,8 +238,22 @@ def work_queue_arguments(job: str) -> dict[str, Any]:
     }
 
 
+def forward_queue_arguments(job: str) -> dict[str, Any]:
+    """A stage's queue also has a delivery limit: a batch that kills the whole process every time
+    (no handler error to catch) is set aside after ``DELIVERY_LIMIT`` returns, and its owner re-sends
+    it later if it was merely unlucky."""
+    return {**work_queue_arguments(job), "x-delivery-limit": DELIVERY_LIMIT}
+
+
+def reply_queue_arguments(job: str) -> dict[str, Any]:
+    """An owner's queue has no delivery limit: an owner decides about each answer itself (applies it,
+    or dead-letters it with a reason), and an owner killed again and again before it could checkpoint
+    must find its gradients still there, however often that happens."""
+    return work_queue_arguments(job)
+
+
 def dead_letter_queue_arguments() -> dict[str, Any]:
-    return {"x-queue-type": "quorum", "x-message-ttl": DEAD_LETTER_TTL_MS}
+    return {"x-queue-type": "quorum", REPLICAS_ARGUMENT: QUORUM_REPLICAS, "x-message-ttl": DEAD_LETTER_TTL_MS}
 
 
 @dataclass(frozen=True)
@@ -192,9 +284,10 @@ class Layout:
     bindings: tuple[Binding, ...]
 
 
-def job_layout(job: str, stages: tuple[str, ...] = (TOP_STAGE,), parties: tuple[str, ...] = ()) -> Layout:
-    """The topology of one job: shared exchanges, each stage's forward queue, each party's reply queue."""
-    args = work_queue_arguments(job)
+def job_layout(job: str, stages: tuple[str, ...] = (TOP_STAGE,), parties: tuple[str, ...] = (),
+               serving: tuple[str, ...] = ()) -> Layout:
+    """The topology of one job: shared exchanges, each stage's forward queue, each party's reply queue,
+    and, for each party in ``serving``, its serve and answer queues."""
     exchanges = (
         Exchange(activations_exchange(job), "topic"),
         Exchange(gradients_exchange(job), "direct"),
@@ -203,12 +296,26 @@ def job_layout(job: str, stages: tuple[str, ...] = (TOP_STAGE,), parties: tuple[
     queues = [Queue(dead_letter_queue(job), dead_letter_queue_arguments())]
     bindings = [Binding(dead_letter_exchange(job), dead_letter_queue(job), "")]
     for stage in stages:
-        queues.append(Queue(forward_queue(job, stage), args))
+        queues.append(Queue(forward_queue(job, stage), forward_queue_arguments(job)))
         bindings.append(Binding(activations_exchange(job), forward_queue(job, stage), forward_binding(stage)))
     for party in parties:
-        queues.append(Queue(reply_queue(job, party), args))
+        queues.append(Queue(reply_queue(job, party), reply_queue_arguments(job)))
         bindings.append(Binding(gradients_exchange(job), reply_queue(job, party), reply_routing_key(party)))
+    for name in serving:
+        queues += [Queue(serve_queue(job, name), forward_queue_arguments(job)),
+                   Queue(answer_queue(job, name), reply_queue_arguments(job))]
+        bindings += [Binding(activations_exchange(job), serve_queue(job, name), forward_binding(serve_address(name))),
+                     Binding(gradients_exchange(job), answer_queue(job, name), reply_routing_key(serve_address(name)))]
     return Layout(tuple(exchanges), tuple(queues), tuple(bindings))
+
+
+def with_replicas(layout: Layout, replicas: int) -> Layout:
+    """``layout`` with ``replicas`` replicas for each of its quorum queues (the job's ``replicas``)."""
+    if replicas < 1:
+        raise ValueError(f"replicas must be >= 1, got {replicas}")
+    queues = tuple(Queue(q.name, {**q.arguments, REPLICAS_ARGUMENT: replicas})
+                   if q.arguments.get("x-queue-type") == "quorum" else q for q in layout.queues)
+    return Layout(layout.exchanges, queues, layout.bindings)
 
 
 def client_layout(job: str, party: str) -> Layout:

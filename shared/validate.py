@@ -24,6 +24,10 @@ def all_finite(t: torch.Tensor) -> bool:
     return math.isfinite(float(t.sum())) or bool(torch.isfinite(t).all())
 
 
+#: Labels are class indices (int64) or regression targets (float32).
+LABEL_DTYPES = frozenset({torch.int64, torch.float32})
+
+
 @dataclass(frozen=True)
 class Limits:
     """What a stage accepts: its job, the per-sample cut shape, the largest batch."""
@@ -71,9 +75,16 @@ def check_forward(msg: Forward, limits: Limits) -> None:
         raise RejectedMessage("shape", f"activations shape {tuple(a.shape)}, expected (B, {limits.cut_shape})")
     if not 1 <= a.shape[0] <= limits.max_batch:
         raise RejectedMessage("batch_size", f"batch of {a.shape[0]}, allowed 1..{limits.max_batch}")
-    for name, t in (("labels", msg.labels), ("sample_ids", msg.sample_ids)):
-        if t is not None and (t.dtype != torch.int64 or tuple(t.shape) != (a.shape[0],)):
-            raise RejectedMessage("shape", f"{name} must be int64 of shape ({a.shape[0]},)")
+    ids = msg.sample_ids
+    if ids is not None and (ids.dtype != torch.int64 or tuple(ids.shape) != (a.shape[0],)):
+        raise RejectedMessage("shape", f"sample_ids must be int64 of shape ({a.shape[0]},)")
+    labels = msg.labels
+    if labels is not None:
+        if labels.dtype not in LABEL_DTYPES or labels.dim() < 1 or labels.shape[0] != a.shape[0]:
+            raise RejectedMessage("shape", f"labels must be one per sample ({a.shape[0]}), int64 classes or float "
+                                           f"targets; got {labels.dtype} {tuple(labels.shape)}")
+        if not all_finite(labels):
+            raise RejectedMessage("non_finite", "labels contain NaN or Inf")
     if not all_finite(a):
         raise RejectedMessage("non_finite", "activations contain NaN or Inf")
     if not math.isfinite(msg.created_at):

@@ -54,6 +54,11 @@ class Kind(str, Enum):
     WEIGHTS = "weights"    # a segment's parameters (hand-off or averaging between owners)
     HELLO = "hello"        # a party's job spec when it joins, and the peer's answer
     BYE = "bye"            # a data owner leaves the job (done, or giving up)
+    ALIGN = "align"        # finding the sample ids vertical parties share (private set intersection)
+    PREDICT = "predict"        # a forward-only inference request (or a vertical part request)
+    PREDICTION = "prediction"  # its answer: the outputs, or why there are none
+    EXPORT = "export"          # a request for a holder's trained segment (granted only with its consent)
+    SEGMENT = "segment"        # its answer: the segment's parameters, or why not
 
 
 class Outcome(str, Enum):
@@ -65,6 +70,17 @@ class Outcome(str, Enum):
     DUPLICATE = "duplicate"    # applied before; its gradient was sent then and waits in your reply queue
     REFUSED = "refused"        # not applied and never will be: ``error`` says why
     REJOIN = "rejoin"          # the peer does not know you (it lost its state): send hello, then re-send
+
+
+class Served(str, Enum):
+    """What became of an inference request; the ``reason`` of its ``prediction`` answer."""
+
+    OK = "ok"                    # ``outputs`` hold the prediction (or a vertical part)
+    INVALID = "invalid"          # the request cannot be served as sent (shape, dtype, unknown sample id)
+    EXPIRED = "expired"          # its deadline had passed when a stage took it up
+    TIMEOUT = "timeout"          # a later stage or a vertical part did not answer before the deadline
+    UNAVAILABLE = "unavailable"  # nobody serves the next stage (or a vertical party) now
+    FAILED = "failed"            # the segment raised: a bug or a resource problem at that stage
 
 
 def encode_tensor(t: torch.Tensor) -> dict[str, Any]:
@@ -130,7 +146,7 @@ class Message:
             if name in self._tensor_fields:
                 if value is not None:
                     tensors[name] = encode_tensor(value)
-            elif name == "tensors":  # Weights.tensors
+            elif name == "tensors":  # Weights.tensors, Align.tensors
                 tensors.update({k: encode_tensor(v) for k, v in value.items()})
             elif isinstance(value, Mapping):  # spec, facts, metrics
                 header[name] = dict(value)
@@ -228,8 +244,81 @@ class Bye(Message):
     reason: str = ""
 
 
-AnyMessage = Union[Forward, Backward, Weights, Hello, Bye]
-_CLASSES: tuple[type[Message], ...] = (Forward, Backward, Weights, Hello, Bye)
+@dataclass(frozen=True)
+class Align(Message):
+    """One step of finding the sample ids the parties of a vertical job share, without showing
+    the others: ``phase`` is ``request`` / ``response`` (opaque PSI messages as uint8 tensors)
+    or ``result`` (the shared ids, ``train_ids`` and ``test_ids``, chosen by the label holder)."""
+
+    kind: ClassVar[Kind] = Kind.ALIGN
+
+    phase: str = "request"
+    tensors: Mapping[str, torch.Tensor] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Predict(Message):
+    """A forward-only inference request: the requester's activations at a cut, passed up the chain.
+
+    Nothing is stashed, applied or de-duplicated. ``request_id`` names the request end to end;
+    ``deadline`` (Unix time) is when the requester stops waiting: a stage past it answers
+    ``expired`` instead of computing. A vertical top asks each other party for its part of the
+    same ``sample_ids`` with a request that has no ``inputs``.
+    """
+
+    kind: ClassVar[Kind] = Kind.PREDICT
+    _tensor_fields: ClassVar[tuple[str, ...]] = ("inputs", "sample_ids")
+    _optional_tensors: ClassVar[tuple[str, ...]] = ("inputs", "sample_ids")
+
+    inputs: torch.Tensor | None = None
+    sample_ids: torch.Tensor | None = None
+    request_id: str = ""
+    deadline: float = 0.0
+
+
+@dataclass(frozen=True)
+class Prediction(Message):
+    """The answer to a ``predict``: ``outputs`` when ``reason`` is ``ok``, else ``error`` says why.
+
+    Errors travel as data (nameko's RemoteError): ``reason`` is a ``Served`` value and
+    ``error`` the human-readable detail.
+    """
+
+    kind: ClassVar[Kind] = Kind.PREDICTION
+    _tensor_fields: ClassVar[tuple[str, ...]] = ("outputs",)
+    _optional_tensors: ClassVar[tuple[str, ...]] = ("outputs",)
+
+    outputs: torch.Tensor | None = None
+    request_id: str = ""
+    reason: str = Served.OK.value
+    error: str = ""
+
+
+@dataclass(frozen=True)
+class Export(Message):
+    """A request, from ``client_id``, for the holder's trained segment number ``segment`` (0 = bottom)."""
+
+    kind: ClassVar[Kind] = Kind.EXPORT
+
+    request_id: str = ""
+    segment: int = 0
+
+
+@dataclass(frozen=True)
+class Segment(Message):
+    """A holder's answer to ``export``: the segment's ``state_dict``, or ``error`` (e.g. not approved)."""
+
+    kind: ClassVar[Kind] = Kind.SEGMENT
+
+    tensors: Mapping[str, torch.Tensor] = field(default_factory=dict)
+    request_id: str = ""
+    segment: int = 0
+    error: str = ""
+
+
+AnyMessage = Union[Forward, Backward, Weights, Hello, Bye, Align, Predict, Prediction, Export, Segment]
+_CLASSES: tuple[type[Message], ...] = (Forward, Backward, Weights, Hello, Bye, Align, Predict, Prediction, Export,
+                                       Segment)
 _BY_KIND: dict[str, type[Message]] = {cls.kind.value: cls for cls in _CLASSES}
 _FIELD_NAMES: dict[type[Message], tuple[str, ...]] = {
     cls: tuple(f.name for f in dataclasses.fields(cls)) for cls in _CLASSES}
@@ -239,10 +328,13 @@ _SCALAR_TYPES: dict[str, tuple[type, ...]] = {
     "created_at": (float, int), "train": (bool,), "epoch": (int,), "eval_batches": (int,), "attempt": (int,),
     "outcome": (str,), "loss": (float, int, _NONE), "metrics": (dict,), "error": (str,),
     "num_samples": (int,), "spec": (dict,), "facts": (dict,), "completed": (bool,), "reason": (str,),
+    "phase": (str,),
+    "request_id": (str,), "deadline": (float, int), "segment": (int,),
 }
 _MAP_FIELDS = ("spec", "facts", "metrics")
 _SPEC_VALUE_TYPES = (str, int, float, bool)
 _OUTCOMES = frozenset(o.value for o in Outcome)
+_SERVED = frozenset(o.value for o in Served)
 
 
 def _plain(value: Any, depth: int) -> bool:
@@ -292,6 +384,8 @@ def _scalars(cls: type[Message], obj: dict[str, Any]) -> dict[str, Any]:
             raise DecodeError(f"field {key!r} must map names to scalars or (nested) lists of scalars")
     if "metrics" in kwargs and not all(type(v) in (int, float) for v in kwargs["metrics"].values()):
         raise DecodeError("field 'metrics' must map names to numbers")
+    if cls is Prediction and kwargs.get("reason", Served.OK.value) not in _SERVED:
+        raise DecodeError(f"field 'reason' is {kwargs['reason']!r}; allowed: {sorted(_SERVED)}")
     if "outcome" in kwargs and kwargs["outcome"] not in _OUTCOMES:
         raise DecodeError(f"field 'outcome' is {kwargs['outcome']!r}; allowed: {sorted(_OUTCOMES)}")
     for required in ("job_id", "client_id", "seq"):
@@ -305,7 +399,7 @@ def _build(cls: type[Message], obj: dict[str, Any]) -> Message:
     if not isinstance(tensors, dict):
         raise DecodeError("field 'tensors' must be a map")
     kwargs = _scalars(cls, obj)
-    if cls is Weights:
+    if cls in (Weights, Align, Segment):
         kwargs["tensors"] = {str(k): decode_tensor(v, str(k)) for k, v in tensors.items()}
     else:
         for key in tensors:

@@ -12,7 +12,8 @@ from typing import Iterator
 import pika
 import pytest
 
-from splitmq.shared.access import ManagementAPI
+from splitmq.workers import job_admin
+from tests.helpers import Party
 
 AMQP_URL = os.environ.get("AMQP_URL", "amqp://guest:guest@localhost:5672/%2F")
 
@@ -37,12 +38,7 @@ def job_id(amqp_url: str) -> Iterator[str]:
 
 
 def delete_job(job: str, admin_url: str = "http://guest:guest@localhost:15672") -> None:
-    api = ManagementAPI(admin_url)
-    prefix = f"splitmq.{job}."
-    for name in api.names("queues", prefix):
-        api.delete_queue(name)
-    for name in api.names("exchanges", prefix):
-        api.delete_exchange(name)
+    job_admin.delete_job(job, admin_url)
 
 
 #: A second node that tests may stop and start; never the shared one on 5672.
@@ -64,3 +60,12 @@ def restart_node() -> Iterator[str]:
     node("start")
     yield RESTART_URL
     node("stop")
+
+
+@pytest.fixture
+def parties() -> Iterator[list["Party"]]:
+    """Every process a test starts; killed at the end whatever happened."""
+    started: list[Party] = []
+    yield started
+    for p in started:
+        p.close()

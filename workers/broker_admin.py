@@ -40,7 +40,11 @@ def definitions_text() -> str:
 
 
 def with_credentials(url: str, username: str, password: str) -> str:
-    """``url`` with its user and password replaced (both are URL-safe names here)."""
+    """``url`` (each address of a cluster's list) with its user and password replaced (URL-safe names here)."""
+    return ",".join(_with_credentials(u, username, password) for u in broker.addresses(url))
+
+
+def _with_credentials(url: str, username: str, password: str) -> str:
     parts = urllib.parse.urlsplit(url)
     host = parts.hostname or "localhost"
     netloc = f"{urllib.parse.quote(username, safe='')}:{urllib.parse.quote(password, safe='')}@{host}"
@@ -50,7 +54,7 @@ def with_credentials(url: str, username: str, password: str) -> str:
 
 
 def _vhost(amqp_url: str) -> str:
-    path = urllib.parse.urlsplit(amqp_url).path
+    path = urllib.parse.urlsplit(broker.addresses(amqp_url)[0]).path
     return urllib.parse.unquote(path[1:]) if len(path) > 1 else "/"
 
 
@@ -68,7 +72,7 @@ def cmd_definitions(args: argparse.Namespace) -> int:
 
 def cmd_setup(args: argparse.Namespace) -> int:
     layout = topology.job_layout(args.job_id, tuple(args.stage or [topology.TOP_STAGE]), tuple(args.client or []))
-    broker.declare(args.amqp_url, layout, _admin_tls(args))
+    broker.declare(args.amqp_url, topology.with_replicas(layout, args.replicas), _admin_tls(args))
     print(f"declared job {args.job_id}: {len(layout.exchanges)} exchanges, {len(layout.queues)} queues")
     return 0
 
@@ -93,7 +97,7 @@ def _add_user(args: argparse.Namespace, role: str) -> int:
         perms = access.trainer_permissions(args.job_id, stages, may_declare=args.may_declare)
         layout = topology.job_layout(args.job_id, stages)
     # The admin declares what the user may not: a client has no configure right at all.
-    broker.declare(args.amqp_url, layout, _admin_tls(args))
+    broker.declare(args.amqp_url, topology.with_replicas(layout, args.replicas), _admin_tls(args))
     password = access.new_password()
     pw_hash = access.password_hash(password)
     api.put_user(name, pw_hash)
@@ -154,9 +158,13 @@ def cmd_remove(args: argparse.Namespace) -> int:
 def _admin_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--job-id", default=topology.DEFAULT_JOB)
     p.add_argument("--amqp-url", default=os.environ.get("SPLITMQ_ADMIN_AMQP_URL", config.DEFAULT_AMQP_URL),
-                   help="AMQP URL of an admin user, for declaring queues (default guest on localhost)")
+                   help="AMQP URL of an admin user, for declaring queues (default guest on localhost); a "
+                        "cluster's nodes comma-separated")
     p.add_argument("--admin-url", default=os.environ.get("SPLITMQ_ADMIN_URL", DEFAULT_ADMIN_URL),
-                   help="management API, http://[user:pass@]host:port (default guest on localhost:15672)")
+                   help="management API, http://[user:pass@]host:port (default guest on localhost:15672); a "
+                        "cluster's nodes comma-separated")
+    p.add_argument("--replicas", type=int, default=topology.QUORUM_REPLICAS,
+                   help="replicas of each queue declared, on a cluster (x-quorum-initial-group-size)")
     p.add_argument("--admin-tls-ca", help="CA bundle to verify the broker when --amqp-url is amqps://")
     p.add_argument("--admin-tls-cert", help="the admin's client certificate, if the broker requires one")
     p.add_argument("--admin-tls-key")

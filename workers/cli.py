@@ -25,8 +25,12 @@ COMMAND_MODULES = (
     "splitmq.workers.server",
     "splitmq.workers.demo",
     "splitmq.workers.broker_admin",
+    "splitmq.workers.job_admin",
     "splitmq.workers.status",
     "splitmq.workers.plot",
+    "splitmq.workers.predict_cli",
+    "splitmq.workers.export",
+    "splitmq.workers.consent",
     "splitmq.bench.cli",
 )
 #: Set by the first SIGTERM/SIGINT; a party finishes its current message and exits (130).

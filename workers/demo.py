@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -22,13 +21,6 @@ from splitmq.shared import config, topology
 
 #: Defaults chosen so the demo shows asynchronous training matching local accuracy.
 DEMO_DEFAULTS = {"epochs": 30, "num_clients": 2, "max_in_flight": 4}
-#: A party that has not finished in this long is stuck: the demo stops it and says so.
-PARTY_DEADLINE_S = 1800.0
-
-
-def _spawn(args: list[str], log_path: Path) -> subprocess.Popen[bytes]:
-    log = open(log_path, "wb")
-    return subprocess.Popen([sys.executable, "-m", "splitmq", *args], stdout=log, stderr=subprocess.STDOUT)
 
 
 def _scrape(port: int) -> dict[str, float]:
@@ -70,52 +62,37 @@ def run_demo(cfg: config.JobConfig, *, amqp_url: str, metrics_port_base: int, wo
              show: bool) -> dict[str, Any]:
     """Run the split job in subprocesses, then the local baseline; returns the summary."""
     from splitmq.shared import broker, data, local
+    from splitmq.workers.launch import PartySpec, run_parties
 
     broker.delete_queues(amqp_url, [topology.forward_queue(cfg.job_id), topology.dead_letter_queue(cfg.job_id)]
                          + [topology.reply_queue(cfg.job_id, topology.client_name(i)) for i in range(cfg.num_clients)])
     job = workdir / "job.toml"
     write_job(cfg, job)
-    common = ["--config", str(job), "--amqp-url", amqp_url, "--run-dir", str(workdir / "run")]
-    server = _spawn(["server", *common, "--metrics-port", str(metrics_port_base),
-                     "--summary-json", str(workdir / "server.json")], workdir / "server.log")
     ports = [metrics_port_base + 1 + i for i in range(cfg.num_clients)]
     names = [topology.client_name(i) for i in range(cfg.num_clients)]
-    workers = [_spawn(["worker", *common, "--client-index", str(i), "--metrics-port", str(ports[i]),
-                       "--summary-json", str(workdir / f"{names[i]}.json")], workdir / f"{names[i]}.log")
-               for i in range(cfg.num_clients)]
+    parties = [PartySpec("server", "server", ("--metrics-port", str(metrics_port_base)))]
+    parties += [PartySpec(n, "worker", ("--client-index", str(i), "--metrics-port", str(ports[i])))
+                for i, n in enumerate(names)]
     samples = data.load(cfg.data, data_dir=cfg.data_dir, test_fraction=cfg.test_fraction, num_clients=cfg.num_clients)
     total = cfg.epochs * data.batches_per_epoch(len(samples.train), cfg.batch_size)
     tty = sys.stdout.isatty() and show
-    started, last_line = time.monotonic(), ""
-    try:
-        while any(w.poll() is None for w in workers) and time.monotonic() - started < PARTY_DEADLINE_S:
-            if show:
-                line = " | ".join(_bar(n, int(m.get("applied", 0)), total, m.get("splitmq_loss"),
-                                       m.get("splitmq_test_accuracy_ratio"))
-                                  for n, m in zip(names, (_scrape(p) for p in ports)))
-                if tty:
-                    print("\r" + line, end="", flush=True)
-                elif line != last_line and int(time.monotonic() - started) % 10 == 0:
-                    print(line, flush=True)
-                    last_line = line
-            time.sleep(0.5)  # a progress display's refresh period, not a synchronisation
-        server.wait(60)
-    finally:
-        for p in [*workers, server]:
-            if p.poll() is None:
-                p.terminate()
-                p.wait(30)
-    failed = [n for n, w in zip(names, workers) if w.returncode != 0]
-    if failed or server.returncode != 0:
-        logs = "\n".join((workdir / f"{n}.log").read_text()[-2000:] for n in failed or ["server"])
-        raise RuntimeError(f"demo parties failed (workers {failed}, server exit {server.returncode}); see {workdir}\n"
-                           f"{logs}")
-    summaries = [json.loads((workdir / f"{n}.json").read_text()) for n in names]
+    last = [""]
+
+    def progress() -> None:
+        line = " | ".join(_bar(n, int(m.get("applied", 0)), total, m.get("splitmq_loss"),
+                               m.get("splitmq_test_accuracy_ratio")) for n, m in zip(names, map(_scrape, ports)))
+        if tty:
+            print("\r" + line, end="", flush=True)
+        elif line != last[0] and int(time.monotonic()) % 10 == 0:
+            print(line, flush=True)
+            last[0] = line
+
+    run = run_parties(job, parties, amqp_url=amqp_url, workdir=workdir, progress=progress if show else None)
+    summaries = [run.summaries[n] for n in names]
     if show:
         final = " | ".join(_bar(n, s["batches"], total, (s["losses"] or [None])[-1], s["test_scores"].get("accuracy"))
                            for n, s in zip(names, summaries))
         print(("\r" if tty else "") + final)
-    server_summary = json.loads((workdir / "server.json").read_text())
     baseline = local.train_local(cfg.replace(num_clients=1))
     seconds = max(s["seconds"] for s in summaries)
     return {
@@ -126,8 +103,8 @@ def run_demo(cfg: config.JobConfig, *, amqp_url: str, metrics_port_base: int, wo
         "samples_per_second": sum(s["samples"] for s in summaries) / seconds if seconds else 0.0,
         "local_samples_per_second": baseline.samples_per_second,
         "round_trip_p50_s": sorted(s["round_trip_p50_s"] for s in summaries)[len(summaries) // 2],
-        "trainer_batches": server_summary["batches_applied"],
-        "trainer_exit": server_summary["exit"],
+        "trainer_batches": run.summaries["server"]["batches_applied"],
+        "trainer_exit": run.summaries["server"]["exit"],
         "logs": str(workdir),
     }
 

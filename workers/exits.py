@@ -25,6 +25,7 @@ class ExitReason(str, Enum):
     PEER_FAULT = "peer_fault"              # a peer sent something we cannot use (e.g. a NaN gradient)
     STATE_MISMATCH = "state_mismatch"      # our state is older than what we acknowledged (wrong checkpoint)
     IDLE = "idle"                          # a trainer heard nothing for its idle deadline, with owners unfinished
+    COLLAPSED = "collapsed"                # the cut activations stopped varying (NoPeek too strong): nothing to learn
     FAILED = "failed"                      # an unexpected error (a bug): see the traceback in the log
 
     @property
@@ -33,7 +34,8 @@ class ExitReason(str, Enum):
 
 
 #: Process exit codes (sysexits where one fits): 0 done, 1 failed, 2 usage (argparse),
-#: 3 configuration, 69 broker unavailable, 75 a peer problem worth retrying later, 130 interrupted.
+#: 3 configuration, 65 training collapsed (a setting to change), 69 broker unavailable, 75 a peer
+#: problem worth retrying later, 130 interrupted.
 EXIT_CODES: dict[ExitReason, int] = {
     ExitReason.DONE: 0,
     ExitReason.INTERRUPTED: 130,
@@ -45,6 +47,7 @@ EXIT_CODES: dict[ExitReason, int] = {
     ExitReason.PEER_FAULT: 1,
     ExitReason.STATE_MISMATCH: 3,
     ExitReason.IDLE: 75,
+    ExitReason.COLLAPSED: 65,
     ExitReason.FAILED: 1,
 }
 

@@ -12,6 +12,7 @@ role -> loop -> broker -> loop -> bottom role.
 from __future__ import annotations
 
 import logging
+import math
 import queue
 import random
 import time
@@ -49,6 +50,12 @@ class LoopOptions:
     lease_timeout_s: float = defaults.LEASE_TIMEOUT_S
     #: The role whose summary is the party's (the others' go under their names).
     primary: str = ""
+    #: Wait without a deadline while another party holds our name, then take over (a standby trainer).
+    standby: bool = False
+    #: What to tell the user when our name stays taken (the trainer names its standby and sharded modes).
+    in_use_hint: str = ""
+    #: Called once as the party ends, after its final checkpoint (keeps the trained segments).
+    on_exit: Callable[[ExitReason], None] | None = None
 
 
 @dataclass
@@ -88,6 +95,9 @@ class Party:
                     self.routes[(i.queue, kind)] = role
         self._published: list[Future[None]] = []  # every publish not yet confirmed (flushed at exit)
         self._retries: list[_Retry] = []
+        self._unjoined: dict[str, list[tuple[float, Incoming, Delivery]]] = {}  # batches of owners not (yet) known
+        self._asked: dict[str, float] = {}  # when each unknown owner was last asked to join
+        self._unjoined_checked = 0.0
         self._resends: list[tuple[float, Send]] = []
         self._logged: dict[str, float] = {}
         self._last_checkpoint = clock()
@@ -96,14 +106,20 @@ class Party:
         self._lost_since: float | None = None
         self._told: list[Send] = []              # TELL sends that found no queue (pika thread appends)
         self._nacked: PublishNacked | None = None  # a publish the broker refused for good
+        self._restored = False
 
     # ---- lifecycle --------------------------------------------------------------------------
 
     def run(self) -> Outcome:
-        """Restore, connect, serve; returns how it ended (never raises for a named exit)."""
+        """Take our lease, restore, serve; returns how it ended (never raises for a named exit).
+
+        The checkpoint is read only once the lease is ours: a standby that waited an hour must
+        resume from what the party before it wrote last, not from what was there when it started.
+        """
         try:
+            self._take_lease()
             self._restore()
-            self._connect()
+            self._consume()
             now = self.clock()
             for role in self.roles:
                 self._apply(role.start(now), None, role)
@@ -120,15 +136,21 @@ class Party:
     def _finish(self, reason: ExitReason, detail: str) -> Outcome:
         log_at = logging.INFO if reason in (ExitReason.DONE, ExitReason.INTERRUPTED) else logging.ERROR
         log.log(log_at, "%s: exit %s: %s", self.opts.name, reason.value, detail)
-        if self.transport.is_connected:
+        if self.transport.is_connected and self._restored:  # never overwrite a checkpoint we did not load
             try:
                 self._checkpoint(final=True)
             except (PartyExit, BrokerError) as exc:
                 log.warning("%s: no final checkpoint: %s", self.opts.name, exc)
+        if self.opts.on_exit is not None:
+            try:
+                self.opts.on_exit(reason)
+            except OSError as exc:
+                log.warning("%s: could not keep the trained segments: %s", self.opts.name, exc)
         self.transport.close()
         counts = self.stats.counts
         summary: dict[str, Any] = {"party": self.opts.name, "exit": reason.value, "exit_detail": detail,
-                                   "seconds": self.clock() - self._started, "batches_applied": counts["applied"],
+                                   "seconds": self.clock() - self._started, "cpu_seconds": time.process_time(),
+                                   "batches_applied": counts["applied"],
                                    "samples": counts["samples"], "duplicates": counts["duplicates"],
                                    "skipped": counts["skipped"], "rejected": dict(self.stats.rejections),
                                    "bytes_sent": counts["bytes_sent"], "bytes_received": counts["bytes_received"]}
@@ -143,6 +165,7 @@ class Party:
         path = self.opts.checkpoint_path
         state = checkpoint.load(path) if path else None
         if state is None:
+            self._restored = True
             return
         diffs = differences(self.opts.spec, state["config"])
         if diffs:
@@ -153,18 +176,27 @@ class Party:
             if role.ledger is not None:
                 role.ledger.load_state(saved.get("ledger", {}))
             role.load_state(saved.get("role", {}))
+        self._restored = True
         log.info("%s: resumed from %s", self.opts.name, path)
 
-    def _connect(self) -> None:
-        """Connect (taking this party's lease), declare what we may, and start consuming."""
+    def _take_lease(self) -> None:
+        """Connect, holding this party's lease (a standby waits here, without a deadline, for its turn)."""
         self.transport.start()
         self._wait_until(lambda: self.transport.is_connected or self.transport.lease_refused() is not None,
                          lambda: f"the broker ({self.transport.status()})", self.opts.broker_timeout_s,
                          ExitReason.BROKER_UNAVAILABLE, "start it (deploy/broker.sh start) or fix --amqp-url")
+        if self.opts.standby and not self.transport.is_connected:
+            log.info("%s: standing by: another party named %r serves job %s; taking over when it stops",
+                     self.opts.name, self.opts.name, self.opts.job_id)
         self._wait_until(lambda: self.transport.is_connected,
-                         lambda: f"our name to be free ({self.transport.lease_refused()})", self.opts.lease_timeout_s,
-                         ExitReason.NAME_IN_USE, f"stop the other party named {self.opts.name!r} for job "
-                         f"{self.opts.job_id!r}, or give this one another name")
+                         lambda: f"{'our turn' if self.opts.standby else 'our name to be free'} "
+                                 f"({self.transport.lease_refused()})",
+                         math.inf if self.opts.standby else self.opts.lease_timeout_s, ExitReason.NAME_IN_USE,
+                         self.opts.in_use_hint or f"stop the other party named {self.opts.name!r} for job "
+                                                  f"{self.opts.job_id!r}, or give this one another name")
+
+    def _consume(self) -> None:
+        """Declare what we may, and start consuming."""
         if self.opts.layout is not None:
             try:
                 self.transport.declare(self.opts.layout)
@@ -289,12 +321,36 @@ class Party:
             self._apply(Step(durable=False), delivery, None)
 
     def _rejoin(self, inc: Incoming, delivery: Delivery, detail: str) -> None:
-        """A batch from an owner we do not know (we lost our state, or it never joined): ask it to join."""
-        log.info("%s: %s; asking it to join again", self.opts.name, detail)
-        msg = inc.msg
-        answer = wire.Backward(job_id=self.opts.job_id, client_id=msg.client_id, seq=msg.seq,
+        """A batch from an owner we do not know (we lost our state, or it never joined).
+
+        Never acked around: the batch is kept, unacknowledged, until its owner has joined (then
+        handled like any other), and the owner is asked to join — once, not per held batch.
+        """
+        client, now = inc.msg.client_id, self.clock()
+        held = self._unjoined.setdefault(client, [])
+        held.append((now, inc, delivery))
+        if now - self._asked.get(client, -1e9) < defaults.JOIN_RETRY_S:
+            return
+        self._asked[client] = now
+        log.info("%s: %s; asking it to join (holding %d of its batches)", self.opts.name, detail, len(held))
+        answer = wire.Backward(job_id=self.opts.job_id, client_id=client, seq=inc.msg.seq,
                                outcome=wire.Outcome.REJOIN.value, error=detail)
-        self._apply(Step(sends=[Send(ToParty(inc.reply_to), answer, inc.correlation_id)], durable=False), delivery, None)
+        self._publish(Send(ToParty(inc.reply_to), answer, inc.correlation_id))
+
+    def _unjoined_due(self, now: float) -> None:
+        """Hand held batches back to their role once a second (their owner may have joined);
+        an owner that does not join within the join timeout has them dead-lettered."""
+        if now - self._unjoined_checked < 1.0 or not self._unjoined:
+            return
+        self._unjoined_checked = now
+        held, self._unjoined = self._unjoined, {}
+        for client, entries in held.items():
+            for since, inc, delivery in entries:
+                if now - since > defaults.JOIN_TIMEOUT_S:
+                    self._dead_letter(delivery, "not_joined", f"{client} did not join within "
+                                      f"{defaults.JOIN_TIMEOUT_S:.0f}s", inc)
+                else:
+                    self._dispatch(inc, delivery, attempt=1)
 
     def _retry(self, inc: Incoming, delivery: Delivery, attempt: int, exc: Exception) -> None:
         if attempt >= defaults.HANDLER_ATTEMPTS:
@@ -316,6 +372,7 @@ class Party:
         resend, self._resends = [s for t, s in self._resends if t <= now], [(t, s) for t, s in self._resends if t > now]
         for send in resend:
             self._publish(send)
+        self._unjoined_due(now)
 
     def _dead_letter(self, delivery: Delivery, reason: str, detail: str, inc: Incoming | None) -> None:
         """Set a message aside in the job's dead-letter queue with its reason; tell its sender why."""

@@ -29,6 +29,7 @@ class Stats:
         self.last_loss: float | None = None
         self.round_trips: list[float] = []
         self.step_seconds: list[float] = []
+        self.inference_seconds: collections.deque[float] = collections.deque(maxlen=100_000)  # recent only
 
     def _m(self) -> Metrics | None:
         return self.metrics
@@ -94,10 +95,11 @@ class Stats:
                 m.task_metric(name, value)
 
     def gauge(self, name: str, value: float) -> None:
-        """``epoch``, ``in_flight`` or ``clients``."""
+        """``epoch``, ``in_flight``, ``clients`` or ``dcor`` (NoPeek's distance correlation)."""
         if (m := self._m()) is None:
             return
-        {"epoch": m.epoch, "in_flight": m.in_flight, "clients": m.clients}[name].labels(m.role).set(value)
+        {"epoch": m.epoch, "in_flight": m.in_flight, "clients": m.clients,
+         "dcor": m.cut_dcor}[name].labels(m.role).set(value)
 
     def reconnected(self) -> None:
         if (m := self._m()) is not None:
@@ -109,6 +111,16 @@ class Stats:
             self.last_loss = value
             if (m := self._m()) is not None:
                 m.loss.labels(m.role).set(value)
+
+    def served(self, outcome: str, seconds: float | None = None) -> None:
+        """One inference request ended with ``outcome`` (a ``wire.Served`` value) after ``seconds``."""
+        self.counts[f"inference_{outcome}"] += 1
+        if seconds is not None:
+            self.inference_seconds.append(seconds)
+        if (m := self._m()) is not None:
+            m.inference_requests.labels(m.role, outcome).inc()
+            if seconds is not None:
+                m.inference_latency.labels(m.role).observe(seconds)
 
     def history(self, **fields: Any) -> None:
         """Append one JSON line of progress to the run's history (``splitmq plot`` reads it)."""

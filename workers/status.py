@@ -67,6 +67,7 @@ class QueueRow:
     publish_rate: float | None
     delivered: int  # messages delivered to consumers since the queue was declared
     deliver_rate: float | None
+    replicas: str = ""  # quorum queues on a cluster: replicas online / members ("2/3"), "" otherwise
 
 
 def parse_parties(text: str, source: str) -> list[Party]:
@@ -134,9 +135,17 @@ def queue_rows(queues: Iterable[Mapping[str, Any]], job: str) -> list[QueueRow]:
                              unacked=int(q.get("messages_unacknowledged", 0)),
                              consumers=int(q.get("consumers", 0)), idle_since=q.get("idle_since"),
                              publish_rate=_rate(stats, "publish"), delivered=int(stats.get("deliver_get", 0)),
-                             deliver_rate=_rate(stats, "deliver_get")))
+                             deliver_rate=_rate(stats, "deliver_get"), replicas=_replicas(q)))
     order = {"forward": 0, "reply": 1, "dlq": 2}
     return sorted(rows, key=lambda r: (order[r.kind], r.owner))
+
+
+def _replicas(q: Mapping[str, Any]) -> str:
+    """"online/members" of a replicated queue (the management API lists both for quorum queues)."""
+    members, online = q.get("members"), q.get("online")
+    if not isinstance(members, list) or not isinstance(online, list) or len(members) < 2:
+        return ""
+    return f"{len(online)}/{len(members)}"
 
 
 def _rate(stats: Mapping[str, Any], name: str) -> float | None:
@@ -215,10 +224,10 @@ def render(parties: list[Party], queues: list[QueueRow], errors: list[str], *, j
     for q in clients:
         state = "connected" if q.consumers else "no consumer"
         lines.append(f"  {q.owner:<24} {state:<12} {_activity(q)}")
-    lines += ["", f"{'queue':<44} {'ready':>7} {'unacked':>7} {'consumers':>9} {'publish/s':>9}"]
+    lines += ["", f"{'queue':<44} {'ready':>7} {'unacked':>7} {'consumers':>9} {'publish/s':>9} {'replicas':>8}"]
     for q in queues:
         lines.append(f"{q.name[-44:]:<44} {q.ready:>7} {q.unacked:>7} {q.consumers:>9} "
-                     f"{_fmt(q.publish_rate, '.1f'):>9}")
+                     f"{_fmt(q.publish_rate, '.1f'):>9} {q.replicas or '-':>8}")
     dead = sum(q.ready + q.unacked for q in queues if q.kind == "dlq")
     rejected = sum(p.rejected for p in parties)
     lines += ["", f"dead letters: {dead} in the dead-letter queue; {rejected:.0f} rejected by the parties above"]
@@ -245,13 +254,21 @@ def collect(args: argparse.Namespace) -> Snapshot:
             parties += parse_parties(fetch(url), url)
         except (OSError, ValueError) as exc:
             errors.append(f"{url} ({exc})")
-    queues: list[QueueRow] = []
-    api = f"{args.management_url.rstrip('/')}/api/queues/{quote(args.vhost, safe='')}"
-    try:
-        queues = queue_rows(json.loads(fetch(api)), args.job_id)
-    except (OSError, ValueError) as exc:
-        errors.append(f"{_redact(api)} ({exc})")
-    return Snapshot(parties, queues, errors)
+    queues, failed = management_queues(args.management_url, args.vhost, args.job_id)
+    return Snapshot(parties, queues, errors + failed)
+
+
+def management_queues(urls: str, vhost: str, job: str) -> tuple[list[QueueRow], list[str]]:
+    """The job's queues from the first node that answers (a cluster's nodes listed, comma-separated),
+    and what did not answer if none did."""
+    failed: list[str] = []
+    for base in urls.replace(",", " ").split():
+        api = f"{base.rstrip('/')}/api/queues/{quote(vhost, safe='')}"
+        try:
+            return queue_rows(json.loads(fetch(api)), job), []
+        except (OSError, ValueError) as exc:
+            failed.append(f"{_redact(api)} ({exc})")
+    return [], failed
 
 
 def _redact(url: str) -> str:
@@ -289,7 +306,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
                    help="a worker's /metrics URL (repeatable)")
     p.add_argument("--pushgateway", help="a Pushgateway URL: edge workers' pushed metrics, one row per client")
     p.add_argument("--management-url", default=DEFAULT_MANAGEMENT_URL,
-                   help="RabbitMQ management API, with credentials (default guest on localhost)")
+                   help="RabbitMQ management API, with credentials (default guest on localhost); a cluster's "
+                        "nodes comma-separated: the first that answers is read")
     p.add_argument("--vhost", default="/", help="the broker's virtual host (default /)")
     p.add_argument("--watch", type=float, metavar="SECONDS", help="refresh every SECONDS until interrupted")
     p.add_argument("--json", action="store_true", help="print one JSON object per refresh instead")

@@ -9,15 +9,18 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from splitmq.shared import checkpoint, data, defaults, topology
+from splitmq.shared import checkpoint, data, defaults, schedule, topology
 from splitmq.shared.broker import Broker
-from splitmq.shared.config import JobConfig, LabelSource
+from splitmq.shared.config import Align, JobConfig, LabelSource
 from splitmq.shared.errors import ConfigError
 from splitmq.shared.ledger import Ledger
 from splitmq.shared.metrics import Metrics
-from splitmq.workers import assemble, gate, options, runtime
+from splitmq.shared.stage import Stage
+from splitmq.workers import assemble, gate, options, runtime, segments
 from splitmq.workers.party import LoopOptions, Party
+from splitmq.workers.roles.align import AlignAnswer
 from splitmq.workers.roles.base import Role
 from splitmq.workers.roles.bottom import BottomRole, OwnerTimeouts
 from splitmq.workers.roles.members import JoinDesk, Members
@@ -35,6 +38,7 @@ class WorkerOptions:
     evaluate: bool = True
     timeouts: OwnerTimeouts = OwnerTimeouts()
     data: data.Data | None = None    # the owner's samples, given in-process (else the job's `data` setting)
+    run_dir: str | None = None       # where the trained segments are kept at exit (None: not kept)
 
 
 def identity(client_id: str, index: int, cfg: JobConfig) -> tuple[str, int]:
@@ -63,9 +67,10 @@ def build(cfg: JobConfig, opts: WorkerOptions, stats: Stats) -> tuple[list[Role]
     """This owner's roles and loop options."""
     me, index = identity(opts.client_id, opts.client_index, cfg)
     samples = opts.data if opts.data is not None else assemble.owner_data(cfg, index)
-    stage = assemble.bottom_stage(cfg, index, len(samples.train), opts.device)
+    stage = assemble.bottom_stage(cfg, index, len(samples.train), opts.device, probe=assemble.probe(samples),
+                                  report=lambda dcor: stats.gauge("dcor", dcor))
     spec = assemble.owner_spec(cfg, stage, samples)
-    job, dest = cfg.job_id, cfg.stages[0]
+    job, dest = cfg.job_id, topology.owner_stage(cfg.stages[0], index, cfg.shards)  # its trainer's shard, if any
     ledger = Ledger()
     roles: list[Role] = []
     head: TopRole | None = None
@@ -80,25 +85,40 @@ def build(cfg: JobConfig, opts: WorkerOptions, stats: Stats) -> tuple[list[Role]
         forward = topology.forward_queue(job, head_name)
         head = TopRole(head_stage, members=head_members, stats=stats, job_id=job, forward_queue=forward,
                        limits=lambda: None, labels=assemble.top_labels(cfg, own=samples), task=cfg.task.value,
-                       private=True, own_head=True)
+                       private=True, own_head=True, protection=assemble.label_protection(cfg))
         head.name = "head"
         roles.append(JoinDesk(head_members, head.ledger or Ledger(), stage=head_name, job_id=job,
                               forward_queue=forward, serve_forever=True))
         roles.append(head)
         queues.append(head_name)
     sync = owner_policy(cfg.bottom_sync, num_clients=cfg.num_clients, index=index, sync_every=cfg.sync_every)
+    psi = cfg.align is Align.PSI
     bottom = BottomRole(stage, cfg=cfg, me=me, index=index, samples=samples, dest=dest,
                         reply_queue=topology.reply_queue(job, me), ledger=ledger, stats=stats, spec=spec, sync=sync,
                         evaluate=opts.evaluate, send_labels=cfg.label_source is LabelSource.BATCH and not cfg.u_shaped,
                         order_seed=cfg.seed if cfg.vertical_parts else cfg.seed + index, timeouts=opts.timeouts,
-                        local_scores=(lambda: head.last_scores) if head is not None else None)
+                        local_scores=(lambda: head.last_scores) if head is not None else None, aligned=not psi)
+    stage.schedule = schedule.make(cfg.lr_schedule.value, lambda: bottom.total)  # known once aligned
     roles.insert(0, bottom)
+    if psi:
+        roles.append(AlignAnswer(samples, me=me, job_id=job, reply_queue=topology.reply_queue(job, me), dest=dest,
+                                 adopt=bottom.align))
     upstream = frozenset({cfg.stages[-2]}) if cfg.u_shaped else frozenset()
     loop = LoopOptions(name=me, job_id=job, spec={**cfg.agreed(), "client_id": me}, primary="bottom",
                        checkpoint_path=checkpoint.path_for(opts.checkpoint_dir, me) if opts.checkpoint_dir else None,
                        checkpoint_every=cfg.checkpoint_every, rules=gate.GateRules(job_id=job, upstream=upstream),
-                       layout=topology.job_layout(job, stages=tuple(queues), parties=(me,)))
+                       layout=topology.with_replicas(topology.job_layout(job, stages=tuple(queues), parties=(me,)),
+                                                     cfg.replicas),
+                       on_exit=_keeper(cfg, me, opts.run_dir, stage, head))
     return roles, loop
+
+
+def _keeper(cfg: JobConfig, me: str, run_dir: str | None, bottom: Stage, head: TopRole | None) -> Any:
+    """Keep this owner's trained bottom (and head) in its run directory when it exits."""
+    if run_dir is None:
+        return None
+    held = {0: bottom, **({cfg.segment_count - 1: head.stage} if head is not None else {})}
+    return segments.keeper(segments.path_for(run_dir, me), cfg, me, held)
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -129,7 +149,7 @@ def main(args: argparse.Namespace) -> int:
     stats = Stats(metrics, history_path=Path(args.run_dir or f"runs/{cfg.job_id}") / f"history-{me}.jsonl", party=me)
     timeouts = OwnerTimeouts(peer_s=args.peer_timeout, join_s=args.join_timeout)
     opts = WorkerOptions(client_id=me, client_index=index, device=args.device, checkpoint_dir=args.checkpoint_dir,
-                         evaluate=not args.no_eval, timeouts=timeouts)
+                         evaluate=not args.no_eval, timeouts=timeouts, run_dir=args.run_dir or f"runs/{cfg.job_id}")
     roles, loop = build(cfg, opts, stats)
     loop = LoopOptions(**{**vars(loop), "broker_timeout_s": args.broker_timeout, "lease_timeout_s": args.lease_timeout,
                           "user_id": runtime.broker_username(args.amqp_url)})

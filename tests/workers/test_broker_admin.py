@@ -207,7 +207,7 @@ def test_a_client_is_refused_declaring_queues(job_id: str, clients: tuple[dict[s
     # Given client A, When it declares a new queue, or re-declares its own
     a, _ = clients
     for name in (f"splitmq.{job_id}.reply.evil", a["reply_queue"]):
-        layout = topology.Layout((), (topology.Queue(name, topology.work_queue_arguments(job_id)),), ())
+        layout = topology.Layout((), (topology.Queue(name, topology.forward_queue_arguments(job_id)),), ())
         # Then access is refused
         with pytest.raises(AccessRefused):
             broker.declare(a["amqp_url"], layout)

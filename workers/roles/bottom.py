@@ -22,6 +22,7 @@ from splitmq.shared import data, defaults, scores, topology, validate, wire
 from splitmq.shared.config import JobConfig
 from splitmq.shared.errors import RejectedMessage
 from splitmq.shared.ledger import Ledger
+from splitmq.shared.privacy import ActivationCollapse
 from splitmq.shared.stage import Stage
 from splitmq.workers.exits import ExitReason, PartyExit, Wait
 from splitmq.workers.roles.base import IfUnroutable, Inbound, Incoming, Role, Send, Source, Step, ToStage
@@ -65,14 +66,14 @@ class BottomRole(Role):
                  reply_queue: str, ledger: Ledger, stats: Stats, spec: dict[str, Any], sync: OwnerSync,
                  evaluate: bool = True, send_labels: bool = True, order_seed: int = 0,
                  timeouts: OwnerTimeouts = OwnerTimeouts(), local_scores: Callable[[], dict[str, float]] | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 aligned: bool = True, clock: Callable[[], float] = time.monotonic) -> None:
         self.stage, self.cfg, self.me, self.index, self.samples = stage, cfg, me, index, samples
         self.dest, self.reply_queue, self.ledger, self.stats, self.spec = dest, reply_queue, ledger, stats, spec
         self.sync, self.send_labels, self.order_seed, self.timeouts = sync, send_labels, order_seed, timeouts
         self.local_scores, self.clock = local_scores, clock
-        self.evaluate = evaluate and samples.test is not None and len(samples.test) > 0
-        self.per_epoch = data.batches_per_epoch(len(samples.train), cfg.batch_size)
-        self.total = cfg.epochs * self.per_epoch
+        self.evaluate_wanted = evaluate
+        self.aligned = aligned  # a vertical party waits for the shared sample ids (roles/align.py)
+        self._measure(samples)
         self.joined = False
         self.hello_since: float | None = None
         self.in_flight: dict[int, _InFlight] = {}
@@ -87,6 +88,21 @@ class BottomRole(Role):
         self.applied_at_start = 0
         self.started = clock()
         self._orders: dict[int, list[torch.Tensor]] = {}
+
+    def _measure(self, samples: data.Data) -> None:
+        self.samples = samples
+        self.evaluate = self.evaluate_wanted and samples.test is not None and len(samples.test) > 0
+        self.per_epoch = data.batches_per_epoch(len(samples.train), self.cfg.batch_size)
+        self.total = self.cfg.epochs * self.per_epoch
+
+    def align(self, train_ids: torch.Tensor, test_ids: torch.Tensor) -> None:
+        """Train and evaluate on exactly these samples (the ids all parties share, split by the label holder)."""
+        pool = data.pool(self.samples)
+        self._measure(data.Data(pool.only(train_ids), pool.only(test_ids) if len(test_ids) else None))
+        self._orders = {}
+        self.aligned = True
+        log.info("%s: aligned: %d training and %d evaluation samples shared with the other parties", self.me,
+                 len(train_ids), len(test_ids))
 
     @property
     def applied(self) -> Ledger:
@@ -137,8 +153,7 @@ class BottomRole(Role):
         if msg.client_id != self.me:
             raise RejectedMessage("identity", f"an answer for {msg.client_id} in {self.me}'s queue")
         request = self.requests.pop(inc.correlation_id, None)
-        ours = request is not None or (msg.seq in self.in_flight
-                                       and inc.correlation_id == topology.batch_id(self.me, msg.seq))
+        ours = request is not None or inc.correlation_id == topology.batch_id(self.me, msg.seq)
         if isinstance(msg, wire.Backward) and msg.outcome in (wire.Outcome.REFUSED.value, wire.Outcome.REJOIN.value) \
                 and not ours:  # about a message we never sent (someone else wrote under our name)
             log.warning("%s: ignoring a %s answer to %s, which is not ours: %s", self.me, msg.outcome,
@@ -155,6 +170,8 @@ class BottomRole(Role):
         if msg.outcome == wire.Outcome.EVALUATED.value:
             return self._evaluated(inc, msg)
         if msg.outcome == wire.Outcome.REJOIN.value:
+            if not self.joined:  # a join is already under way
+                return Step(durable=False)
             log.warning("%s: %s does not know us (it lost its state): joining again", self.me, self.dest)
             step = self._hello(self.clock())
             step.durable = False
@@ -189,7 +206,10 @@ class BottomRole(Role):
             raise PartyExit(ExitReason.PEER_FAULT, f"{self.dest} sent an unusable gradient for batch {seq}: "
                             f"{exc.detail} (a diverged top sends NaN: lower the learning rate)",
                             reject_reason=exc.reason) from None
-        _, staleness = self.stage.backward(seq, grad)
+        try:
+            _, staleness = self.stage.backward(seq, grad)
+        except ActivationCollapse as exc:
+            raise PartyExit(ExitReason.COLLAPSED, f"batch {seq}: {exc}") from None
         del self.in_flight[seq]
         now = self.clock()
         self.stats.applied(len(grad), loss=msg.loss, staleness=staleness, round_trip_s=now - batch.first_sent)
@@ -233,7 +253,7 @@ class BottomRole(Role):
         return min(self.epoch_of(first), self.cfg.epochs)
 
     def tick(self, now: float) -> Step:
-        if not self.joined or self.bye_sent:
+        if not self.joined or self.bye_sent or not self.aligned:
             return Step()
         finished = self.current_epoch() - 1
         if finished > self.synced_epoch:
@@ -347,6 +367,7 @@ class BottomRole(Role):
         if early is not None:  # replaying after a restart: its gradient already waits in our queue
             step = self._apply(seq, flight, early)
             step.settle.append(("early", seq))
+            step.checkpoint = not self.early  # caught up: make it durable before anything else
             return step
         self.stats.gauge("in_flight", len(self.in_flight))
         return Step(sends=[Send(ToStage(self.dest), msg, topology.batch_id(self.me, seq))])
@@ -362,6 +383,9 @@ class BottomRole(Role):
         hint = (f"is `splitmq server` running for job {self.cfg.job_id}? Running this worker again resumes "
                 "where it stopped")
         out = [Wait(r.what, r.since, r.deadline_s, ExitReason.PEER_SILENT, hint) for r in self.requests.values()]
+        if self.joined and not self.aligned:
+            out.append(Wait(f"the sample ids we share with the other parties, from {self.dest}", self.started,
+                            self.timeouts.join_s, ExitReason.PEER_SILENT, hint))
         if self.in_flight:
             oldest = min(self.in_flight.values(), key=lambda b: b.first_sent)
             out.append(Wait(f"the answer to batch {oldest.msg.seq} from {self.dest}", oldest.first_sent,

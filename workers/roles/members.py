@@ -43,8 +43,11 @@ class Members:
     """The job's data owners: expected by index, known by name once joined."""
 
     def __init__(self, *, num_clients: int, epochs: int, spec: dict[str, Any], compare_bottoms: bool,
-                 accepts: Callable[[dict[str, Any]], str] = lambda spec: "", compare_models: bool = True) -> None:
+                 accepts: Callable[[dict[str, Any]], str] = lambda spec: "", compare_models: bool = True,
+                 expected: frozenset[int] | None = None) -> None:
         self.num_clients, self.epochs = num_clients, epochs
+        #: The owners this stage serves: all of the job's, or its shard's (``topology.shard_of``).
+        self.expected = frozenset(range(num_clients)) if expected is None else expected
         self.spec = spec                       # this stage's agreed job settings
         self.compare_bottoms = compare_bottoms  # owners share bottoms (average, handoff): they must agree
         self.compare_models = compare_models    # False for a vertical split: each party's cut is its own
@@ -63,6 +66,9 @@ class Members:
                        f"(0..{self.num_clients - 1}); set num_clients or the index")
         elif conventional is not None and conventional != index:
             out.append(f"client_index: {name} must have index {conventional}, not {index}")
+        elif index not in self.expected:
+            out.append(f"client_index: owner {index} is not served here (this trainer serves owners "
+                       f"{sorted(self.expected)}; check shards and the owner's stage)")
         else:
             holder = next((m.name for m in self.by_name.values() if m.index == index and m.name != name), None)
             if holder:
@@ -103,7 +109,7 @@ class Members:
     def active_indexes(self) -> set[int]:
         """Owners a round waits for: every expected index except those that have finished."""
         done = {m.index for m in self.by_name.values() if m.done}
-        return set(range(self.num_clients)) - done
+        return set(self.expected) - done
 
     def by_index(self, index: int) -> Member | None:
         return next((m for m in self.by_name.values() if m.index == index), None)
@@ -113,11 +119,11 @@ class Members:
         known = [m.batches_per_epoch for m in self.by_name.values() if m.batches_per_epoch]
         if not known:
             return 1
-        missing = max(0, self.num_clients - len(known))
+        missing = max(0, len(self.expected) - len(known))
         return self.epochs * (sum(known) + missing * round(sum(known) / len(known)))
 
     def all_done(self) -> bool:
-        return len([m for m in self.by_name.values() if m.done]) >= self.num_clients
+        return len([m for m in self.by_name.values() if m.done]) >= len(self.expected)
 
     def state(self) -> dict[str, Any]:
         return {"model": self.model, "members": [asdict(m) for m in self.by_name.values()]}
@@ -143,6 +149,7 @@ class JoinDesk(Role):
         self.onward_spec = onward_spec  # a middle hop: the spec the next stage sees (its own output shape)
         self.last_heard = clock()
         self.pending: dict[str, Incoming] = {}   # hellos passed on, by the correlation id we gave them
+        self.fatal: PartyExit | None = None
 
     def inbound(self) -> list[Inbound]:
         kinds = frozenset({wire.Kind.HELLO, wire.Kind.BYE})
@@ -150,6 +157,10 @@ class JoinDesk(Role):
         if self.reply_queue is not None:
             out.append(Inbound(self.reply_queue, Source.REPLY, frozenset({wire.Kind.HELLO}), wire.ENVELOPE_BYTES))
         return out
+
+    def start(self, now: float) -> Step:
+        self.last_heard = self.clock()  # a standby may have waited long before taking over
+        return Step()
 
     def handle(self, inc: Incoming) -> Step:
         self.last_heard = self.clock()
@@ -166,6 +177,12 @@ class JoinDesk(Role):
         problems = self.members.problems(name, spec, facts)
         if problems:
             log.error("%s: refused %s's join: %s", self.stage, name, "; ".join(problems))
+            if not self.members.by_name and any(p.startswith("cut_shape") for p in problems):
+                # The job's first owner and this stage disagree on the model itself: one of the two
+                # is wrong, and nobody can train until it is fixed. (Once an owner trains, a
+                # stranger's misfit cannot stop the stage.)
+                self.fatal = PartyExit(ExitReason.CONFIG, f"{name}'s model does not fit this stage's: "
+                                       + "; ".join(problems))
             return Step(sends=[self._answer(inc, msg, "; ".join(problems))], durable=False)
         self.members.join(name, spec, facts)
         log.info("%s: %s joined as owner %s (applied here: up to %d)", self.stage, name, facts.get("client_index"),
@@ -215,8 +232,10 @@ class JoinDesk(Role):
                      "restarting them resumes the job; --idle-timeout sets this deadline")]
 
     def finished(self) -> PartyExit | None:
+        if self.fatal is not None:
+            return self.fatal
         if not self.serve_forever and self.members.all_done():
-            return PartyExit(ExitReason.DONE, f"all {self.members.num_clients} data owner(s) finished")
+            return PartyExit(ExitReason.DONE, f"all {len(self.members.expected)} data owner(s) finished")
         return None
 
     def state(self) -> dict[str, Any]:

@@ -121,6 +121,7 @@ class Rounds:
         self.timeout_s = timeout_s
         self.open: dict[int, _Round] = {}
         self.results: dict[int, dict[str, torch.Tensor]] = {}
+        self.samples: dict[int, int] = {}  # the samples behind each result (its weight among shards)
 
     def contribute(self, *, epoch: int, index: int, client: str, correlation_id: str,
                    tensors: dict[str, torch.Tensor], num_samples: int, expected: set[int],
@@ -137,8 +138,10 @@ class Rounds:
         rnd = self.open.pop(epoch)
         self.results[epoch] = aggregate.weighted_average([e["tensors"] for e in rnd.entries.values()],
                                                          [e["n"] for e in rnd.entries.values()])
+        self.samples[epoch] = sum(int(e["n"]) for e in rnd.entries.values())
         for old in [e for e in self.results if e < epoch - 1]:
             del self.results[old]
+            self.samples.pop(old, None)
         return [Outgoing(e["client"], e["cid"], epoch, self.results[epoch]) for e in rnd.entries.values()]
 
     def overdue(self, now: float) -> list[int]:
@@ -156,6 +159,38 @@ class Rounds:
         self.results = {int(e): r for e, r in state.get("results", {}).items()}
 
 
+class RoundEnd(ABC):
+    """Where a closed round's average goes: to the owners at once (one trainer), or first into
+    the average of every trainer's shard (a sharded job: ``roles.replicas``)."""
+
+    @abstractmethod
+    def closed(self, epoch: int, samples: int, outgoing: list[Outgoing]) -> list[Send]:
+        """The round of ``epoch`` closed here with ``samples`` samples behind it: what to send now."""
+
+    @abstractmethod
+    def late(self, epoch: int, outgoing: list[Outgoing]) -> list[Send]:
+        """An owner reported to a round that had closed: what to send it."""
+
+
+class ToOwners(RoundEnd):
+    """One trainer: its round's average is the job's."""
+
+    def __init__(self, job_id: str) -> None:
+        self.job_id = job_id
+
+    def closed(self, epoch: int, samples: int, outgoing: list[Outgoing]) -> list[Send]:
+        return [weights_send(self.job_id, o) for o in outgoing]
+
+    def late(self, epoch: int, outgoing: list[Outgoing]) -> list[Send]:
+        return [weights_send(self.job_id, o) for o in outgoing]
+
+
+def weights_send(job_id: str, out: Outgoing) -> Send:
+    """An average (or a hand-off) for one owner, answering its request."""
+    msg = wire.Weights(job_id=job_id, client_id=out.client, seq=out.epoch, tensors=out.tensors)
+    return Send(ToParty(out.client), msg, out.correlation_id)
+
+
 def next_turn(*, epoch: int, index: int, num_clients: int, epochs: int) -> tuple[int, int] | None:
     """SplitNN turn-taking: after owner ``index`` trains ``epoch``, (next owner, its epoch); None at the end."""
     nxt = (index + 1) % num_clients
@@ -169,9 +204,10 @@ class SyncDesk(Role):
     name = "sync"
 
     def __init__(self, members: Members, *, mode: BottomSync, job_id: str, forward_queue: str,
-                 timeout_s: float, stats: Stats) -> None:
+                 timeout_s: float, stats: Stats, round_end: RoundEnd | None = None) -> None:
         self.members, self.mode, self.job_id, self.forward_queue = members, mode, job_id, forward_queue
         self.stats = stats
+        self.round_end = round_end or ToOwners(job_id)
         self.rounds = Rounds(timeout_s=timeout_s)
         self.turns: dict[int, Outgoing] = {}  # hand-offs waiting for their owner to join, by index
 
@@ -203,11 +239,14 @@ class SyncDesk(Role):
             raise RejectedMessage("shape", f"{member.name}'s bottom has parameters {sorted(got.items())}, the "
                                            f"job's are {sorted(expected.items())}")
         if self.mode is BottomSync.AVERAGE:
+            late = msg.seq in self.rounds.results
             outs = self.rounds.contribute(epoch=msg.seq, index=member.index, client=member.name,
                                           correlation_id=inc.correlation_id, tensors=dict(msg.tensors),
                                           num_samples=msg.num_samples, expected=self.members.active_indexes(),
                                           now=time.monotonic())
-            return Step(sends=[self._send(o) for o in outs])
+            if late:
+                return Step(sends=self.round_end.late(msg.seq, outs))
+            return Step(sends=self._closed(msg.seq, outs) if outs else [])
         turn = next_turn(epoch=msg.seq, index=member.index, num_clients=self.members.num_clients,
                          epochs=self.members.epochs)
         if turn is None:
@@ -217,8 +256,10 @@ class SyncDesk(Role):
         return self.tick(time.monotonic())
 
     def _send(self, out: Outgoing) -> Send:
-        msg = wire.Weights(job_id=self.job_id, client_id=out.client, seq=out.epoch, tensors=out.tensors)
-        return Send(ToParty(out.client), msg, out.correlation_id)
+        return weights_send(self.job_id, out)
+
+    def _closed(self, epoch: int, outs: list[Outgoing]) -> list[Send]:
+        return self.round_end.closed(epoch, self.rounds.samples.get(epoch, 0), outs)
 
     def tick(self, now: float) -> Step:
         step = Step()
@@ -226,7 +267,7 @@ class SyncDesk(Role):
             missing = self.rounds.missing(epoch, self.members.active_indexes())
             log.warning("sync: closing the epoch-%d average without owner(s) %s (no bottom within %.0fs)", epoch,
                         missing, self.rounds.timeout_s)
-            step.sends += [self._send(o) for o in self.rounds.close(epoch)]
+            step.sends += self._closed(epoch, self.rounds.close(epoch))
         for index, out in list(self.turns.items()):
             member = self.members.by_index(index)
             if member is not None:  # its owner has joined: its reply queue exists

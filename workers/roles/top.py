@@ -15,6 +15,7 @@ import torch
 
 from splitmq.shared import scores, validate, wire
 from splitmq.shared.errors import RejectedMessage
+from splitmq.shared.label_protection import GradientProtection, NoProtection
 from splitmq.shared.ledger import Ledger
 from splitmq.shared.stage import Stage
 from splitmq.workers.roles.base import Inbound, Incoming, Role, Send, Source, Step, ToParty
@@ -63,10 +64,12 @@ class TopRole(Role):
 
     def __init__(self, stage: Stage, *, members: Members, stats: Stats, job_id: str, forward_queue: str,
                  limits: Callable[[], validate.Limits | None], labels: Labels, task: str,
-                 private: bool = False, own_head: bool = False) -> None:
+                 private: bool = False, own_head: bool = False,
+                 protection: GradientProtection = NoProtection()) -> None:
         self.stage, self.members, self.stats, self.job_id = stage, members, stats, job_id
         self.forward_queue, self.limits, self.labels, self.task = forward_queue, limits, labels, task
         self.private = private
+        self.protection = protection  # what the returned gradient may reveal of the labels (label_protection)
         self.own_head = own_head  # a U-shaped owner's head: its loss is the owner's; its bottom counts the batch
         self.ledger = Ledger()
         self.passes: dict[tuple[str, int], _Pass] = {}
@@ -103,8 +106,10 @@ class TopRole(Role):
         self.losses.append(result.loss)
         if self.stage.version % 10 == 0:
             self.stats.history(version=self.stage.version, loss=result.loss, samples=self.stats.counts["samples"])
+        grad = result.grad_input
         answer = wire.Backward(job_id=self.job_id, client_id=msg.client_id, seq=msg.seq,
-                               model_version=self.stage.version, grad=result.grad_input,
+                               model_version=self.stage.version,
+                               grad=self.protection.protect(grad, labels) if grad is not None else None,
                                loss=None if self.private else result.loss)
         return Step(sends=[Send(ToParty(inc.reply_to or msg.client_id), answer, inc.correlation_id)],
                     applied=[(msg.client_id, msg.seq)])

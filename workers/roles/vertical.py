@@ -65,7 +65,7 @@ class VerticalTopRole(Role):
         self.ledger = Ledger()
         self.pending: dict[tuple[bool, int, int], _Batch] = {}   # (train, epoch, seq)
         self.skipped: collections.OrderedDict[int, None] = collections.OrderedDict()
-        self.scorers: dict[int, scores.Scorer] = {}
+        self.scorers: dict[int, tuple[scores.Scorer, set[int]]] = {}
         self.losses: list[float] = []
         self.last_scores: dict[str, float] = {}
 
@@ -117,11 +117,14 @@ class VerticalTopRole(Role):
         first = parts[0][0]
         labels = self.labels.for_batch(first)
         output = self.stage.infer(join([m.activations for m, _ in parts], self.combine))
-        scorer = self.scorers.setdefault(first.epoch, scores.Scorer(self.task))
-        scorer.update(output, labels, self.stage.eval_loss(output, labels))
+        current = self.scorers.get(first.epoch)
+        if current is None or first.seq in current[1]:  # a new pass (or the parties restarted this one)
+            current = self.scorers[first.epoch] = (scores.Scorer(self.task), set())
+        current[1].add(first.seq)
+        current[0].update(output, labels, self.stage.eval_loss(output, labels))
         result: dict[str, float] = {}
-        if first.seq == first.eval_batches - 1:
-            result = self.last_scores = self.scorers.pop(first.epoch).result()
+        if len(current[1]) >= first.eval_batches:
+            result = self.last_scores = self.scorers.pop(first.epoch)[0].result()
             self.stats.evaluated(result)
         sends = [Send(ToParty(inc.reply_to or m.client_id),
                       wire.Backward(job_id=self.job_id, client_id=m.client_id, seq=m.seq,

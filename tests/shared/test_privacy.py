@@ -1,0 +1,183 @@
+"""The cut's defences as pure pieces: dCor, NoPeek and its collapse guard, noise, the bottleneck,
+label protection, and the job settings that choose them."""
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import pytest
+import torch
+from torch import nn
+
+from splitmq.shared import privacy
+from splitmq.shared.config import JobConfig, LabelSource, Privacy, Task
+from splitmq.shared.errors import ConfigError
+from splitmq.shared.label_protection import MarvellNoise, NoProtection
+from splitmq.workers import assemble
+
+
+def conv_cut() -> nn.Sequential:
+    """A model cut before its convolutions end: the cut is not flat, the top starts with a conv."""
+    return nn.Sequential(OrderedDict([
+        ("unflatten", nn.Unflatten(1, (1, 28, 28))), ("conv1", nn.Conv2d(1, 4, 3)), ("relu1", nn.ReLU()),
+        ("conv2", nn.Conv2d(4, 4, 3)), ("flatten", nn.Flatten()), ("fc", nn.Linear(4 * 24 * 24, 10)),
+    ]))
+
+
+def test_distance_correlation_is_one_for_a_similarity_and_near_zero_for_independent_batches() -> None:
+    # Given a batch, a scaled and shifted copy of it, and an independent batch
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 20, generator=g, dtype=torch.float64)
+    independent = torch.randn(64, 20, generator=g, dtype=torch.float64)
+    # When their distance correlations are computed
+    same = float(privacy.distance_correlation(x, 3 * x + 1))
+    apart = float(privacy.distance_correlation(x, independent))
+    # Then a similarity transform gives 1, independent samples little (the estimate's bias at B = 64)
+    assert same == pytest.approx(1.0, abs=1e-6)
+    assert 0.0 <= apart < 0.6
+
+
+def test_distance_correlation_has_a_finite_gradient_even_for_identical_rows_and_tiny_batches() -> None:
+    # Given activations with two identical rows, and a one-sample batch
+    x = torch.randn(8, 5)
+    z = torch.randn(8, 3)
+    z = torch.cat([z[:1], z]).requires_grad_()
+    # When dCor is differentiated
+    value = privacy.distance_correlation(torch.cat([x[:1], x]), z)
+    value.backward()
+    # Then the gradient is finite; a single sample gives 0
+    assert z.grad is not None and bool(torch.isfinite(z.grad).all())
+    assert float(privacy.distance_correlation(x[:1], z[:1])) == 0.0
+
+
+def test_nopeek_ramps_its_weight_over_the_warm_up_and_reports_each_batch_dcor() -> None:
+    # Given NoPeek with lambda 2 over a 10-update warm-up, at update 5
+    step, seen = [5], []
+    loss = privacy.NoPeek(weight=2.0, warmup_steps=10, progress=lambda: step[0], report=seen.append)
+    x, z = torch.randn(16, 12), torch.randn(16, 4)
+    # When it scores a batch at update 5, then at update 10
+    half = float(loss(x, z))
+    step[0] = 10
+    full = float(loss(x, z))
+    # Then the weight was 1 then 2 on the same dCor, and both dCors were reported
+    dcor = float(privacy.distance_correlation(x, z))
+    assert half == pytest.approx(1.0 * dcor) and full == pytest.approx(2.0 * dcor)
+    assert seen == pytest.approx([dcor, dcor])
+
+
+def test_the_collapse_guard_stops_only_after_activations_stop_varying_for_its_patience() -> None:
+    # Given a guard that has seen varying activations
+    guard = privacy.CollapseGuard(patience=3)
+    guard.check(torch.randn(32, 10))
+    flat = torch.ones(32, 10)
+    # When constant activations arrive (with a varying batch and one-sample batches in between)
+    guard.check(flat)
+    guard.check(flat)
+    guard.check(torch.randn(32, 10))        # recovers: the count starts again
+    guard.check(flat)
+    guard.check(flat)
+    guard.check(torch.randn(1, 10))         # one sample says nothing
+    # Then only the third constant batch in a row stops it, naming the setting to change
+    with pytest.raises(privacy.ActivationCollapse, match="nopeek_lambda"):
+        guard.check(flat)
+
+
+def test_cut_noise_follows_the_activation_scale_and_leaves_the_segments_state_unchanged() -> None:
+    # Given a segment with noise of scale 0.5 attached
+    seg = nn.Sequential(nn.Linear(8, 300))
+    keys = set(seg.state_dict())
+    plain = seg(torch.randn(64, 8)).detach()
+    privacy.CutNoise(0.5).attach(seg)
+    # When the same input goes through it twice
+    x = torch.randn(64, 8)
+    a, b = seg(x), seg(x)
+    # Then the outputs differ by noise of about 0.5 * their std (the difference has sqrt(2) of it)
+    ratio = float((a - b).std() / (2 ** 0.5 * 0.5 * a.detach().std()))
+    assert 0.85 < ratio < 1.15 and plain.shape == a.shape
+    # And the segment's state_dict is unchanged (owners with and without noise can average bottoms)
+    assert set(seg.state_dict()) == keys
+
+
+def test_a_bottleneck_narrows_the_owners_cut_and_the_first_server_stage_widens_it_back() -> None:
+    # Given the seed MLP with a 16-wide bottleneck
+    cfg = JobConfig(bottleneck=16)
+    probe = torch.randn(2, 784)
+    # When the owner's and the top's stages are built the way the parties build them
+    owner = assemble.owner_segment(cfg, 0, probe)
+    again = assemble.owner_segment(cfg, 0, probe)
+    top = assemble.server_stage(cfg, 1, last=True, total_steps=lambda: 10, device="cpu")
+    # Then the owner sends 16 features, every owner builds the same layer, and the top takes them
+    cut = owner(torch.randn(5, 784))
+    assert cut.shape == (5, 16)
+    for p, q in zip(owner.parameters(), again.parameters()):
+        assert torch.equal(p, q)
+    assert top.infer(cut.detach()).shape == (5, 10)
+
+
+def test_a_bottleneck_is_refused_on_a_cut_it_cannot_narrow() -> None:
+    # Given a model whose cut is an image and whose top starts with a convolution
+    cfg = JobConfig(model="tests.shared.test_privacy:conv_cut", cuts=("relu1",), bottleneck=8)
+    # When the owner's segment or the top's stage is built
+    # Then each refuses, saying what to change
+    with pytest.raises(ValueError, match="flat cut"):
+        assemble.owner_segment(cfg, 0, torch.randn(2, 784))
+    with pytest.raises(ValueError, match="start with nn.Linear"):
+        assemble.server_stage(cfg, 1, last=True, total_steps=lambda: 10, device="cpu")
+    with pytest.raises(ValueError, match="probe"):
+        assemble.owner_segment(JobConfig(bottleneck=8), 0)
+
+
+def test_marvell_noise_lies_along_the_class_gap_with_the_power_asked_and_keeps_the_mean() -> None:
+    # Given gradients whose two classes differ along the first axis, and scale 4
+    g = torch.Generator().manual_seed(1)
+    labels = torch.tensor([1, 0] * 2000)
+    grads = torch.randn(4000, 6, generator=g) * 0.01
+    grads[:, 0] += torch.where(labels == 1, -1.0, 0.2)
+    guard = MarvellNoise(scale=4.0, seed=3)
+    # When it protects them
+    out = guard.protect(grads, labels)
+    noise = out - grads
+    # Then the noise is along the gap only, its std is sqrt(4) * the gap (1.2), and its mean is ~0
+    assert float(noise[:, 1:].abs().max()) < 1e-6
+    assert float(noise[:, 0].std()) == pytest.approx(2 * 1.2, rel=0.05)
+    assert abs(float(noise[:, 0].mean())) < 0.1
+    # And no protection is the identity
+    assert NoProtection().protect(grads, labels) is grads
+
+
+def test_marvell_noise_reuses_the_last_gap_for_a_batch_of_one_class() -> None:
+    # Given a protection that has not yet seen both classes
+    guard = MarvellNoise(scale=1.0)
+    grads = torch.randn(8, 4)
+    # When a batch of one class comes first, it goes out as computed
+    assert torch.equal(guard.protect(grads, torch.zeros(8)), grads)
+    # Then after a mixed batch, a one-class batch gets noise along the gap it saw
+    guard.protect(torch.tensor([[1.0, 0, 0, 0], [0.0, 0, 0, 0]]), torch.tensor([1, 0]))
+    noisy = guard.protect(grads, torch.zeros(8)) - grads
+    assert float(noisy[:, 1:].abs().max()) < 1e-6 and float(noisy[:, 0].abs().max()) > 0
+
+
+def test_the_privacy_preset_fills_defaults_and_an_explicit_setting_wins() -> None:
+    # Given the standard preset on a binary job whose top keeps the labels, and one with its own width
+    kept = JobConfig(privacy=Privacy.STANDARD, task=Task.BINARY, label_source=LabelSource.TOP)
+    own = JobConfig(privacy=Privacy.STANDARD, bottleneck=32)
+    # Then the preset's bottleneck and label protection are set, except where given explicitly,
+    # and label protection only where the labels are kept from the owner
+    assert kept.bottleneck == 16 and kept.label_protection > 0
+    assert own.bottleneck == 32 and own.label_protection == 0
+    assert JobConfig().bottleneck == 0 and JobConfig().agreed()["privacy"] == "off"
+
+
+@pytest.mark.parametrize("settings, words", [
+    ({"label_protection": 4.0}, "label_protection needs task = binary"),
+    ({"label_protection": 4.0, "task": Task.BINARY}, "label_source = top"),
+    ({"bottleneck": 8, "vertical_parts": 2, "bottom_sync": "independent", "label_source": "top"},
+     "bottleneck is not available with vertical_parts"),
+    ({"nopeek_lambda": -1.0}, "nopeek_lambda must be >= 0"),
+    ({"cut_noise": float("nan")}, "cut_noise must be >= 0"),
+])
+def test_privacy_settings_that_cannot_work_are_refused_naming_the_field(settings: dict[str, object],
+                                                                       words: str) -> None:
+    # Given settings that cannot work together; when the job is built; then it is refused naming the field
+    from splitmq.shared import config
+    with pytest.raises(ConfigError, match=words):
+        config.load(None, settings, environ={})
