@@ -7,7 +7,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 venv=.venv
-stamp="$venv/.installed-$(sha256sum pyproject.toml | cut -c1-16)"
+stamp="$venv/.installed-$(cat pyproject.toml constraints.txt | sha256sum | cut -c1-16)"
 
 as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
 
@@ -19,7 +19,7 @@ setup_python() {
   fi
   [ -x "$venv/bin/python" ] || python3 -m venv "$venv"
   echo "installing Python dependencies into $venv (torch takes a few minutes the first time)..."
-  "$venv/bin/pip" install -q -e ".[test]"
+  "$venv/bin/pip" install -q -e ".[test]" -c constraints.txt
   touch "$stamp"
 }
 

@@ -252,6 +252,11 @@ class Broker:
         if "CERTIFICATE_VERIFY_FAILED" in repr(exc):  # pika wraps it in AMQPConnectionWorkflowFailed
             self._fail(BrokerError(f"TLS: the broker's certificate did not verify against the given CA: {exc!r}"))
             return
+        if "gaierror" in repr(exc) and not self.connected_once and len(self._params) == 1:
+            # A name that does not resolve at start is a typo far more often than a DNS outage.
+            self._fail(BrokerError(f"cannot resolve the broker host {self._current.host!r}: fix --amqp-url "
+                                   "(or AMQP_URL)"))
+            return
         self._schedule_reconnect(f"cannot connect to {self._current.host}:{self._current.port}: {_short(exc)}")
 
     def _on_closed(self, _conn: Any, exc: BaseException) -> None:

@@ -119,7 +119,7 @@ class JobConfig:
     align: Align = _f(Align.NONE, "vertical: how parties find the samples they share (none: all hold the same ids)")
     privacy: Privacy = _f(Privacy.OFF, "a preset of the cut's defences (standard: see docs/privacy.md)")
     bottleneck: int = _f(0, "width of a learned layer ending the owner's segment (0: none); the first server "
-                         "stage gets the matching widening layer")
+                         "stage's first layer takes that many inputs")
     cut_noise: float = _f(0.0, "Gaussian noise on the activations sent, sigma in units of their std (0: none)",
                           local=True)
     nopeek_lambda: float = _f(0.0, "NoPeek: weight of dCor(input, activations) in the owner's loss (0: off)",

@@ -13,6 +13,7 @@ the ``splitmq`` command's help) costs no torch import.
 from __future__ import annotations
 
 import importlib
+from pathlib import Path
 from typing import Any
 
 __version__ = "0.2.0"
@@ -32,6 +33,21 @@ _EXPORTS = {
     "ConfigError": "splitmq.shared.errors:ConfigError",
 }
 __all__ = sorted(_EXPORTS)
+
+
+def shipped(*parts: str) -> Path:
+    """A file shipped with splitmq (``broker_config/``, ``deploy/``): inside the package when it
+    was installed from a wheel, at the repository's root in a checkout.
+
+    Raises:
+        FileNotFoundError: neither place has it.
+    """
+    here = Path(__file__).resolve().parent
+    for base in (here, here.parent):
+        candidate = base.joinpath(*parts)
+        if candidate.exists():
+            return candidate
+    raise FileNotFoundError("/".join(parts) + " is not shipped with this installation of splitmq")
 
 
 def __getattr__(name: str) -> Any:

@@ -176,7 +176,7 @@ def state(tmp: Path, party: str, role: str) -> dict[str, Any]:
 
 def in_thread(kind: str, cfg: JobConfig, url: str, **opts: Any) -> Running:
     """A server or worker party in a thread of the test process, on the real broker."""
-    stats = Stats(Metrics("trainer" if kind == "server" else "worker", CollectorRegistry()))
+    stats = Stats(Metrics("trainer" if kind == "server" else "worker", CollectorRegistry(), job_id=cfg.job_id))
     if kind == "server":
         roles, loop = server.build(cfg, server.ServerOptions(**opts), stats)
     else:

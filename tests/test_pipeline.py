@@ -56,7 +56,7 @@ def test_both_metrics_endpoints_serve_the_pipeline_metrics_and_they_move(amqp_ur
 
     # Then every metric the dashboard uses is there, and the training ones moved
     def value(role: str, snapshot: dict[str, dict[str, float]], name: str, **labels: str) -> float:
-        return snapshot[role][f"{name}{sorted({'role': role, **labels}.items())}"]
+        return snapshot[role][f"{name}{sorted({'job_id': job_id, 'role': role, **labels}.items())}"]
 
     batches = owner_end.summary["batches"]
     for role in ("trainer", "worker"):
@@ -66,7 +66,7 @@ def test_both_metrics_endpoints_serve_the_pipeline_metrics_and_they_move(amqp_ur
         assert value(role, after, "splitmq_batches_total", outcome="applied") == batches
         for name in ("splitmq_loss", "splitmq_in_flight_batches", "splitmq_reconnects_total",
                      "splitmq_last_progress_timestamp_seconds"):
-            assert f"{name}{sorted({'role': role}.items())}" in after[role], (role, name)
+            assert f"{name}{sorted({'job_id': job_id, 'role': role}.items())}" in after[role], (role, name)
         assert value(role, after, "splitmq_rejected_messages_total", reason="decode") == 0
     assert value("worker", after, "splitmq_round_trip_seconds_count") == batches
     assert value("trainer", after, "splitmq_step_seconds_count") == batches

@@ -67,7 +67,7 @@ def run_worker(cfg: config.JobConfig, *, data: Any = None, client_index: int = 0
     ``splitmq predict`` and ``splitmq export``.
     """
     name, index = worker.identity(client_id, client_index, cfg)
-    stats = Stats(Metrics("worker", _registry()))
+    stats = Stats(Metrics("worker", _registry(), job_id=cfg.job_id))
     opts = worker.WorkerOptions(client_id=name, client_index=index, device=device, checkpoint_dir=checkpoint_dir,
                                 evaluate=evaluate, timeouts=timeouts, run_dir=run_dir or f"runs/{cfg.job_id}",
                                 data=as_data(data) if data is not None else None)
@@ -90,7 +90,7 @@ def run_server(cfg: config.JobConfig, *, stage: str = "", data: Any = None,
     """
     options.setdefault("run_dir", f"runs/{cfg.job_id}")
     name = stage or cfg.stages[0]
-    stats = Stats(Metrics("trainer" if name == cfg.stages[-1] else "stage", _registry()))
+    stats = Stats(Metrics("trainer" if name == cfg.stages[-1] else "stage", _registry(), job_id=cfg.job_id))
     opts = server.ServerOptions(stage=name, device=device, checkpoint_dir=checkpoint_dir, serve_forever=serve_forever,
                                 data=as_data(data) if data is not None else None, **options)
     roles, loop = server.build(cfg, opts, stats)

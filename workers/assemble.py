@@ -108,12 +108,12 @@ def bottom_stage(cfg: JobConfig, index: int, num_train: int, device: str,
 
 def server_stage(cfg: JobConfig, index: int, *, last: bool, total_steps: Callable[[], int], device: str) -> Stage:
     """A non-bottom segment: the last holds the loss; a middle one stashes weights (batches overlap).
-    The first one starts with the widening half of the job's bottleneck, if it has one."""
+    The first one's first layer takes the job's bottleneck width, if it has one."""
     count = 2 if cfg.vertical_parts else cfg.segment_count
     seg = (segment(cfg, index) if not cfg.vertical_parts else
            models.build_part(model_name(cfg), 1, cfg.cuts, cfg.seed, count=count, parties=cfg.vertical_parts))
     if cfg.bottleneck and index == 1:
-        seg = privacy.Widen(seg, privacy.first_linear_features(seg), cfg.bottleneck, seed=cfg.seed)
+        seg = privacy.narrow_input(seg, cfg.bottleneck, seed=cfg.seed)
     return Stage(seg, optimizer=cfg.optimizer_spec, stash_weights=not last,
                  schedule=schedule.make(cfg.lr_schedule.value, total_steps),
                  loss=losses.resolve(cfg.loss) if last else None, device=device)

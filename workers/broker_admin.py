@@ -22,13 +22,14 @@ import urllib.parse
 from pathlib import Path
 from typing import Any, Callable
 
+from splitmq import shipped
 from splitmq.shared import access, broker, config, topology
 from splitmq.shared.errors import SplitMQError
 
 log = logging.getLogger(__name__)
 
 RABBIT_VERSION = "3.10.8"
-DEFINITIONS_PATH = Path(__file__).resolve().parent.parent / "broker_config" / "definitions.json"
+DEFINITIONS_PATH = shipped("broker_config", "definitions.json")
 DEFAULT_ADMIN_URL = "http://localhost:15672"
 
 

@@ -64,6 +64,9 @@ def add_party_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--run-dir", help="where history-<party>.jsonl is written (default runs/<job>)")
     g.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus /metrics here (0 = any free port)")
     g.add_argument("--summary-json", help="write the run summary here when done")
+    g.add_argument("--metrics-linger", type=float, default=15.0,
+                   help="after a clean finish, keep /metrics up this long so Prometheus sees it finished "
+                        "(no alert for an endpoint that went away after a clean run); set your scrape interval")
     g.add_argument("--device", default="cpu", help="torch device for this party's segment: cpu, cuda, cuda:N")
     g.add_argument("--torch-threads", type=int, default=1,
                    help="CPU threads for this party's segment (default 1: small devices, predictable timing)")

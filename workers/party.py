@@ -107,6 +107,7 @@ class Party:
         self._told: list[Send] = []              # TELL sends that found no queue (pika thread appends)
         self._nacked: PublishNacked | None = None  # a publish the broker refused for good
         self._restored = False
+        self._cpu_serving = time.process_time()  # CPU (all threads) from when the party serves: summary's cpu_seconds
 
     # ---- lifecycle --------------------------------------------------------------------------
 
@@ -120,6 +121,7 @@ class Party:
             self._take_lease()
             self._restore()
             self._consume()
+            self._cpu_serving = time.process_time()
             now = self.clock()
             for role in self.roles:
                 self._apply(role.start(now), None, role)
@@ -149,7 +151,8 @@ class Party:
         self.transport.close()
         counts = self.stats.counts
         summary: dict[str, Any] = {"party": self.opts.name, "exit": reason.value, "exit_detail": detail,
-                                   "seconds": self.clock() - self._started, "cpu_seconds": time.process_time(),
+                                   "seconds": self.clock() - self._started,
+                                   "cpu_seconds": time.process_time() - self._cpu_serving,
                                    "batches_applied": counts["applied"],
                                    "samples": counts["samples"], "duplicates": counts["duplicates"],
                                    "skipped": counts["skipped"], "rejected": dict(self.stats.rejections),

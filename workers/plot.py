@@ -11,6 +11,7 @@ import argparse
 import json
 import logging
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,15 +27,16 @@ class Curve:
     accuracy: list[tuple[float, float]] = field(default_factory=list)
 
 
-def read_history(run_dir: Path) -> list[Curve]:
-    """Curves for every ``history-*.jsonl`` in ``run_dir``, times relative to the earliest record.
+def read_history(run_dir: Path, run: str | None = None) -> list[Curve]:
+    """Curves of one run in ``run_dir`` (``run``'s stamp, else each party's latest), times relative
+    to the earliest record.
 
     Raises:
         FileNotFoundError: ``run_dir`` holds no history file.
     """
-    files = sorted(run_dir.glob("history-*.jsonl"))
+    files = latest_run(sorted(run_dir.glob("history-*.jsonl")), run)
     if not files:
-        raise FileNotFoundError(f"no history-*.jsonl in {run_dir}")
+        raise FileNotFoundError(f"no history-*.jsonl in {run_dir}" + (f" for run {run}" if run else ""))
     records: dict[str, list[dict[str, float]]] = {}
     skipped = 0
     for path in files:
@@ -59,6 +61,26 @@ def read_history(run_dir: Path) -> list[Curve]:
                             accuracy=[(r["time"] - start, r["test_accuracy"]) for r in recs
                                       if r.get("test_accuracy") is not None]))
     return curves
+
+
+_STAMPED = re.compile(r"^history-(?P<party>.+)-(?P<stamp>\d{8}T\d{6})$")
+
+
+def latest_run(files: list[Path], run: str | None = None) -> list[Path]:
+    """Each party's history of one run: the given run's stamp, else each party's latest.
+
+    A party writes ``history-<party>-<start stamp>.jsonl``, one file per run, so re-runs under one
+    job id never mix into one curve.
+    """
+    chosen: dict[str, tuple[str, Path]] = {}
+    for path in files:
+        match = _STAMPED.match(path.stem)
+        party, stamp = (match["party"], match["stamp"]) if match else (path.stem.removeprefix("history-"), "")
+        if run is not None and stamp != run:
+            continue
+        if party not in chosen or stamp > chosen[party][0]:
+            chosen[party] = (stamp, path)
+    return [path for _, path in sorted(chosen.values(), key=lambda sp: sp[1].name)]
 
 
 def _number(value: object) -> bool:
@@ -99,7 +121,7 @@ def plot(curves: list[Curve], out: Path, *, title: str = "") -> None:
 def main(args: argparse.Namespace) -> int:
     run_dir = Path(args.run_dir)
     try:
-        curves = read_history(run_dir)
+        curves = read_history(run_dir, args.run)
     except FileNotFoundError as exc:
         log.error("%s", exc)
         return 1
@@ -114,4 +136,5 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--run-dir", required=True, help="the run's directory (runs/<job>), holding history-*.jsonl")
     p.add_argument("--out", default="curves.png", help="PNG to write (default curves.png)")
     p.add_argument("--title", help="plot title (default: the run directory's name)")
+    p.add_argument("--run", help="which run to draw, by the stamp in its files' names (default: the latest)")
     p.set_defaults(func=main)

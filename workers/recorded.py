@@ -3,7 +3,7 @@
 ``splitmq audit`` attacks what crosses the cut. Rather than reading a broker, it trains the
 job here with the parties' own pieces: the owner's ``Stage`` built by
 ``assemble.bottom_stage`` (bottleneck, noise and NoPeek included), the top's built by
-``assemble.server_stage`` (with the widening layer), and the top's label protection from
+``assemble.server_stage`` (its first layer narrowed to a bottleneck), and the top's label protection from
 ``assemble.label_protection``, stepped in the order a synchronous job (``max_in_flight =
 1``) steps them: the owner's forward, the top's loss step, the protected gradient, the
 owner's backward. That is the computation the parties do, message for message; what it

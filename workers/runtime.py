@@ -10,6 +10,7 @@ import logging
 import os
 import signal
 import threading
+import time
 from pathlib import Path
 from types import FrameType
 from typing import Any, Mapping
@@ -63,6 +64,13 @@ class StopFlag:
     def wait(self, timeout: float) -> bool:
         """Wait up to ``timeout`` seconds for a stop request; True if one came."""
         return self._event.wait(timeout)
+
+
+def history_path(run_dir: str | None, job: str, party: str) -> Path:
+    """``<run_dir or runs/<job>>/history-<party>-<start stamp>.jsonl``: one file per run, so re-runs
+    under one job id never mix (``splitmq plot`` draws the latest, or ``--run STAMP``)."""
+    stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
+    return Path(run_dir or f"runs/{job}") / f"history-{party}-{stamp}.jsonl"
 
 
 def write_json(path: str | None, data: Mapping[str, Any]) -> None:

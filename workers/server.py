@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable
 
 import torch
@@ -20,7 +19,7 @@ from splitmq.shared.errors import ConfigError
 from splitmq.shared.config import OWNER_HEAD, Align, BottomSync, JobConfig, LabelSource
 from splitmq.shared.metrics import Metrics
 from splitmq.shared.stage import Stage
-from splitmq.workers import assemble, gate, options, segments, serve
+from splitmq.workers import assemble, gate, options, runtime, segments, serve
 from splitmq.workers.party import LoopOptions, Party
 from splitmq.workers.roles.align import AlignDesk
 from splitmq.workers.roles.base import Role
@@ -113,7 +112,8 @@ def build(cfg: JobConfig, opts: ServerOptions, stats: Stats) -> tuple[list[Role]
                                     checkpointed=opts.checkpoint_dir is not None)
     following_queue = () if last or cfg.stages[position] == OWNER_HEAD else (cfg.stages[position],)
     layout = topology.job_layout(job, stages=(stage_name, *following_queue),
-                                 parties=_reply_queues(cfg, stage_name, last), serving=(stage_name,) if opts.serve or opts.serve_forever else ())
+                                 parties=_reply_queues(cfg, stage_name, last),
+                                 serving=(stage_name,) if opts.serve or opts.serve_forever else ())
     layout = topology.with_replicas(layout, cfg.replicas)
     upstream = frozenset({cfg.stages[position - 2]}) if position > 1 else frozenset()
     loop = LoopOptions(name=stage_name, job_id=job, spec=cfg.agreed(), primary=serving.name,
@@ -247,8 +247,8 @@ def main(args: argparse.Namespace) -> int:
         raise ConfigError("--standby needs --checkpoint-dir (the active trainer's, on storage both reach): "
                           "without it a standby would take over with a fresh top")
     me = party_name(cfg, stage_name, args.shard)
-    stats = Stats(Metrics("trainer" if stage_name == cfg.stages[-1] else "stage"),
-                  history_path=Path(args.run_dir or f"runs/{cfg.job_id}") / f"history-{me}.jsonl", party=me)
+    stats = Stats(Metrics("trainer" if stage_name == cfg.stages[-1] else "stage", job_id=cfg.job_id),
+                  history_path=runtime.history_path(args.run_dir, cfg.job_id, me), party=me)
     opts = ServerOptions(stage=stage_name, device=args.device, checkpoint_dir=args.checkpoint_dir,
                          shard=args.shard, standby=args.standby,
                          require_identity=args.require_identity, serve_forever=args.serve_forever,

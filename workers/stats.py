@@ -9,6 +9,7 @@ from __future__ import annotations
 import collections
 import json
 import math
+import sys
 import time
 from pathlib import Path
 from typing import Any, Mapping
@@ -22,6 +23,8 @@ class Stats:
     def __init__(self, metrics: Metrics | None = None, *, history_path: Path | None = None, party: str = "") -> None:
         self.metrics = metrics
         self.history_path, self.party = history_path, party
+        self.tty = sys.stderr.isatty()
+        self._drawn, self._width = 0.0, 0
         if history_path is not None:
             history_path.parent.mkdir(parents=True, exist_ok=True)
         self.counts: collections.Counter[str] = collections.Counter()
@@ -101,6 +104,11 @@ class Stats:
         {"epoch": m.epoch, "in_flight": m.in_flight, "clients": m.clients,
          "dcor": m.cut_dcor}[name].labels(m.role).set(value)
 
+    def finished(self) -> None:
+        """This party has ended its part of the job cleanly."""
+        if (m := self._m()) is not None:
+            m.finished.labels(m.role).set(1)
+
     def reconnected(self) -> None:
         if (m := self._m()) is not None:
             m.reconnects.labels(m.role).inc()
@@ -129,6 +137,17 @@ class Stats:
         line = {"time": time.time(), "party": self.party, **fields}
         with open(self.history_path, "a") as f:
             f.write(json.dumps(line) + "\n")
+
+    def progress(self, line: str) -> None:
+        """A data owner's live progress, redrawn in place at most twice a second when its output is
+        a terminal (elsewhere the one log line per epoch says it)."""
+        now = time.monotonic()
+        if not self.tty or now - self._drawn < 0.5:
+            return
+        self._drawn = now
+        sys.stderr.write("\r" + line[:160].ljust(self._width) + "\r")
+        sys.stderr.flush()
+        self._width = len(line[:160])
 
     def quantiles(self, values: list[float]) -> tuple[float, float]:
         """p50 and p99 of ``values`` (NaN when empty)."""

@@ -42,6 +42,7 @@ class Party:
     in_flight: float | None
     clients_active: float | None
     rejected: float
+    evaluations: float
     mean_round_trip_s: float | None
     last_progress: float | None
     started: float | None
@@ -106,6 +107,7 @@ def _party(source: str, role: str, v: Mapping[str, float], started: float | None
         epoch=v.get("splitmq_epoch"), in_flight=v.get("splitmq_in_flight_batches"),
         clients_active=v.get("splitmq_clients_active"),
         rejected=v.get("splitmq_rejected_messages_total", 0.0),
+        evaluations=v.get("splitmq_batches_total.evaluated", 0.0),
         mean_round_trip_s=v.get("splitmq_round_trip_seconds_sum", 0.0) / count if count else None,
         last_progress=v.get("splitmq_last_progress_timestamp_seconds") or None, started=started,
     )
@@ -181,8 +183,9 @@ def fetch(url: str, timeout: float = FETCH_TIMEOUT_S) -> str:
         return str(resp.read().decode())
 
 
-def _fmt(value: float | None, spec: str = ".4f") -> str:
-    return "-" if value is None else format(value, spec)
+def _fmt(value: float | None, spec: str = ".4f", empty: str = "-") -> str:
+    """A number, or ``empty`` when there is none yet (never a misleading 0)."""
+    return empty if value is None else format(value, spec)
 
 
 def _short(source: str) -> str:
@@ -213,7 +216,8 @@ def render(parties: list[Party], queues: list[QueueRow], errors: list[str], *, j
         rtt = None if p.mean_round_trip_s is None else p.mean_round_trip_s * 1000
         lines.append(f"{_short(p.source)[-24:]:<24} {p.role:<8} {_fmt(p.epoch, '.0f'):>5} {p.samples:>9.0f} "
                      f"{_fmt(p.samples_per_second(), '.1f'):>7} {_fmt(rates.get((p.source, p.role)), '.1f'):>7} "
-                     f"{_fmt(p.loss):>8} {_fmt(p.test_accuracy):>8} "
+                     f"{_fmt(p.loss if p.batches_applied else None, empty='no data'):>8} "
+                     f"{_fmt(p.test_accuracy if p.evaluations else None, empty='no data'):>8} "
                      f"{_fmt(rtt, '.1f'):>7} {_fmt(p.in_flight, '.0f'):>8} {p.rejected:>8.0f} "
                      f"{_ago(p.last_progress, now)}")
     trainer = next((p for p in parties if p.role == "trainer"), None)

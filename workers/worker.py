@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from splitmq.shared import checkpoint, data, defaults, schedule, topology
@@ -145,8 +144,8 @@ def main(args: argparse.Namespace) -> int:
     index = args.client_index if args.client_index is not None else (topology.client_index(args.client_id) or 0)
     me, index = identity(args.client_id, index, cfg)
     assemble.configure_torch(args.torch_threads, args.device)
-    metrics = Metrics("worker")
-    stats = Stats(metrics, history_path=Path(args.run_dir or f"runs/{cfg.job_id}") / f"history-{me}.jsonl", party=me)
+    metrics = Metrics("worker", job_id=cfg.job_id)
+    stats = Stats(metrics, history_path=runtime.history_path(args.run_dir, cfg.job_id, me), party=me)
     timeouts = OwnerTimeouts(peer_s=args.peer_timeout, join_s=args.join_timeout)
     opts = WorkerOptions(client_id=me, client_index=index, device=args.device, checkpoint_dir=args.checkpoint_dir,
                          evaluate=not args.no_eval, timeouts=timeouts, run_dir=args.run_dir or f"runs/{cfg.job_id}")

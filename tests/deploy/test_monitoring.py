@@ -167,3 +167,60 @@ def test_every_broker_metric_the_dashboard_and_alerts_use_is_scraped_from_the_re
     # Then each of those names is a series Prometheus holds
     assert len(wanted) > 10
     wait_for(lambda: wanted <= names(), f"every one of {sorted(wanted)} to be scraped")
+
+
+def _alerts(stack: Stack) -> dict[str, set[str]]:
+    """Every splitmq alert now pending or firing: name -> instances."""
+    out: dict[str, set[str]] = {}
+    for r in stack.query('ALERTS{alertname=~"Splitmq.*"}'):
+        out.setdefault(r["metric"]["alertname"], set()).add(r["metric"].get("instance", ""))
+    return out
+
+
+def _evaluated_after(stack: Stack, moment: float) -> bool:
+    """Prometheus has evaluated the splitmq rules at least once after ``moment`` (Unix time)."""
+    with urllib.request.urlopen(f"{stack.prometheus}/api/v1/rules", timeout=10) as resp:
+        groups = json.load(resp)["data"]["groups"]
+    from datetime import datetime
+    stamps = [datetime.fromisoformat(g["lastEvaluation"].replace("Z", "+00:00")).timestamp()
+              for g in groups if g["name"].startswith("splitmq")]
+    return bool(stamps) and min(stamps) > moment
+
+
+def test_a_clean_run_pages_nobody_and_a_worker_that_dies_does(
+        monitoring_stack: Stack, amqp_url: str, tmp_path: Path) -> None:
+    import time
+
+    stack = monitoring_stack
+    # Given a short job on the scraped ports (a trainer and an owner, each lingering for a scrape),
+    # and, for contrast, a lone owner of another job that will die
+    job, other = "quiet" + uuid.uuid4().hex[:8], "dies" + uuid.uuid4().hex[:8]
+    common = ["--amqp-url", amqp_url, "--epochs", "2", "--run-dir", str(tmp_path / "run"), "--metrics-linger", "2"]
+    server = spawn(["server", *common, "--job-id", job, "--metrics-port", str(TEST_METRICS_BASE)],
+                   tmp_path / "server.log")
+    owner = spawn(["worker", *common, "--job-id", job, "--metrics-port", str(TEST_METRICS_BASE + 1)],
+                  tmp_path / "owner.log")
+    doomed = spawn(["worker", *common, "--job-id", other, "--metrics-port", str(TEST_METRICS_BASE + 2)],
+                   tmp_path / "doomed.log")
+    clean = {f"localhost:{TEST_METRICS_BASE}", f"localhost:{TEST_METRICS_BASE + 1}"}
+    dead = f"localhost:{TEST_METRICS_BASE + 2}"
+    try:
+        # When the job runs to its end, and the other owner is killed once Prometheus has seen it up
+        wait_for(lambda: values(stack, f'up{{job="splitmq-workers", instance="{dead}"}}') == [1.0],
+                 "Prometheus to scrape the doomed owner")
+        os.killpg(doomed.pid, signal.SIGKILL)
+        doomed.wait()
+        assert owner.wait(300) == 0, (tmp_path / "owner.log").read_text()[-2000:]
+        assert server.wait(300) == 0, (tmp_path / "server.log").read_text()[-2000:]
+        gone = time.time()
+        wait_for(lambda: _evaluated_after(stack, gone + 1.0), "the alert rules to be evaluated after the run")
+        alerts = _alerts(stack)
+        # Then the owner that died is reported down, and nothing of the finished job pages anyone
+        assert dead in alerts.get("SplitmqWorkerDown", set()), alerts
+        assert not any(clean & instances for instances in alerts.values()), alerts
+    finally:
+        for proc in (server, owner, doomed):
+            end(proc)
+        from splitmq.workers.job_admin import delete_job
+        for name in (job, other):
+            delete_job(name)

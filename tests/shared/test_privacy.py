@@ -97,7 +97,7 @@ def test_cut_noise_follows_the_activation_scale_and_leaves_the_segments_state_un
     assert set(seg.state_dict()) == keys
 
 
-def test_a_bottleneck_narrows_the_owners_cut_and_the_first_server_stage_widens_it_back() -> None:
+def test_a_bottleneck_narrows_the_owners_cut_and_the_first_server_stage_takes_it() -> None:
     # Given the seed MLP with a 16-wide bottleneck
     cfg = JobConfig(bottleneck=16)
     probe = torch.randn(2, 784)

@@ -79,3 +79,36 @@ def test_malformed_bodies_raise_decode_error_saying_what_is_wrong(body: bytes, w
 def test_a_tensor_of_an_unsupported_dtype_cannot_be_sent() -> None:
     with pytest.raises(ValueError, match="cannot travel"):
         wire.encode_tensor(torch.zeros(2, dtype=torch.complex64))
+
+
+def test_serving_messages_round_trip_with_their_ids_deadlines_and_errors() -> None:
+    # Given a prediction request, its answers (ok and an error), an export request and its segment answer
+    ask = wire.Predict(job_id="j", client_id="client-0", seq=3, inputs=torch.randn(4, 640),
+                       sample_ids=torch.arange(4), request_id="client-0:predict:3", deadline=1700000000.5)
+    ok = wire.Prediction(job_id="j", client_id="client-0", seq=3, outputs=torch.randn(4, 10), request_id="r")
+    late = wire.Prediction(job_id="j", client_id="client-0", seq=3, request_id="r",
+                           reason=wire.Served.TIMEOUT.value, error="no part from client-1")
+    export = wire.Export(job_id="j", client_id="client-0", seq=0, request_id="e", segment=1)
+    segment = wire.Segment(job_id="j", client_id="top", seq=0, tensors={"fc3.weight": torch.ones(10, 640)},
+                           request_id="e", segment=1, error="")
+    # When each is encoded and decoded
+    back = [wire.decode(m.encode()) for m in (ask, ok, late, export, segment)]
+    # Then every field comes back, tensors bit for bit, and errors travel as data
+    assert isinstance(back[0], wire.Predict) and back[0].request_id == ask.request_id
+    assert back[0].deadline == ask.deadline and torch.equal(back[0].inputs, ask.inputs)
+    assert isinstance(back[1], wire.Prediction) and back[1].reason == "ok" and torch.equal(back[1].outputs, ok.outputs)
+    assert isinstance(back[2], wire.Prediction) and back[2].outputs is None and back[2].error == late.error
+    assert isinstance(back[3], wire.Export) and (back[3].segment, back[3].request_id) == (1, "e")
+    assert isinstance(back[4], wire.Segment) and torch.equal(back[4].tensors["fc3.weight"], torch.ones(10, 640))
+
+
+def test_a_prediction_with_an_unknown_reason_is_refused_and_reasons_match_the_metric_labels() -> None:
+    # Given a prediction whose reason is not one of the served outcomes
+    obj = msgpack.unpackb(wire.Prediction(job_id="j", client_id="c", seq=0).encode())
+    obj["reason"] = "maybe"
+    # Then decoding refuses it, naming the field
+    with pytest.raises(DecodeError, match="field 'reason'"):
+        wire.decode(msgpack.packb(obj, use_bin_type=True))
+    # And the reasons are exactly the outcomes the inference metrics are labelled with
+    from splitmq.shared.metrics import INFERENCE_OUTCOMES
+    assert tuple(r.value for r in wire.Served) == INFERENCE_OUTCOMES

@@ -151,3 +151,16 @@ def test_status_exits_non_zero_when_nothing_answers(capsys: pytest.CaptureFixtur
     # Then it says what it could not reach, and exits 1
     assert code == 1
     assert capsys.readouterr().out.count("unreachable:") == 2
+
+
+def test_a_party_that_has_not_trained_or_evaluated_yet_shows_no_data_rather_than_zeros() -> None:
+    # Given a trainer that has applied nothing yet, and one that trained but never evaluated
+    fresh = status.parse_parties(trainer_text(0, 0.0, started=1000.0, last=0.0), "fresh")
+    trained = status.parse_parties(trainer_text(640, 0.3, started=1000.0, last=1010.0), "trained")
+    # When the view is drawn
+    view = status.render(fresh + trained, [], [], job="j", now=1020.0)
+    fresh_line = next(line for line in view.splitlines() if line.startswith("fresh"))
+    trained_line = next(line for line in view.splitlines() if line.startswith("trained"))
+    # Then the fresh one says "no data" for loss and accuracy; the trained one shows its loss
+    assert fresh_line.count("no data") == 2 and "0.0000" not in fresh_line
+    assert "0.3000" in trained_line and trained_line.count("no data") == 1

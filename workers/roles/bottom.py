@@ -216,6 +216,7 @@ class BottomRole(Role):
         if msg.loss is not None:
             self.losses[seq] = msg.loss
         self.stats.gauge("in_flight", len(self.in_flight))
+        self._progress(now)
         if seq % 10 == 0:
             self.stats.history(epoch=self.epoch_of(seq), seq=seq, loss=msg.loss if msg.loss is not None
                                else self.stats.last_loss, samples=self.stats.counts["samples"])
@@ -329,6 +330,17 @@ class BottomRole(Role):
         self.stats.history(epoch=epoch, seq=self.applied.prefix(self.me), loss=loss, samples=self.stats.counts["samples"],
                            **{f"test_{k}": v for k, v in metrics.items()})
 
+    def _progress(self, now: float) -> None:
+        done = self.applied.count(self.me)
+        run = done - self.applied_at_start
+        elapsed = max(1e-9, now - self.started)
+        left = (self.total - done) * elapsed / max(1, run)
+        bar = "#" * int(20 * done / max(1, self.total))
+        loss = self.stats.last_loss
+        self.stats.progress(f"{self.me} epoch {self.epoch_of(max(0, done - 1)) + 1}/{self.cfg.epochs} [{bar:<20}] "
+                            f"{done}/{self.total} loss {'n/a' if loss is None else f'{loss:.4f}'} "
+                            f"{run * self.cfg.batch_size / elapsed:.0f} samples/s ETA {_duration(left)}")
+
     def _bye(self) -> Step:
         self.bye_sent = True
         msg = wire.Bye(job_id=self.cfg.job_id, client_id=self.me, seq=self.applied.count(self.me), completed=True)
@@ -370,6 +382,7 @@ class BottomRole(Role):
             step.checkpoint = not self.early  # caught up: make it durable before anything else
             return step
         self.stats.gauge("in_flight", len(self.in_flight))
+        self.stats.gauge("epoch", epoch)
         return Step(sends=[Send(ToStage(self.dest), msg, topology.batch_id(self.me, seq))])
 
     def _resend(self, batch: _InFlight, now: float) -> Send:

@@ -68,8 +68,8 @@ class Replicas(Role, RoundEnd):
 
     def closed(self, epoch: int, samples: int, outgoing: list[Outgoing]) -> list[Send]:
         """Our shard's round closed: send our part to the other trainers; the owners wait for the whole."""
-        own = {"n": samples, "bottom": dict(outgoing[0].tensors),
-               "top": {k: v.detach().cpu().clone() for k, v in self.stage.segment.state_dict().items()}}
+        top = {k: v.detach().cpu().clone() for k, v in self.stage.segment.state_dict().items()}
+        own: dict[str, Any] = {"n": samples, "bottom": dict(outgoing[0].tensors), "top": top}
         rnd = self.open[epoch] = _Round(self.clock(), {self.me: own, **self.early.pop(epoch, {})}, list(outgoing))
         tensors = {**{BOTTOM + k: v for k, v in own["bottom"].items()}, **{TOP + k: v for k, v in own["top"].items()}}
         msg = wire.Weights(job_id=self.job_id, client_id=self.me, seq=epoch, num_samples=samples, tensors=tensors)

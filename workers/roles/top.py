@@ -104,6 +104,7 @@ class TopRole(Role):
         else:
             self.stats.applied(len(labels), loss=result.loss, step_s=time.perf_counter() - started)
         self.losses.append(result.loss)
+        self.stats.gauge("epoch", msg.epoch)
         if self.stage.version % 10 == 0:
             self.stats.history(version=self.stage.version, loss=result.loss, samples=self.stats.counts["samples"])
         grad = result.grad_input

@@ -1,0 +1,147 @@
+"""8 data owners on one trainer, and over two sharded trainers: accuracy, throughput, CPU per sample.
+
+    python -m splitmq.bench.shards --amqp-url URL[,URL...] [--epochs N] [--out-json FILE]
+
+Runs the same job twice as real processes (``splitmq server`` and ``splitmq worker``): once with
+one trainer, once with ``shards = 2`` (owners 0, 2, 4, 6 on trainer 0; 1, 3, 5, 7 on trainer 1;
+the tops averaged every round with the bottoms). Owner 0 evaluates after every epoch; its last
+score is the job's (every owner ends with the same averaged bottom, every trainer with the same
+top). Reported per run: the test accuracy, the aggregate samples/s (every owner's samples over
+the span from the first owner's start to the last one's end), and the CPU seconds each party
+spent while serving (its ``cpu_seconds``, all threads) per 1000 samples. ``tests/test_cluster.py``
+runs it on a three-node cluster; docs/scaling.md has the numbers and the command.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from splitmq.shared import broker, topology
+from splitmq.shared.access import ManagementAPI
+from splitmq.shared.config import JobConfig
+from splitmq.workers.demo import write_job
+
+log = logging.getLogger(__name__)
+
+#: A run that has not finished in this long failed.
+RUN_TIMEOUT_S = 900.0
+CLIENTS = 8
+EPOCHS = 6
+
+
+def run_job(cfg: JobConfig, url: str, workdir: Path) -> dict[str, Any]:
+    """One job to the end with real processes; its parties' summaries and the figures above.
+
+    Raises:
+        RuntimeError: a party exited non-zero, or the job overran ``RUN_TIMEOUT_S``.
+    """
+    d = workdir / cfg.job_id
+    d.mkdir(parents=True)
+    job = d / "job.toml"
+    write_job(cfg, job)
+    base = ["--config", str(job), "--amqp-url", url, "--run-dir", str(d / "run"), "--broker-timeout", "120"]
+    procs: dict[str, subprocess.Popen[bytes]] = {}
+    for k in range(cfg.shards):
+        name = topology.shard_stages(topology.TOP_STAGE, cfg.shards)[k]
+        shard = ["--shard", str(k)] if cfg.shards > 1 else []
+        procs[name] = _start(d, name, "server", base + shard + ["--checkpoint-dir", str(d / f"ckpt-{name}")])
+    for i in range(cfg.num_clients):
+        name = topology.client_name(i)
+        procs[name] = _start(d, name, "worker", base + ["--client-index", str(i), "--checkpoint-dir",
+                                                       str(d / f"ckpt-{name}")] + ([] if i == 0 else ["--no-eval"]))
+    deadline = time.monotonic() + RUN_TIMEOUT_S
+    try:
+        for name, proc in procs.items():
+            code = proc.wait(max(1.0, deadline - time.monotonic()))
+            if code != 0:
+                raise RuntimeError(f"{name} exited {code}: {(d / f'{name}.log').read_text()[-3000:]}")
+    except subprocess.TimeoutExpired as exc:
+        raise RuntimeError(f"job {cfg.job_id} overran {RUN_TIMEOUT_S:.0f}s") from exc
+    finally:
+        for proc in procs.values():
+            if proc.poll() is None:
+                proc.kill()
+    return figures(cfg, {n: json.loads((d / f"{n}-summary.json").read_text()) for n in procs})
+
+
+def _start(d: Path, name: str, command: str, args: list[str]) -> subprocess.Popen[bytes]:
+    argv = [sys.executable, "-m", "splitmq", command, *args, "--summary-json", str(d / f"{name}-summary.json")]
+    with open(d / f"{name}.log", "wb") as out:
+        return subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT)
+
+
+def figures(cfg: JobConfig, summaries: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Accuracy, aggregate samples/s and CPU per sample of one run, from its parties' summaries."""
+    owners = [summaries[topology.client_name(i)] for i in range(cfg.num_clients)]
+    trainers = [s for name, s in summaries.items() if topology.client_index(name) is None]
+    samples = sum(o["samples"] for o in owners)
+    span = max(o["samples"] / o["samples_per_second"] for o in owners if o["samples_per_second"])
+    cpu_trainers = sum(t["cpu_seconds"] for t in trainers)
+    cpu_owners = sum(o["cpu_seconds"] for o in owners)
+    return {"trainers": cfg.shards, "clients": cfg.num_clients, "epochs": cfg.epochs, "samples": samples,
+            "test_accuracy": owners[0]["test_scores"].get("accuracy"),
+            "samples_per_second": samples / span,
+            "trainer_cpu_ms_per_sample": 1000 * cpu_trainers / samples,
+            "owner_cpu_ms_per_sample": 1000 * cpu_owners / samples,
+            "cpu_ms_per_sample": 1000 * (cpu_trainers + cpu_owners) / samples,
+            "trainer_cpu_seconds": [t["cpu_seconds"] for t in trainers]}
+
+
+def compare(url: str, workdir: Path, *, epochs: int = EPOCHS, clients: int = CLIENTS,
+            admin_url: str | None = None) -> dict[str, Any]:
+    """The same job on one trainer, then over two; each job's queues deleted afterwards."""
+    out: dict[str, Any] = {"runs": []}
+    for shards in (1, 2):
+        cfg = JobConfig(job_id="shards" + uuid.uuid4().hex[:8], num_clients=clients, epochs=epochs, shards=shards)
+        try:
+            out["runs"].append(run_job(cfg, url, workdir))
+        finally:
+            _delete(cfg, url, admin_url)
+    one, two = out["runs"]
+    out["throughput_ratio"] = two["samples_per_second"] / one["samples_per_second"]
+    out["accuracy_difference"] = two["test_accuracy"] - one["test_accuracy"]
+    return out
+
+
+def _delete(cfg: JobConfig, url: str, admin_url: str | None) -> None:
+    """The job's queues and exchanges (through the management API when given, else what we know of)."""
+    if admin_url:
+        api = ManagementAPI(admin_url)
+        for name in api.names("queues", f"splitmq.{cfg.job_id}."):
+            api.delete_queue(name)
+        for name in api.names("exchanges", f"splitmq.{cfg.job_id}."):
+            api.delete_exchange(name)
+        return
+    stages = topology.shard_stages(topology.TOP_STAGE, cfg.shards)
+    layout = topology.job_layout(cfg.job_id, stages=stages,
+                                 parties=(*stages, *(topology.client_name(i) for i in range(cfg.num_clients))))
+    broker.delete_queues(url, [q.name for q in layout.queues])
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m splitmq.bench.shards", description=__doc__.split("\n")[0])
+    p.add_argument("--amqp-url", required=True, help="the broker (a cluster's nodes comma-separated)")
+    p.add_argument("--admin-url", help="management API (comma-separated for a cluster), to delete the jobs after")
+    p.add_argument("--epochs", type=int, default=EPOCHS)
+    p.add_argument("--work-dir", default="/tmp/splitmq-bench-shards")
+    p.add_argument("--out-json", help="write the results here too")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO)
+    result = compare(args.amqp_url, Path(args.work_dir), epochs=args.epochs, admin_url=args.admin_url)
+    result["command"] = "python -m splitmq.bench.shards " + " ".join(argv if argv is not None else sys.argv[1:])
+    text = json.dumps(result, indent=1)
+    print(text)
+    if args.out_json:
+        Path(args.out_json).write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

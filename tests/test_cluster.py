@@ -1,0 +1,218 @@
+"""Failover on a real three-node RabbitMQ cluster, with real processes given the nodes' address list.
+
+One cluster (tests/cluster.py, formed by deploy/cluster.sh) serves every test here. The node
+every party is connected to is killed the hard way (SIGKILL to its Erlang VM) three times in a
+run; the node leading the forward queue is killed while the owners publish; an active trainer
+is killed with a standby waiting; eight owners train over two sharded trainers. Every run must
+finish with each batch applied exactly once and nothing dead-lettered; a synchronous one must
+end bit-identical to uninterrupted local training.
+
+To land three kills mid-run without a long job, the parties are paused (SIGSTOP) while the
+killed node boots again; the kill itself, and the failover measured after it, happen while
+they run.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+
+from splitmq.bench import shards as shard_bench
+from splitmq.shared import broker, topology
+from splitmq.shared.config import BottomSync, JobConfig
+from tests.cluster import Cluster
+from tests.helpers import Party, job_file, server_party, state, wait_for, worker_party
+from tests.test_crash_recovery import BATCHES, assert_equal_to_local, assert_exactly_once
+
+#: Training must go on within this long after the node every party uses is killed.
+FAILOVER_S = 10.0
+
+
+@pytest.fixture
+def parties() -> Iterator[list[Party]]:
+    started: list[Party] = []
+    yield started
+    for p in started:
+        if p.alive and p.proc is not None:
+            p.proc.send_signal(signal.SIGCONT)  # a paused party must be able to die
+        p.close()
+
+
+@pytest.fixture
+def nodes(cluster: Cluster) -> Iterator[Cluster]:
+    """The cluster with every node up at the start of a test (an earlier test may have killed one)."""
+    cluster.ensure_all_up()
+    yield cluster
+
+
+def new_job(prefix: str) -> str:
+    return prefix + uuid.uuid4().hex[:8]
+
+
+def dead_letters(cluster: Cluster, job: str) -> int:
+    return broker.queue_depth(cluster.url(), topology.dead_letter_queue(job))
+
+
+def pause(ps: list[Party], signum: int) -> None:
+    for p in ps:
+        if p.alive:
+            p.signal(signum)
+
+
+def test_killing_the_node_every_party_is_on_three_times_mid_epoch_stops_no_party_and_loses_no_batch(
+        nodes: Cluster, tmp_path: Path, parties: list[Party]) -> None:
+    # Given two jobs on the cluster at once, every party given all three nodes' addresses:
+    # a synchronous one (one owner) and one with four batches in flight (two owners)
+    sync_cfg = JobConfig(job_id=new_job("fsync"), epochs=12, bottom_sync=BottomSync.INDEPENDENT)
+    k4_cfg = JobConfig(job_id=new_job("fk4"), epochs=12, num_clients=2, max_in_flight=4,
+                       bottom_sync=BottomSync.INDEPENDENT)
+    url = nodes.url()
+    sync_dir, k4_dir = tmp_path / "sync", tmp_path / "k4"
+    sync_dir.mkdir()
+    k4_dir.mkdir()
+    sjob, kjob = job_file(sync_cfg, sync_dir), job_file(k4_cfg, k4_dir)
+    trainers = [server_party(sync_dir, sjob, url, "--idle-timeout", "600"),
+                server_party(k4_dir, kjob, url, "--idle-timeout", "600")]
+    owners = [worker_party(sync_dir, sjob, url, 0, "--no-eval"),
+              worker_party(k4_dir, kjob, url, 0, "--no-eval"), worker_party(k4_dir, kjob, url, 1, "--no-eval")]
+    everyone = trainers + owners
+    parties += [p.start() for p in everyone]
+    failovers: list[float] = []
+    for kill, target in enumerate((1, 2, 3)):
+        wait_for(lambda: all(t.applied("trainer") >= 10 * (kill + 1) for t in trainers), f"progress before kill {kill}")
+        # When every party is on node `target` (the others drained, then revived) and it is SIGKILLed mid-epoch
+        nodes.herd(target, {"top": 2, "client-0": 2, "client-1": 1})
+        before = [t.applied("trainer") for t in trainers]
+        killed_at = nodes.kill(target)
+        # Then both trainers apply batches again within seconds, through the surviving nodes, and nobody exits
+        for t, b in zip(trainers, before):
+            wait_for(lambda: t.applied("trainer") > b, f"{t.name} to train again after kill {kill}", 60)
+            failovers.append(time.monotonic() - killed_at)
+        assert all(p.alive for p in everyone), [p.tail() for p in everyone if not p.alive]
+        pause(everyone, signal.SIGSTOP)
+        try:
+            nodes.restart(target)
+        finally:
+            pause(everyone, signal.SIGCONT)
+    print(f"\nfailover times (s): {json.dumps([round(f, 2) for f in failovers])}")
+    assert max(failovers) < FAILOVER_S, failovers
+    # And every party finishes by itself
+    for p in everyone:
+        assert p.wait() == 0, p.tail()
+    assert all(t.summary()["batches_applied"] > 0 for t in trainers)
+    # And each batch was applied exactly once on each side, the synchronous run bit-identical to local training
+    top, bottom = assert_exactly_once(sync_dir, 63 * sync_cfg.epochs)
+    assert_equal_to_local(sync_cfg, top, bottom)
+    k4_top = state(k4_dir, "trainer", "top")
+    total = 32 * k4_cfg.epochs  # each owner holds 2000 samples: 32 batches an epoch
+    assert k4_top["ledger"] == {c: {"prefix": total - 1, "above": []} for c in ("client-0", "client-1")}
+    assert k4_top["role"]["stage"]["version"] == 2 * total
+    for i in (0, 1):
+        assert state(k4_dir, f"client-{i}", "bottom")["role"]["stage"]["version"] == total
+    # And nothing was dead-lettered
+    assert dead_letters(nodes, sync_cfg.job_id) == 0 and dead_letters(nodes, k4_cfg.job_id) == 0
+
+
+def test_killing_the_forward_queues_leader_while_owners_publish_makes_no_party_exit(
+        nodes: Cluster, tmp_path: Path, parties: list[Party]) -> None:
+    # Given a job whose queues are declared on the cluster, and its forward queue's leader node
+    cfg = JobConfig(job_id=new_job("burst"), epochs=3, num_clients=2, max_in_flight=8,
+                    bottom_sync=BottomSync.INDEPENDENT)
+    stage_queue = topology.forward_queue(cfg.job_id)
+    broker.declare(nodes.url(), topology.job_layout(cfg.job_id, parties=("client-0", "client-1")))
+    leader = nodes.leader(stage_queue)
+    # And every party connected to the other two nodes (their address list), two owners keeping 8 batches out
+    url = nodes.url(i for i in nodes.nodes if i != leader)
+    job = job_file(cfg, tmp_path)
+    trainer = server_party(tmp_path, job, url, "--idle-timeout", "600")
+    owners = [worker_party(tmp_path, job, url, i, "--no-eval") for i in (0, 1)]
+    parties += [p.start() for p in (trainer, *owners)]
+    # When the leader node is SIGKILLed while the owners publish
+    wait_for(lambda: all(o.applied("worker") >= 8 for o in owners), "the owners to be publishing")
+    nodes.kill(leader)
+    # Then no party exits on the broker's nacks: every party finishes, every batch applied once
+    for p in (trainer, *owners):
+        assert p.wait() == 0, p.tail()
+    top = state(tmp_path, "trainer", "top")
+    total = 32 * cfg.epochs
+    assert top["ledger"] == {c: {"prefix": total - 1, "above": []} for c in ("client-0", "client-1")}
+    assert top["role"]["stage"]["version"] == 2 * total
+    for i in (0, 1):
+        assert state(tmp_path, f"client-{i}", "bottom")["role"]["stage"]["version"] == total
+    assert dead_letters(nodes, cfg.job_id) == 0
+    nacks = sum(p.log.read_text().count("the broker nacked") for p in (trainer, *owners))
+    print(f"\nre-published after a nack: {nacks} message(s); new leader {nodes.leader(stage_queue)}")
+
+
+def test_a_standby_trainer_takes_over_when_the_active_one_is_killed_with_the_same_result(
+        nodes: Cluster, tmp_path: Path, parties: list[Party]) -> None:
+    # Given a synchronous job, its trainer, and a standby on the same checkpoint directory
+    cfg = JobConfig(job_id=new_job("standby"), epochs=2, bottom_sync=BottomSync.INDEPENDENT)
+    url = nodes.url()
+    job = job_file(cfg, tmp_path)
+    active = server_party(tmp_path, job, url, "--idle-timeout", "600")
+    standby = server_party(tmp_path, job, url, "--idle-timeout", "600", "--standby", "--checkpoint-dir",
+                           str(tmp_path / "ckpt-trainer"), name="standby", ckpt=False)
+    owner = worker_party(tmp_path, job, url, 0, "--no-eval")
+    parties += [active.start(), owner.start()]
+    wait_for(lambda: active.applied("trainer") >= 1, "the active trainer to train")
+    parties.append(standby.start())
+    wait_for(lambda: "standing by" in standby.log.read_text(), "the standby to stand by")
+    # When the active trainer is SIGKILLed mid-run
+    wait_for(lambda: owner.applied("worker") >= 40, "progress")
+    active.kill()
+    # Then the standby takes over from the checkpoint and the owner finishes without noticing
+    assert owner.wait() == 0, owner.tail()
+    assert standby.wait() == 0, standby.tail()
+    assert "resumed from" in standby.log.read_text()
+    # And each batch was applied exactly once on each side, bit-identical to uninterrupted training
+    top, bottom = assert_exactly_once(tmp_path, BATCHES)
+    assert_equal_to_local(cfg, top, bottom)
+    assert dead_letters(nodes, cfg.job_id) == 0
+
+
+def test_a_second_trainer_without_standby_or_sharding_is_refused_naming_both(
+        nodes: Cluster, tmp_path: Path, parties: list[Party]) -> None:
+    # Given a trainer serving a job
+    cfg = JobConfig(job_id=new_job("second"), epochs=1)
+    job = job_file(cfg, tmp_path)
+    first = server_party(tmp_path, job, nodes.url(), "--serve-forever")
+    parties.append(first.start())
+    wait_for(lambda: first.metric("splitmq_clients_active", role="trainer") >= 0, "the first trainer to serve")
+    # When a second plain trainer of the same job starts
+    second = server_party(tmp_path, job, nodes.url(), "--lease-timeout", "3", name="second")
+    parties.append(second.start())
+    # Then it is refused (exit 3), and the message names the two ways to run several trainers
+    assert second.wait() == 3
+    text = second.log.read_text()
+    assert "name_in_use" in text and "another trainer serves 'top'" in text
+    assert "--standby" in text and "shards = T" in text and "--shard" in text
+    assert first.alive
+    first.stop()
+
+
+def test_eight_owners_over_two_trainers_reach_the_accuracy_of_one_trainer(nodes: Cluster, tmp_path: Path) -> None:
+    # Given eight owners averaging their bottoms every epoch, When they train on one trainer,
+    # and then over two sharded trainers (which average their tops every round)
+    result = shard_bench.compare(nodes.url(), tmp_path, admin_url=",".join(
+        f"http://guest:guest@localhost:{15830 + i}" for i in nodes.nodes))
+    one, two = result["runs"]
+    print("\nshards:", json.dumps(result, indent=1))
+    (tmp_path / "shards.json").write_text(json.dumps(result))
+    # Then the two reach the same test accuracy within one point
+    assert one["test_accuracy"] > 0.8, result
+    assert abs(two["test_accuracy"] - one["test_accuracy"]) <= 0.01, result
+    # And both trainers did work and averaged every round
+    assert len(two["trainer_cpu_seconds"]) == 2 and min(two["trainer_cpu_seconds"]) > 0
+    if os.environ.get("SPLITMQ_SHARDS_OUT"):  # for docs/scaling.md: the same numbers, kept
+        Path(os.environ["SPLITMQ_SHARDS_OUT"]).write_text(json.dumps(result, indent=1) + "\n")
+
+
+def _unused(_: Any) -> None:  # pragma: no cover
+    pass
