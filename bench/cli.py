@@ -13,7 +13,7 @@ import shlex
 import tempfile
 from pathlib import Path
 
-from splitmq.bench import inference, report, suite
+from splitmq.bench import compression, inference, report, sections, suite
 from splitmq.bench.common import Scale
 
 log = logging.getLogger(__name__)
@@ -21,8 +21,9 @@ log = logging.getLogger(__name__)
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p = sub.add_parser("bench", help="benchmark splitmq against local training, the broker and torch.rpc")
-    p.add_argument("part", nargs="?", choices=("all", "inference"), default="all",
-                   help="all: the training suite; inference: prediction latency and throughput (a section of "
+    p.add_argument("part", nargs="?", choices=("all", "inference", "compression"), default="all",
+                   help="all: the training suite; inference: prediction latency and throughput; compression: "
+                        "bytes, accuracy and CPU per sample of each compression at the cut (each a section of "
                         "the same page, kept when the suite regenerates it)")
     p.add_argument("--quick", action="store_true", help="smoke mode for CI: seconds, not minutes; numbers meaningless")
     p.add_argument("--out-md", default="docs/benchmarks.md", help="report path (default docs/benchmarks.md)")
@@ -33,7 +34,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 
 def command_line(args: argparse.Namespace) -> str:
     """The command that reproduces this run, as a user would type it."""
-    parts = ["splitmq", "bench"] + (["inference"] if args.part == "inference" else [])
+    parts = ["splitmq", "bench"] + ([args.part] if args.part != "all" else [])
     if args.quick:
         parts.append("--quick")
     parts += ["--out-md", args.out_md, "--out-json", args.out_json]
@@ -43,6 +44,8 @@ def command_line(args: argparse.Namespace) -> str:
 def main(args: argparse.Namespace) -> int:
     if args.part == "inference":
         return _inference(args)
+    if args.part == "compression":
+        return _compression(args)
     scale = Scale.of(args.quick)
     logging.getLogger("pika").setLevel(logging.ERROR)  # readiness polls provoke expected 404 warnings
     with tempfile.TemporaryDirectory(prefix="splitmq-bench-") as tmp:
@@ -56,7 +59,7 @@ def main(args: argparse.Namespace) -> int:
     out_md.parent.mkdir(parents=True, exist_ok=True)
     out_json.write_text(json.dumps(result, indent=1, allow_nan=False) + "\n")
     old = out_md.read_text() if out_md.exists() else ""
-    out_md.write_text(inference.keep_section(old, report.render(result, command)))
+    out_md.write_text(sections.keep(old, report.render(result, command)))
     log.info("bench: wrote %s and %s in %.0f s", out_md, out_json, result["seconds"])
     for key, value in sorted(result["ratios"].items()):
         log.info("bench: %s = %s", key, value)
@@ -77,4 +80,21 @@ def _inference(args: argparse.Namespace) -> int:
     inference.write(result, command, Path(args.out_md), out_json)
     for model, row in result["models"].items():
         log.info("bench inference: %s: %s", model, row["ratios"])
+    return 0
+
+
+def _compression(args: argparse.Namespace) -> int:
+    """``splitmq bench compression``: its own section of the page, and its own JSON file."""
+    logging.getLogger("pika").setLevel(logging.ERROR)
+    out_json = Path(args.out_json).with_name(Path(args.out_json).stem + "-compression.json")
+    with tempfile.TemporaryDirectory(prefix="splitmq-bench-compression-") as tmp:
+        workdir = Path(args.work_dir or tmp)
+        workdir.mkdir(parents=True, exist_ok=True)
+        result = compression.run(quick=args.quick, workdir=workdir, log=log.info)
+    command = command_line(args)
+    result["command"] = command
+    compression.write(result, command, Path(args.out_md), out_json)
+    for row in result["rows"]:
+        log.info("bench compression: %s/%s: %.0f bytes/sample, accuracy %s, %s µs/sample", row["activations"],
+                 row["gradients"], row["bytes_per_sample"], row["accuracy"], row["cpu_us_per_sample"])
     return 0

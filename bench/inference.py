@@ -16,7 +16,6 @@ writes into docs/benchmarks.md is kept when the main suite regenerates that page
 """
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 import time
@@ -26,7 +25,7 @@ from typing import Any, Callable
 
 import torch
 
-from splitmq.bench import ceiling
+from splitmq.bench import ceiling, sections
 from splitmq.bench.common import AMQP_URL, MODELS, free_port, machine, percentile, set_threads, thread_env
 from splitmq.bench.jobs import READY_TIMEOUT_S, _cleanup, _stop, _tail, _wait_for_consumer
 from splitmq.shared import checkpoint, topology, wire
@@ -34,8 +33,7 @@ from splitmq.shared.config import BottomSync, JobConfig
 from splitmq.workers import assemble, segments
 from splitmq.workers.predict import PredictOptions, Predictor, predict_all
 
-START = "<!-- inference:start -->"
-END = "<!-- inference:end -->"
+START, END = sections.markers("inference")
 REQUEST_SIZE = 256
 IN_FLIGHT = 4
 
@@ -164,7 +162,8 @@ def markdown(r: dict[str, Any], command: str) -> str:
              f"{' (QUICK smoke mode: numbers mean nothing)' if r['quick'] else ''}; load at end `{m['uptime']}`. "
              f"Untrained weights (latency does not depend on them), {r['dataset']} data, one torch thread per "
              "process; splitmq: the owner's `Predictor` (bottom in-process) and `splitmq server --serve-forever` "
-             "(top, its own process), durable quorum queues, persistent confirmed messages.", "",
+             "(top, its own process), durable quorum queues, persistent confirmed messages. Raw results: "
+             "`docs/benchmarks-inference.json`.", "",
              "| model | local forward p50 / p99 ms (1 sample) | raw durable round trip p50 / p99 ms (same bytes) | "
              "splitmq online p50 / p99 ms | online p50 / raw p50 | online p50 / local p50 |",
              "|---|---:|---:|---:|---:|---:|"]
@@ -184,22 +183,6 @@ def markdown(r: dict[str, Any], command: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def keep_section(old: str, new: str) -> str:
-    """``new`` (a regenerated page) with ``old``'s inference section carried over, if it had one."""
-    if START not in old or END not in old or START in new:
-        return new
-    section = old[old.index(START):old.index(END) + len(END)]
-    return new.rstrip("\n") + "\n\n" + section + "\n"
-
-
 def write(r: dict[str, Any], command: str, out_md: Path, out_json: Path) -> None:
     """Replace (or append) the inference section of ``out_md``; raw results in ``out_json``."""
-    out_json.parent.mkdir(parents=True, exist_ok=True)
-    out_json.write_text(json.dumps(r, indent=1, allow_nan=False) + "\n")
-    old = out_md.read_text() if out_md.exists() else "# Benchmarks\n"
-    section = markdown(r, command)
-    if START in old and END in old:
-        page = old[:old.index(START)] + section.rstrip("\n") + old[old.index(END) + len(END):]
-    else:
-        page = old.rstrip("\n") + "\n\n" + section
-    out_md.write_text(page if page.endswith("\n") else page + "\n")
+    sections.write("inference", markdown(r, command), r, out_md, out_json)

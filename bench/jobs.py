@@ -12,15 +12,17 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import pika
 
@@ -49,6 +51,8 @@ class JobSpec:
     delay_s: float = 0.0
     checkpoints: bool = True
     dataset: str = DATASET
+    #: More job flags for every party (e.g. ``("--compress-activations", "int8")``).
+    options: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.clients < 1 or self.in_flight < 1 or self.epochs < 1 or self.delay_s < 0:
@@ -61,7 +65,7 @@ def _cli(*args: str) -> list[str]:
 
 def _common(spec: JobSpec, job: str, url: str) -> list[str]:
     return ["--amqp-url", url, "--job-id", job, "--num-clients", str(spec.clients), "--epochs", str(spec.epochs),
-            "--model", spec.model, "--max-in-flight", str(spec.in_flight), "--data", spec.dataset]
+            "--model", spec.model, "--max-in-flight", str(spec.in_flight), "--data", spec.dataset, *spec.options]
 
 
 def _wait_for_consumer(url: str, queue: str, proc: subprocess.Popen[bytes], deadline: float) -> None:
@@ -86,12 +90,14 @@ def _tail(path: Path, chars: int = 2000) -> str:
 
 
 def _scrape(port: int) -> dict[str, float]:
-    """The trainer's Prometheus samples, name{labels} -> value."""
+    """The trainer's Prometheus samples, name{labels} -> value (the ``job_id`` label left out:
+    one job per scrape)."""
     text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
     out: dict[str, float] = {}
     for line in text.splitlines():
         if line and not line.startswith("#"):
             key, _, value = line.rpartition(" ")
+            key = re.sub(r'job_id="[^"]*",?', "", key).replace("{}", "")
             with contextlib.suppress(ValueError):
                 out[key] = float(value)
     return out
@@ -140,11 +146,17 @@ def _worker_url(url: str, delay_s: float) -> Iterator[str]:
         yield proxied_url(url, proxy.port)
 
 
+#: Called on a thread of its own once the workers have started: (trainer pid, worker pids, client-0's
+#: metrics port); it returns when it is done watching (the workers' exit ends nothing by itself).
+Watch = Callable[[int, list[int], int], None]
+
+
 def run_job(spec: JobSpec, workdir: Path, *, url: str = AMQP_URL,
-            worker_prefix: tuple[str, ...] = ()) -> dict[str, Any]:
+            worker_prefix: tuple[str, ...] = (), watch: Watch | None = None) -> dict[str, Any]:
     """Run one job to completion; the workers' and trainer's summaries plus scraped metrics.
 
-    ``worker_prefix`` goes before client-0's interpreter arguments (e.g. cProfile).
+    ``worker_prefix`` goes before client-0's interpreter arguments (e.g. cProfile). ``watch``
+    (if given) runs beside the workers, and client-0 then serves ``/metrics``.
 
     Raises:
         RuntimeError: a process failed or the job overran ``JOB_TIMEOUT_S``.
@@ -165,7 +177,8 @@ def run_job(spec: JobSpec, workdir: Path, *, url: str = AMQP_URL,
         except RuntimeError as exc:
             raise RuntimeError(f"{exc}; server log: {_tail(d / 'server.log')}") from exc
         with _worker_url(url, spec.delay_s) as wurl:
-            workers = _run_workers(spec, job, wurl, d, env, deadline, worker_prefix)
+            workers = _run_workers(spec, job, wurl, d, env, deadline, worker_prefix,
+                                   (lambda pids, port: watch(server.pid, pids, port)) if watch else None)
         metrics = _scrape(mport)
         peak = _vm_hwm(server.pid)
     finally:
@@ -175,21 +188,26 @@ def run_job(spec: JobSpec, workdir: Path, *, url: str = AMQP_URL,
     trainer = json.loads(summary.read_text()) if summary.exists() else {}
     trainer = {k: v for k, v in trainer.items() if not isinstance(v, list)}  # e.g. every batch's loss
     return {"spec": asdict(spec), "job_id": job, "workers": workers, "trainer": trainer,
-            "trainer_vm_hwm_bytes": peak, "trainer_metrics": _trainer_metrics(metrics)}
+            "trainer_vm_hwm_bytes": peak, "trainer_metrics": _trainer_metrics(metrics), "run_dir": str(d / "runs")}
 
 
 def _run_workers(spec: JobSpec, job: str, url: str, d: Path, env: dict[str, str], deadline: float,
-                 prefix: tuple[str, ...]) -> list[dict[str, Any]]:
+                 prefix: tuple[str, ...], watch: Callable[[list[int], int], None] | None) -> list[dict[str, Any]]:
     procs = []
+    port = free_port()
     for i in range(spec.clients):
         cid = topology.client_name(i)
         cmd = _cli("worker", *_common(spec, job, url), "--client-index", str(i), "--no-eval",
                    "--join-timeout", str(JOIN_TIMEOUT_S),
                    "--summary-json", str(d / f"{cid}.json"), "--run-dir", str(d / "runs"),
-                   *(["--checkpoint-dir", str(d / f"ckpt-{cid}")] if spec.checkpoints else []))
+                   *(["--checkpoint-dir", str(d / f"ckpt-{cid}")] if spec.checkpoints else []),
+                   *(["--metrics-port", str(port), "--metrics-linger", "0"] if i == 0 and watch else []))
         if i == 0 and prefix:
             cmd = [cmd[0], *prefix, *cmd[1:]]
         procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=open(d / f"{cid}.log", "wb")))
+    watcher = threading.Thread(target=watch, args=([p.pid for p in procs], port), daemon=True) if watch else None
+    if watcher is not None:
+        watcher.start()
     ended: dict[int, float] = {}
     try:
         while len(ended) < len(procs):
@@ -207,6 +225,8 @@ def _run_workers(spec: JobSpec, job: str, url: str, d: Path, env: dict[str, str]
             if p.poll() is None:
                 p.terminate()
                 p.wait(timeout=10)
+        if watcher is not None:
+            watcher.join(10)
     out = []
     for i in range(spec.clients):
         summary = json.loads((d / f"client-{i}.json").read_text())

@@ -82,7 +82,7 @@ def trainer_permissions(job: str, stages: tuple[str, ...] = (topology.TOP_STAGE,
     """A stage's server: consume its forward (and, as a middle hop, reply) queues, answer on the
     gradients exchange, pass batches on under its own stage name, and hold its lease.
 
-    ``may_declare`` adds what ``broker.declare(job_layout(job, stages))`` needs: configure
+    ``may_declare`` adds what ``amqp.declare(job_layout(job, stages))`` needs: configure
     the job's exchanges and the stage's own queues, and bind them (write on the queue, read
     on the exchange). Client reply queues stay out of reach: binding one to the activations
     exchange would hand one client's activations to another.

@@ -66,6 +66,15 @@ class Schedule(str, Enum):
     CONSTANT = "constant"
 
 
+class Compression(str, Enum):
+    """How a tensor crosses the cut (``shared.codec``); the receiving party's role sees float32 either way."""
+
+    NONE = "none"   # float32
+    FP16 = "fp16"   # float16: half the bytes; values beyond +-65504 become Inf and are refused
+    BF16 = "bf16"   # bfloat16: half the bytes, float32's range, 8 bits of mantissa
+    INT8 = "int8"   # int8 with one float32 scale per row (sample): about a quarter of the bytes
+
+
 class Privacy(str, Enum):
     """A preset of the cut's defences (docs/privacy.md: what each stops, measured)."""
 
@@ -78,7 +87,7 @@ class Privacy(str, Enum):
 #: labels are kept from the data owner (label_source = top, or U-shaped) on a binary task.
 PRIVACY_PRESETS: dict[Privacy, dict[str, Any]] = {
     Privacy.OFF: {},
-    Privacy.STANDARD: {"bottleneck": 16, "label_protection": 16.0},
+    Privacy.STANDARD: {"bottleneck": 16, "label_protection": 4.0},   # 16 with the bottleneck diverged
 }
 
 
@@ -131,6 +140,10 @@ class JobConfig:
                        "a smaller cluster gives one per node)", local=True)
     shards: int = _f(1, "trainers sharing the data owners, owner i served by trainer i mod shards (`splitmq server "
                      "--shard K`); their tops are averaged every round (docs/scaling.md)")
+    compress_activations: Compression = _f(Compression.NONE, "how activations cross the cut: none (float32), "
+                                           "fp16, bf16, or int8 (one scale per sample)")
+    compress_gradients: Compression = _f(Compression.NONE, "how gradients cross the cut: none (float32), fp16, "
+                                         "bf16, or int8 (one scale per sample)")
 
     def __post_init__(self) -> None:
         _apply_preset(self)

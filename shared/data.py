@@ -19,7 +19,7 @@ import inspect
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Sequence, cast
 
 import numpy as np
 import torch
@@ -115,8 +115,9 @@ def pool(samples: Data) -> SampleSet:
     if (isinstance(a.x, torch.Tensor) or a.x is None) and (isinstance(b.x, torch.Tensor) or b.x is None):
         x = torch.cat([a.x, b.x]) if a.x is not None and b.x is not None else None
         return SampleSet(x, y, torch.cat([a.ids, b.ids]))
-    parts = [a.x if a.x is not None else torch.utils.data.TensorDataset(a.ids), b.x if b.x is not None else
-             torch.utils.data.TensorDataset(b.ids)]
+    # A tensor indexes and measures like a Dataset, so it can stand in one (mypy cannot see that).
+    parts = [cast(TorchDataset[Any], a.x) if a.x is not None else torch.utils.data.TensorDataset(a.ids),
+             cast(TorchDataset[Any], b.x) if b.x is not None else torch.utils.data.TensorDataset(b.ids)]
     return SampleSet(torch.utils.data.ConcatDataset(parts), y, torch.cat([a.ids, b.ids]))
 
 

@@ -83,6 +83,9 @@ class Metrics:
         self.cut_dcor = Gauge(p + "cut_distance_correlation", "NoPeek: distance correlation between the raw "
                               "inputs and the cut activations of the latest training batch (0-1)",
                               ["job_id", "role"], registry=registry)
+        self.cut_bytes_per_sample = Gauge(p + "cut_bytes_per_sample", "Body bytes sent per training sample in "
+                                          "activations or gradient messages (compression at the cut lowers it)",
+                                          ["job_id", "role"], registry=registry)
         self.finished = Gauge(p + "finished", "1 once this party has ended its part of the job cleanly (its "
                               "endpoint going away then pages nobody)", ["job_id", "role"], registry=registry)
         for attribute, family in list(vars(self).items()):
@@ -99,7 +102,7 @@ class Metrics:
             self.bytes.labels(role, direction)
         for m in (self.samples, self.loss, self.test_accuracy, self.round_trip, self.step_time,
                   self.in_flight, self.staleness, self.reconnects, self.clients, self.last_progress, self.epoch,
-                  self.cut_dcor, self.finished):
+                  self.cut_dcor, self.cut_bytes_per_sample, self.finished):
             m.labels(role)
 
     def task_metric(self, name: str, value: float) -> None:

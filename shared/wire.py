@@ -8,9 +8,7 @@ specified in ``docs/protocol.md``.
 from __future__ import annotations
 
 import dataclasses
-import math
 import time
-import warnings
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, ClassVar, Mapping, TypeVar, Union, cast
@@ -19,32 +17,14 @@ import msgpack
 import torch
 
 from splitmq.shared.errors import DecodeError
+from splitmq.shared.tensors import decode_tensor, encode_tensor
 
 SCHEMA_VERSION = 2
 
 #: Hard cap on one message's size; larger bodies are refused before unpacking.
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
-#: Cap on the number of dimensions of one tensor.
-MAX_NDIM = 8
 #: Room for everything in an envelope but the tensor bytes (fields, tensor headers, spec maps).
 ENVELOPE_BYTES = 64 * 1024
-
-#: Wire dtype name -> (torch dtype, item size). Little-endian on the wire.
-DTYPES: Mapping[str, tuple[torch.dtype, int]] = {
-    "float32": (torch.float32, 4),
-    "float16": (torch.float16, 2),
-    "bfloat16": (torch.bfloat16, 2),
-    "float64": (torch.float64, 8),
-    "int64": (torch.int64, 8),
-    "int32": (torch.int32, 4),
-    "int8": (torch.int8, 1),
-    "uint8": (torch.uint8, 1),
-}
-_DTYPE_NAMES = {torch_dtype: name for name, (torch_dtype, _) in DTYPES.items()}
-# Decoded tensors are views of the message's immutable bytes; torch warns that it cannot mark
-# them read-only. Filtered once here (a per-call catch_warnings costs more than the decode).
-warnings.filterwarnings("ignore", message="The given buffer is not writable", category=UserWarning)
-
 
 class Kind(str, Enum):
     """What a message is; the ``kind`` field on the wire."""
@@ -81,43 +61,6 @@ class Served(str, Enum):
     TIMEOUT = "timeout"          # a later stage or a vertical part did not answer before the deadline
     UNAVAILABLE = "unavailable"  # nobody serves the next stage (or a vertical party) now
     FAILED = "failed"            # the segment raised: a bug or a resource problem at that stage
-
-
-def encode_tensor(t: torch.Tensor) -> dict[str, Any]:
-    """Lay a tensor out as ``{"dtype", "shape", "data"}`` without an extra copy when contiguous."""
-    t = t.detach()
-    if t.device.type != "cpu":
-        t = t.cpu()
-    if t.dtype not in _DTYPE_NAMES:
-        raise ValueError(f"dtype {t.dtype} cannot travel; allowed: {sorted(DTYPES)}")
-    t = t.contiguous()
-    data = t.reshape(-1).view(torch.uint8).numpy().data if t.numel() else b""
-    return {"dtype": _DTYPE_NAMES[t.dtype], "shape": list(t.shape), "data": data}
-
-
-def decode_tensor(obj: Any, name: str) -> torch.Tensor:
-    """Rebuild a tensor from its wire form, sharing the message's buffer (treat it read-only)."""
-    if not isinstance(obj, dict) or set(obj) != {"dtype", "shape", "data"}:
-        raise DecodeError(f"tensor {name!r} must be a map of exactly dtype, shape, data")
-    dtype_name, shape, data = obj["dtype"], obj["shape"], obj["data"]
-    if not isinstance(dtype_name, str) or dtype_name not in DTYPES:
-        raise DecodeError(f"tensor {name!r} has dtype {dtype_name!r}; allowed: {sorted(DTYPES)}")
-    if not isinstance(shape, list) or len(shape) > MAX_NDIM or not all(
-        type(d) is int and 0 <= d <= MAX_MESSAGE_BYTES for d in shape
-    ) or math.prod(max(d, 1) for d in shape) > MAX_MESSAGE_BYTES:  # torch overflows even at numel 0
-        raise DecodeError(f"tensor {name!r} has an invalid shape {shape!r}")
-    if not isinstance(data, bytes):
-        raise DecodeError(f"tensor {name!r} data must be bytes")
-    torch_dtype, itemsize = DTYPES[dtype_name]
-    expected = math.prod(shape) * itemsize
-    if expected != len(data):
-        raise DecodeError(
-            f"tensor {name!r}: shape {shape} of {dtype_name} needs {expected} bytes, got {len(data)}"
-        )
-    if expected == 0:
-        return torch.empty(shape, dtype=torch_dtype)
-    flat = torch.frombuffer(data, dtype=torch_dtype)
-    return flat.view(shape)
 
 
 _M = TypeVar("_M", bound="Message")
@@ -169,12 +112,13 @@ class Forward(Message):
     loss; ``sample_ids`` let a party holding labels (or other features) join by id.
     ``train`` is False for evaluation batches, whose ``seq`` is the batch's index within
     an evaluation pass of ``eval_batches`` batches; no gradient comes back for those.
-    ``attempt`` counts re-sends of the same batch (0 for the first).
+    ``attempt`` counts re-sends of the same batch (0 for the first). ``activations_scale`` is
+    set only on the wire of a job with ``compress_activations = int8`` (``shared.codec``).
     """
 
     kind: ClassVar[Kind] = Kind.FORWARD
-    _tensor_fields: ClassVar[tuple[str, ...]] = ("activations", "labels", "sample_ids")
-    _optional_tensors: ClassVar[tuple[str, ...]] = ("labels", "sample_ids")
+    _tensor_fields: ClassVar[tuple[str, ...]] = ("activations", "labels", "sample_ids", "activations_scale")
+    _optional_tensors: ClassVar[tuple[str, ...]] = ("labels", "sample_ids", "activations_scale")
 
     activations: torch.Tensor = field(default_factory=lambda: torch.empty(0))
     labels: torch.Tensor | None = None
@@ -183,6 +127,7 @@ class Forward(Message):
     epoch: int = 0
     eval_batches: int = 0
     attempt: int = 0
+    activations_scale: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -192,17 +137,19 @@ class Backward(Message):
     ``loss`` is the batch loss when the sender computed it and may share it (else None).
     ``metrics`` carries task metrics: a training batch's (e.g. ``correct``), or, in the
     answer that completes an evaluation pass, the pass's results (e.g. ``accuracy``).
+    ``grad_scale`` is set only on the wire of a job with ``compress_gradients = int8``.
     """
 
     kind: ClassVar[Kind] = Kind.BACKWARD
-    _tensor_fields: ClassVar[tuple[str, ...]] = ("grad",)
-    _optional_tensors: ClassVar[tuple[str, ...]] = ("grad",)
+    _tensor_fields: ClassVar[tuple[str, ...]] = ("grad", "grad_scale")
+    _optional_tensors: ClassVar[tuple[str, ...]] = ("grad", "grad_scale")
 
     grad: torch.Tensor | None = None
     outcome: str = Outcome.APPLIED.value
     loss: float | None = None
     metrics: Mapping[str, float] = field(default_factory=dict)
     error: str = ""
+    grad_scale: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -400,14 +347,14 @@ def _build(cls: type[Message], obj: dict[str, Any]) -> Message:
         raise DecodeError("field 'tensors' must be a map")
     kwargs = _scalars(cls, obj)
     if cls in (Weights, Align, Segment):
-        kwargs["tensors"] = {str(k): decode_tensor(v, str(k)) for k, v in tensors.items()}
+        kwargs["tensors"] = {str(k): decode_tensor(v, str(k), MAX_MESSAGE_BYTES) for k, v in tensors.items()}
     else:
         for key in tensors:
             if key not in cls._tensor_fields:
                 raise DecodeError(f"unknown tensor {key!r} for {cls.kind.value}")
         for name in cls._tensor_fields:
             if name in tensors:
-                kwargs[name] = decode_tensor(tensors[name], name)
+                kwargs[name] = decode_tensor(tensors[name], name, MAX_MESSAGE_BYTES)
             elif name not in cls._optional_tensors:
                 raise DecodeError(f"missing tensor {name!r}")
     return cls(**kwargs)

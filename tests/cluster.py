@@ -29,6 +29,17 @@ STATE_ROOT = Path(os.environ.get("STATE_ROOT", "/var/lib/splitmq"))
 NODE_DEADLINE_S = 240.0
 
 
+def _wait(condition: Any, timeout: float) -> Any:
+    """The condition's value once true within ``timeout`` seconds, else a false value."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.05)
+    return condition()
+
+
 def _poll(condition: Any, what: str, timeout: float) -> Any:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -107,12 +118,17 @@ class Cluster:
             if not self.up(i):
                 self.restart(i)
 
-    def drain(self, i: int) -> None:
-        """Maintenance mode: node ``i`` closes its clients' connections, refuses new ones, hands off leaders."""
-        self._run(["rabbitmq-upgrade", "-q", "-n", self.name(i), "drain"])
+    def _ctl(self, i: int, *args: str) -> str:
+        return self._run(["rabbitmqctl", "-q", "-n", self.name(i), *args])
 
-    def revive(self, i: int) -> None:
-        self._run(["rabbitmq-upgrade", "-q", "-n", self.name(i), "revive"])
+    def refuse_clients(self, i: int) -> None:
+        """Node ``i`` stops taking client connections and closes the ones it has (its queue replicas,
+        unlike under `rabbitmq-upgrade drain`, keep running: the queues keep their quorum)."""
+        self._ctl(i, "eval", "rabbit_maintenance:suspend_all_client_listeners().")
+        self._ctl(i, "close_all_connections", "--global", "moving the parties (test)")
+
+    def take_clients(self, i: int) -> None:
+        self._ctl(i, "eval", "rabbit_maintenance:resume_all_client_listeners().")
 
     # ---- the management API ----------------------------------------------------------------------
 
@@ -134,31 +150,47 @@ class Cluster:
         return {n["name"] for n in self.api("/nodes?columns=name,running") if n.get("running")}
 
     def connections(self) -> list[tuple[str, int]]:
-        """Every client connection as (its connection name, the index of the node it is on)."""
-        out = []
-        for c in self.api("/connections?columns=client_properties,node"):
-            name = (c.get("client_properties") or {}).get("connection_name", "")
-            if c.get("node", "").startswith(PREFIX):
-                out.append((str(name), self.index(c["node"])))
-        return out
+        """Every client connection now, as (its connection name, the index of the node it is on)."""
+        live = next(i for i in self.nodes if self.up(i))
+        out = self._ctl(live, "list_connections", "port", "client_properties", "--formatter", "json")
+        return [(str(dict(_properties(c["client_properties"])).get("connection_name", "")), int(c["port"]) - BASE_PORT)
+                for c in json.loads(out or "[]")]
+
+    def consumers(self, queue: str) -> int:
+        try:
+            return int(self.api(f"/queues/%2F/{urllib.request.quote(queue, safe='')}").get("consumers", 0))
+        except AssertionError:
+            return 0
 
     def leader(self, queue: str) -> int:
         return self.index(self.api(f"/queues/%2F/{urllib.request.quote(queue, safe='')}")["leader"])
 
     def herd(self, target: int, parties: dict[str, int]) -> None:
-        """Bring every party onto node ``target``: the other nodes are drained (their clients
-        reconnect, through their address lists, to the one node that takes them), then revived.
-        ``parties`` maps a connection name to how many connections of that name there are."""
+        """Bring every party onto node ``target``: the other nodes refuse clients and close their
+        connections, so the parties reconnect, through their address lists, to the one node that
+        takes them; then the others take clients again. ``parties`` maps a connection name to how
+        many connections of that name there are."""
         others = [i for i in self.nodes if i != target]
-        for i in others:
-            self.drain(i)
 
         def herded() -> bool:
             on = self.connections()
             return all(sum(1 for n, node in on if n == name and node == target) >= count
                        for name, count in parties.items())
         try:
-            _poll(herded, f"{parties} to connect to node {target}", 120)
+            deadline = time.monotonic() + 120
+            while True:  # again if a party got back onto another node between the closes
+                for i in others:
+                    self.refuse_clients(i)
+                if _wait(herded, 20) or time.monotonic() > deadline:
+                    break
+            _poll(herded, f"{parties} to connect to node {target} (on: {self.connections()})", 1)
         finally:
             for i in others:
-                self.revive(i)
+                self.take_clients(i)
+
+
+def _properties(value: Any) -> list[tuple[str, Any]]:
+    """rabbitmqctl's JSON of client properties: a list of [name, type, value] (or a plain map)."""
+    if isinstance(value, dict):
+        return list(value.items())
+    return [(str(item[0]), item[-1]) for item in value if isinstance(item, list) and item]

@@ -69,3 +69,4 @@ def parties() -> Iterator[list["Party"]]:
     yield started
     for p in started:
         p.close()
+

@@ -24,8 +24,9 @@ from typing import Any
 import pytest
 import torch
 
-from splitmq.shared import local, topology, wire
-from splitmq.shared.broker import Broker, get_messages, queue_depth
+from splitmq.shared import amqp, local, topology, wire
+from splitmq.shared.amqp import get_messages, queue_depth
+from splitmq.shared.broker import Broker
 from splitmq.shared.config import BottomSync, JobConfig
 from tests.conftest import RESTART_NODE, delete_job, node
 from tests.helpers import Party, consumers, in_thread, job_file, server_party, state, wait_for, worker_party
@@ -208,8 +209,7 @@ def test_a_batch_that_crashes_the_handler_every_time_is_dead_lettered_its_sender
     client = Broker(amqp_url, name="poison-client")
     client.start()
     client.wait_ready(30)
-    from splitmq.shared import broker as broker_module
-    broker_module.declare(amqp_url, topology.job_layout(job_id, parties=("client-0",)))
+    amqp.declare(amqp_url, topology.job_layout(job_id, parties=("client-0",)))
 
     def send(msg: wire.Message, cid: str) -> None:
         client.publish(topology.activations_exchange(job_id), topology.forward_routing_key("client-0"),

@@ -14,7 +14,8 @@ import pika
 import pytest
 
 from splitmq.shared import local, topology, wire
-from splitmq.shared.broker import Broker, get_messages
+from splitmq.shared.amqp import get_messages
+from splitmq.shared.broker import Broker
 from splitmq.shared.config import BottomSync, JobConfig
 from splitmq.workers import cli
 from splitmq.workers.exits import ExitReason

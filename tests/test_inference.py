@@ -19,7 +19,7 @@ from splitmq.shared.config import BottomSync, JobConfig, LabelSource
 from splitmq.workers import assemble, export
 from splitmq.workers.predict import PredictOptions, Predictor, predict_all
 from splitmq.workers.roles.requests import PredictionError
-from tests.helpers import ROOT, Party, job_file, server_party, worker_party
+from tests.helpers import ROOT, Party, consumers, job_file, server_party, wait_for, worker_party
 
 
 def _train(tmp: Path, job: Path, url: str, owners: int, *servers: Party) -> None:
@@ -58,14 +58,17 @@ def test_vanilla_predictions_equal_the_exported_model_which_needs_the_top_s_appr
     cfg = JobConfig(job_id=job_id, epochs=1, bottom_sync=BottomSync.INDEPENDENT)
     job = job_file(cfg, tmp_path)
     top = server_party(tmp_path, job, amqp_url, "--serve-forever", ckpt=False).start()
-    _train(tmp_path, job, amqp_url, 1, top)
-
-    # When the owner asks for predictions of its whole test set through the broker
-    outputs, _ids = _split_predictions(cfg, tmp_path, amqp_url)
-    # And asks for the whole model before the top approved, then after
-    refused = _export(tmp_path, job, amqp_url, tmp_path / "model.pt")
-    _approve(tmp_path, job_id, "top")
-    granted = _export(tmp_path, job, amqp_url, tmp_path / "model.pt")
+    try:
+        _train(tmp_path, job, amqp_url, 1, top)
+        # When the owner asks for predictions of its whole test set through the broker
+        outputs, _ids = _split_predictions(cfg, tmp_path, amqp_url)
+        # And asks for the whole model before the top approved, then after
+        refused = _export(tmp_path, job, amqp_url, tmp_path / "model.pt")
+        _approve(tmp_path, job_id, "top")
+        granted = _export(tmp_path, job, amqp_url, tmp_path / "model.pt")
+        stopped = top.stop()
+    finally:
+        top.close()
 
     # Then the first export is refused, naming the holder that has not approved, and writes nothing
     assert refused.returncode == 1 and "not approved: top has not approved" in refused.stderr, refused.stderr
@@ -80,7 +83,7 @@ def test_vanilla_predictions_equal_the_exported_model_which_needs_the_top_s_appr
         assert (model(test.x) - outputs).abs().max() <= 1e-5
     # And the run kept the owner's and the top's final segments
     assert (tmp_path / "run" / "segments-client-0.pt").exists()
-    assert top.stop() == 130 and (tmp_path / "run" / "segments-top.pt").exists()
+    assert stopped == 130 and (tmp_path / "run" / "segments-top.pt").exists()
 
 
 def _spy(amqp_url: str, job: str, keys: list[str]) -> str:
@@ -115,28 +118,31 @@ def test_u_shaped_predictions_stay_with_the_owner_and_equal_the_exported_model(
                     bottom_sync=BottomSync.INDEPENDENT)
     job = job_file(cfg, tmp_path)
     mid = server_party(tmp_path, job, amqp_url, "--stage", "mid", "--serve-forever", name="mid", ckpt=False).start()
-    _train(tmp_path, job, amqp_url, 1, mid)
-    names = ["client-0", "mid", topology.head_stage("client-0")]
-    spy = _spy(amqp_url, job_id, names + [topology.serve_address(n) for n in names])
-
-    # When the owner predicts its whole test set through the server's middle segment
-    outputs, _ids = _split_predictions(cfg, tmp_path, amqp_url)
+    try:
+        _train(tmp_path, job, amqp_url, 1, mid)
+        names = ["client-0", "mid", topology.head_stage("client-0")]
+        spy = _spy(amqp_url, job_id, names + [topology.serve_address(n) for n in names])
+        # When the owner predicts its whole test set through the server's middle segment
+        outputs, _ids = _split_predictions(cfg, tmp_path, amqp_url)
+        seen = _drain(amqp_url, spy)
+        # And exports the whole model once the middle approved
+        _approve(tmp_path, job_id, "mid")
+        exported = _export(tmp_path, job, amqp_url, tmp_path / "model.pt")
+    finally:
+        mid.close()
 
     # Then no prediction, logit or label crossed any exchange: only cut activations went up, nothing came back
-    seen = _drain(amqp_url, spy)
     assert not [m for m in seen if not isinstance(m, wire.Predict)], [m.kind for m in seen]
     assert len(seen) >= 2 * 5  # 5 requests, each owner -> mid -> the owner's head
     for msg in seen:
         assert isinstance(msg, wire.Predict) and msg.inputs is not None and msg.inputs.shape[1] in (128, 640)
-    # And with the middle's approval the exported whole model gives the same outputs on every test sample
-    _approve(tmp_path, job_id, "mid")
-    assert _export(tmp_path, job, amqp_url, tmp_path / "model.pt").returncode == 0
+    # And the exported whole model gives the same outputs on every test sample
+    assert exported.returncode == 0, exported.stderr
     model, _ = export.load_model(tmp_path / "model.pt")
     test = assemble.owner_data(cfg, 0).test
     assert test is not None and isinstance(test.x, torch.Tensor)
     with torch.no_grad():
         assert (model(test.x) - outputs).abs().max() <= 1e-5
-    mid.stop()
 
 
 def test_vertical_predictions_join_every_party_and_a_missing_part_is_a_clear_timeout(
@@ -146,18 +152,30 @@ def test_vertical_predictions_join_every_party_and_a_missing_part_is_a_clear_tim
                     label_source=LabelSource.TOP)
     job = job_file(cfg, tmp_path)
     top = server_party(tmp_path, job, amqp_url, "--serve-forever", "--vertical-timeout", "3", ckpt=False).start()
-    _train(tmp_path, job, amqp_url, 2, top)
-    # And party 1 serving its part of any sample the top asks for
     part = Party(tmp_path, "client-1-serve", "predict", ["--config", str(job), "--amqp-url", amqp_url,
                                                          "--client-index", "1", "--run-dir", str(tmp_path / "run"),
-                                                         "--serve"], metrics=False).start()
-
-    # When party 0 predicts its whole test set (the top joins both parts of each request by sample id)
-    outputs, ids = _split_predictions(cfg, tmp_path, amqp_url)
-    # And exports the model once the top and party 1 approved
-    for holder in ("top", "client-1"):
-        _approve(tmp_path, job_id, holder)
-    exported = _export(tmp_path, job, amqp_url, tmp_path / "model.pt")
+                                                         "--serve"], metrics=False)
+    try:
+        _train(tmp_path, job, amqp_url, 2, top)
+        # And party 1 serving its part of any sample the top asks for
+        part.start()
+        wait_for(lambda: consumers(amqp_url, topology.serve_queue(job_id, "client-1")) > 0, "party 1 to serve")
+        # When party 0 predicts its whole test set (the top joins both parts of each request by sample id)
+        outputs, ids = _split_predictions(cfg, tmp_path, amqp_url)
+        # And exports the model once the top and party 1 approved
+        for holder in ("top", "client-1"):
+            _approve(tmp_path, job_id, holder)
+        exported = _export(tmp_path, job, amqp_url, tmp_path / "model.pt")
+        # And then asks for one more prediction after party 1 stopped serving
+        assert part.stop() == 130
+        test = assemble.owner_data(cfg, 0).test
+        assert test is not None and isinstance(test.x, torch.Tensor)
+        with Predictor(cfg, PredictOptions(client_index=0, run_dir=str(tmp_path / "run")), amqp_url=amqp_url) as p:
+            with pytest.raises(PredictionError) as late:
+                p.predict(test.x[:4], test.ids[:4])
+    finally:
+        part.close()
+        top.close()
 
     # Then the split's predictions equal the exported model's on every test sample
     assert exported.returncode == 0, exported.stderr
@@ -167,11 +185,5 @@ def test_vertical_predictions_join_every_party_and_a_missing_part_is_a_clear_tim
     with torch.no_grad():
         assert (model([p.x for p in parts if p is not None]) - outputs).abs().max() <= 1e-5
 
-    # And when party 1 no longer serves, a request ends in a timeout naming it, not a hang
-    assert part.stop() == 130
-    test = parts[0]
-    assert test is not None and isinstance(test.x, torch.Tensor)
-    with Predictor(cfg, PredictOptions(client_index=0, run_dir=str(tmp_path / "run")), amqp_url=amqp_url) as p:
-        with pytest.raises(PredictionError, match="timeout: no part from client-1 within 3"):
-            p.predict(test.x[:4], test.ids[:4])
-    top.stop()
+    # And once party 1 no longer serves, a request ends in a timeout naming it, not a hang
+    assert late.value.reason == "timeout" and "no part from client-1 within 3.0s" in late.value.detail

@@ -24,7 +24,7 @@ from splitmq.shared.loader import register
 from splitmq.shared.metrics import Metrics, serve
 from splitmq.workers import assemble, runtime, server, worker
 from splitmq.workers.party import Outcome, Party
-from splitmq.workers.roles.bottom import OwnerTimeouts
+from splitmq.workers.roles.owner_waits import OwnerTimeouts
 from splitmq.workers.stats import Stats
 
 #: Settings that may be given as objects rather than names.

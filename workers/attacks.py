@@ -36,10 +36,10 @@ from splitmq.shared.scores import roc_auc
 from splitmq.shared.ssim import ssim
 
 #: Decoder size and training: large enough that more leaked pairs keep helping.
-DECODER_HIDDEN = 1024
-DECODER_STEPS = 2000
+DECODER_HIDDEN = 512
+DECODER_STEPS = 1000
 DECODER_BATCH = 128
-DECODER_LR = 1e-3
+DECODER_LR = 2e-3
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from splitmq import shipped
-from splitmq.shared import access, broker, config, topology
+from splitmq.shared import access, amqp, config, topology
 from splitmq.shared.errors import SplitMQError
 
 log = logging.getLogger(__name__)
@@ -42,7 +42,7 @@ def definitions_text() -> str:
 
 def with_credentials(url: str, username: str, password: str) -> str:
     """``url`` (each address of a cluster's list) with its user and password replaced (URL-safe names here)."""
-    return ",".join(_with_credentials(u, username, password) for u in broker.addresses(url))
+    return ",".join(_with_credentials(u, username, password) for u in amqp.addresses(url))
 
 
 def _with_credentials(url: str, username: str, password: str) -> str:
@@ -55,7 +55,7 @@ def _with_credentials(url: str, username: str, password: str) -> str:
 
 
 def _vhost(amqp_url: str) -> str:
-    path = urllib.parse.urlsplit(broker.addresses(amqp_url)[0]).path
+    path = urllib.parse.urlsplit(amqp.addresses(amqp_url)[0]).path
     return urllib.parse.unquote(path[1:]) if len(path) > 1 else "/"
 
 
@@ -73,7 +73,7 @@ def cmd_definitions(args: argparse.Namespace) -> int:
 
 def cmd_setup(args: argparse.Namespace) -> int:
     layout = topology.job_layout(args.job_id, tuple(args.stage or [topology.TOP_STAGE]), tuple(args.client or []))
-    broker.declare(args.amqp_url, topology.with_replicas(layout, args.replicas), _admin_tls(args))
+    amqp.declare(args.amqp_url, topology.with_replicas(layout, args.replicas), _admin_tls(args))
     print(f"declared job {args.job_id}: {len(layout.exchanges)} exchanges, {len(layout.queues)} queues")
     return 0
 
@@ -98,7 +98,7 @@ def _add_user(args: argparse.Namespace, role: str) -> int:
         perms = access.trainer_permissions(args.job_id, stages, may_declare=args.may_declare)
         layout = topology.job_layout(args.job_id, stages)
     # The admin declares what the user may not: a client has no configure right at all.
-    broker.declare(args.amqp_url, topology.with_replicas(layout, args.replicas), _admin_tls(args))
+    amqp.declare(args.amqp_url, topology.with_replicas(layout, args.replicas), _admin_tls(args))
     password = access.new_password()
     pw_hash = access.password_hash(password)
     api.put_user(name, pw_hash)

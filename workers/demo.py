@@ -61,10 +61,10 @@ def write_job(cfg: config.JobConfig, path: Path) -> None:
 def run_demo(cfg: config.JobConfig, *, amqp_url: str, metrics_port_base: int, workdir: Path,
              show: bool) -> dict[str, Any]:
     """Run the split job in subprocesses, then the local baseline; returns the summary."""
-    from splitmq.shared import broker, data, local
+    from splitmq.shared import amqp, data, local
     from splitmq.workers.launch import PartySpec, run_parties
 
-    broker.delete_queues(amqp_url, [topology.forward_queue(cfg.job_id), topology.dead_letter_queue(cfg.job_id)]
+    amqp.delete_queues(amqp_url, [topology.forward_queue(cfg.job_id), topology.dead_letter_queue(cfg.job_id)]
                          + [topology.reply_queue(cfg.job_id, topology.client_name(i)) for i in range(cfg.num_clients)])
     job = workdir / "job.toml"
     write_job(cfg, job)

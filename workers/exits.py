@@ -8,8 +8,14 @@ itself (a round closing without absent owners), leaves it to the role.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import logging
+import time
+from dataclasses import dataclass, field
 from enum import Enum
+
+from splitmq.shared import defaults
+
+log = logging.getLogger(__name__)
 
 
 class ExitReason(str, Enum):
@@ -82,3 +88,29 @@ class Wait:
 
     def overdue(self, now: float) -> bool:
         return now - self.since > self.deadline_s
+
+
+@dataclass
+class WaitLog:
+    """Watches a party's waits: logs each once it is ``WAIT_LOG_S`` old and again at that
+    interval (what, since when, how long of how long), and ends the party when a wait with an
+    ``expire`` reason is overdue."""
+
+    party: str
+    _logged: dict[str, float] = field(default_factory=dict)  # what -> when last logged
+
+    def watch(self, waits: list[Wait], now: float) -> None:
+        """Raises:
+            PartyExit: a wait's deadline passed, with its reason and hint."""
+        current = {w.what for w in waits}
+        self._logged = {k: v for k, v in self._logged.items() if k in current}
+        for w in waits:
+            age = now - w.since
+            if w.overdue(now) and w.expire is not None:
+                raise PartyExit(w.expire, f"gave up after {w.deadline_s:g}s waiting for {w.what}"
+                                + (f": {w.hint}" if w.hint else ""))
+            if age >= defaults.WAIT_LOG_S and now - self._logged.get(w.what, 0.0) >= defaults.WAIT_LOG_S:
+                started = time.strftime("%H:%M:%S", time.localtime(time.time() - age))
+                log.info("%s: waiting for %s since %s (%.0fs of %.0fs)", self.party, w.what, started, age,
+                         w.deadline_s)
+                self._logged[w.what] = now

@@ -60,6 +60,7 @@ def assemble_model(cfg: JobConfig, parts: Mapping[tuple[str, int], Mapping[str, 
         if isinstance(model, local.VerticalChain):
             target = model.bottoms[topology.client_index(holder) or 0] if index == 0 else model.top
         else:
+            assert isinstance(model, local.Chain)
             target = model.segments[index]
         target.load_state_dict(dict(parts[(holder, index)]))
     return model.eval()
@@ -127,7 +128,7 @@ def export_segment(module: nn.Module, example: torch.Tensor, path: Path, fmt: st
         return out
     if fmt == "torchscript":
         out = path.with_suffix(".pt")
-        torch.jit.save(torch.jit.trace(module, example), str(out))
+        torch.jit.save(torch.jit.trace(module, example), str(out))  # type: ignore[no-untyped-call]
         return out
     out = path.with_suffix(".pt2")
     program = torch.export.export(module, (example,), dynamic_shapes=({0: torch.export.Dim("batch")},))
@@ -148,7 +149,9 @@ def example_inputs(cfg: JobConfig, party: int = 0) -> list[torch.Tensor]:
             width = sum(b(assemble.owner_data(cfg, i).train.batch(torch.arange(2)).x).shape[1]
                         for i, b in enumerate(vertical.bottoms))
             return [x, torch.zeros(2, width)]
-        for seg in unsplit(cfg).segments[:-1]:  # type: ignore[union-attr]
+        chain = unsplit(cfg)
+        assert isinstance(chain, local.Chain)
+        for seg in list(chain.segments)[:-1]:
             out.append(seg(out[-1]))
     return out
 

@@ -11,24 +11,25 @@ role -> loop -> broker -> loop -> bottom role.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import queue
-import random
 import time
-from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from splitmq.shared import checkpoint, defaults, topology, wire
+from splitmq.shared import checkpoint, codec, defaults, topology, wire
 from splitmq.shared.config import differences
-from splitmq.shared.errors import AccessRefused, BrokerError, PublishNacked, RejectedMessage, Unroutable
+from splitmq.shared.errors import AccessRefused, BrokerError, RejectedMessage
 from splitmq.shared.transport import Delivery, Transport
 from splitmq.workers import gate
 from splitmq.workers.acks import Acks
-from splitmq.workers.exits import ExitReason, PartyExit, Wait
-from splitmq.workers.roles.base import IfUnroutable, Inbound, Incoming, Role, Send, Source, Step, ToParty, ToStage
+from splitmq.workers.exits import ExitReason, PartyExit, Wait, WaitLog
+from splitmq.workers.held import Retries, Unjoined
+from splitmq.workers.outbox import Outbox
+from splitmq.workers.roles.base import Incoming, Role, Send, Source, Step, ToParty, batch_key, routing
 from splitmq.workers.stats import Stats
 
 log = logging.getLogger(__name__)
@@ -59,14 +60,6 @@ class LoopOptions:
 
 
 @dataclass
-class _Retry:
-    due: float
-    attempt: int
-    inc: Incoming
-    delivery: Delivery
-
-
-@dataclass
 class Outcome:
     """How a party ended, with every role's summary."""
 
@@ -84,28 +77,19 @@ class Party:
         self.roles, self.transport, self.opts, self.stats = list(roles), transport, opts, stats
         self.stop, self.clock = stop, clock
         self.rules = opts.rules or gate.GateRules(job_id=opts.job_id)
+        self.codec = codec.CutCodec.for_spec(opts.spec)  # the agreed compression at the cut: a loop hook
         self.acks = Acks(checkpointing=opts.checkpoint_path is not None)
-        self.inbox: queue.Queue[Delivery] = queue.Queue()
-        self.inbound: dict[str, Inbound] = {}
-        self.routes: dict[tuple[str, wire.Kind], Role] = {}
-        for role in self.roles:
-            for i in role.inbound():
-                self.inbound[i.queue] = _merge(self.inbound.get(i.queue), i)
-                for kind in i.kinds:
-                    self.routes[(i.queue, kind)] = role
-        self._published: list[Future[None]] = []  # every publish not yet confirmed (flushed at exit)
-        self._retries: list[_Retry] = []
-        self._unjoined: dict[str, list[tuple[float, Incoming, Delivery]]] = {}  # batches of owners not (yet) known
-        self._asked: dict[str, float] = {}  # when each unknown owner was last asked to join
-        self._unjoined_checked = 0.0
-        self._resends: list[tuple[float, Send]] = []
-        self._logged: dict[str, float] = {}
+        self.inbox: queue.Queue[Delivery | None] = queue.Queue()  # None: wake up (see ``wake``)
+        self.inbound, self.routes = routing(self.roles)
+        self.outbox = Outbox(transport, self.codec, name=opts.name, job_id=opts.job_id, user_id=opts.user_id,
+                             stats=stats, clock=clock)
+        self.waits = WaitLog(opts.name)
+        self._retries = Retries()
+        self._unjoined = Unjoined()
         self._last_checkpoint = clock()
         self._checkpoint_asked = False
         self._started = clock()
         self._lost_since: float | None = None
-        self._told: list[Send] = []              # TELL sends that found no queue (pika thread appends)
-        self._nacked: PublishNacked | None = None  # a publish the broker refused for good
         self._restored = False
         self._cpu_serving = time.process_time()  # CPU (all threads) from when the party serves: summary's cpu_seconds
 
@@ -149,14 +133,9 @@ class Party:
             except OSError as exc:
                 log.warning("%s: could not keep the trained segments: %s", self.opts.name, exc)
         self.transport.close()
-        counts = self.stats.counts
         summary: dict[str, Any] = {"party": self.opts.name, "exit": reason.value, "exit_detail": detail,
                                    "seconds": self.clock() - self._started,
-                                   "cpu_seconds": time.process_time() - self._cpu_serving,
-                                   "batches_applied": counts["applied"],
-                                   "samples": counts["samples"], "duplicates": counts["duplicates"],
-                                   "skipped": counts["skipped"], "rejected": dict(self.stats.rejections),
-                                   "bytes_sent": counts["bytes_sent"], "bytes_received": counts["bytes_received"]}
+                                   "cpu_seconds": time.process_time() - self._cpu_serving, **self.stats.totals()}
         for role in self.roles:
             if role.name == self.opts.primary or not self.opts.primary:
                 summary.update(role.summary())
@@ -220,8 +199,12 @@ class Party:
             if self.stop():
                 raise PartyExit(ExitReason.INTERRUPTED, f"stopped while waiting for {what()}")
             self.transport.check()
-            self._watch([Wait(what(), since, deadline_s, reason, hint)], self.clock())
+            self.waits.watch([Wait(what(), since, deadline_s, reason, hint)], self.clock())
             time.sleep(defaults.POLL_S)
+
+    def wake(self) -> None:
+        """From any thread: the roles tick at once (e.g. a prediction handed in from outside the loop)."""
+        self.inbox.put(None)
 
     # ---- the loop ---------------------------------------------------------------------------
 
@@ -240,7 +223,7 @@ class Party:
             for role in self.roles:
                 self._apply(role.tick(now), None, role)
             self.transport.check()
-            self._watch([w for r in self.roles for w in r.waits(now)] + self._own_waits(now), now)
+            self.waits.watch([w for r in self.roles for w in r.waits(now)] + self._own_waits(now), now)
             for d in self.acks.ready():
                 self.transport.ack(d)
             self._maybe_checkpoint(now, idle=delivery is None)
@@ -257,29 +240,17 @@ class Party:
         return [Wait(f"the broker to come back ({self.transport.status()})", since, self.opts.broker_timeout_s,
                      ExitReason.BROKER_UNAVAILABLE, "the party resumes where it was when restarted")]
 
-    def _watch(self, waits: list[Wait], now: float) -> None:
-        """Log each wait once it is old and at intervals; end the party when one's deadline passes."""
-        current = {w.what for w in waits}
-        self._logged = {k: v for k, v in self._logged.items() if k in current}
-        for w in waits:
-            age = now - w.since
-            if w.overdue(now) and w.expire is not None:
-                raise PartyExit(w.expire, f"gave up after {w.deadline_s:g}s waiting for {w.what}"
-                                + (f": {w.hint}" if w.hint else ""))
-            if age >= defaults.WAIT_LOG_S and now - self._logged.get(w.what, 0.0) >= defaults.WAIT_LOG_S:
-                started = time.strftime("%H:%M:%S", time.localtime(time.time() - age))
-                log.info("%s: waiting for %s since %s (%.0fs of %.0fs)", self.opts.name, w.what, started, age,
-                         w.deadline_s)
-                self._logged[w.what] = now
-
     # ---- receiving --------------------------------------------------------------------------
 
     def _receive(self, delivery: Delivery) -> None:
         self.stats.received(len(delivery.body))
+        inc: Incoming | None = None
         try:
             inc = gate.admit(delivery, self.inbound[delivery.queue], self.rules)
+            # the codec hook: roles, validation and the stage see float32 whatever crossed the cut
+            inc = dataclasses.replace(inc, msg=self.codec.incoming(inc.msg))
         except RejectedMessage as exc:
-            self._dead_letter(delivery, exc.reason, exc.detail, None)
+            self._dead_letter(delivery, exc.reason, exc.detail, inc)
             return
         self._dispatch(inc, delivery, attempt=1)
 
@@ -324,36 +295,14 @@ class Party:
             self._apply(Step(durable=False), delivery, None)
 
     def _rejoin(self, inc: Incoming, delivery: Delivery, detail: str) -> None:
-        """A batch from an owner we do not know (we lost our state, or it never joined).
-
-        Never acked around: the batch is kept, unacknowledged, until its owner has joined (then
-        handled like any other), and the owner is asked to join — once, not per held batch.
-        """
-        client, now = inc.msg.client_id, self.clock()
-        held = self._unjoined.setdefault(client, [])
-        held.append((now, inc, delivery))
-        if now - self._asked.get(client, -1e9) < defaults.JOIN_RETRY_S:
+        """A batch from an owner we do not know: held unacknowledged (``workers.held``), its owner asked to join."""
+        client = inc.msg.client_id
+        if not self._unjoined.hold(client, inc, delivery, self.clock()):
             return
-        self._asked[client] = now
-        log.info("%s: %s; asking it to join (holding %d of its batches)", self.opts.name, detail, len(held))
+        log.info("%s: %s; asking it to join (holding its batches)", self.opts.name, detail)
         answer = wire.Backward(job_id=self.opts.job_id, client_id=client, seq=inc.msg.seq,
                                outcome=wire.Outcome.REJOIN.value, error=detail)
-        self._publish(Send(ToParty(inc.reply_to), answer, inc.correlation_id))
-
-    def _unjoined_due(self, now: float) -> None:
-        """Hand held batches back to their role once a second (their owner may have joined);
-        an owner that does not join within the join timeout has them dead-lettered."""
-        if now - self._unjoined_checked < 1.0 or not self._unjoined:
-            return
-        self._unjoined_checked = now
-        held, self._unjoined = self._unjoined, {}
-        for client, entries in held.items():
-            for since, inc, delivery in entries:
-                if now - since > defaults.JOIN_TIMEOUT_S:
-                    self._dead_letter(delivery, "not_joined", f"{client} did not join within "
-                                      f"{defaults.JOIN_TIMEOUT_S:.0f}s", inc)
-                else:
-                    self._dispatch(inc, delivery, attempt=1)
+        self.outbox.publish(Send(ToParty(inc.reply_to), answer, inc.correlation_id))
 
     def _retry(self, inc: Incoming, delivery: Delivery, attempt: int, exc: Exception) -> None:
         if attempt >= defaults.HANDLER_ATTEMPTS:
@@ -361,48 +310,33 @@ class Party:
                       inc.correlation_id, exc)
             self._dead_letter(delivery, "handler_error", f"{type(exc).__name__}: {exc}", inc)
             return
-        delay = min(defaults.RETRY_CAP_S, defaults.RETRY_BASE_S * 2 ** (attempt - 1)) * random.uniform(0.5, 1.0)
+        self.stats.rejected("handler_error")
+        delay = self._retries.schedule(inc, delivery, attempt, self.clock())
         log.warning("%s: handler failed on %s (attempt %d of %d): %s: %s; retrying in %.2fs", self.opts.name,
                     inc.correlation_id, attempt, defaults.HANDLER_ATTEMPTS, type(exc).__name__, exc, delay,
                     exc_info=attempt == 1)
-        self.stats.rejected("handler_error")
-        self._retries.append(_Retry(self.clock() + delay, attempt + 1, inc, delivery))
 
     def _run_timers(self, now: float) -> None:
-        due, self._retries = [r for r in self._retries if r.due <= now], [r for r in self._retries if r.due > now]
-        for r in due:
+        for r in self._retries.due(now):
             self._dispatch(r.inc, r.delivery, attempt=r.attempt)
-        resend, self._resends = [s for t, s in self._resends if t <= now], [(t, s) for t, s in self._resends if t > now]
-        for send in resend:
-            self._publish(send)
-        self._unjoined_due(now)
+        self.outbox.resend_due(now)
+        again, expired = self._unjoined.due(now)
+        for inc, delivery in again:
+            self._dispatch(inc, delivery, attempt=1)
+        for inc, delivery in expired:
+            self._dead_letter(delivery, "not_joined", f"{inc.msg.client_id} did not join within "
+                              f"{defaults.JOIN_TIMEOUT_S:.0f}s", inc)
 
     def _dead_letter(self, delivery: Delivery, reason: str, detail: str, inc: Incoming | None) -> None:
-        """Set a message aside in the job's dead-letter queue with its reason; tell its sender why."""
-        log.warning("%s: dead-lettering %s from %s: %s: %s", self.opts.name, delivery.message_id,
-                    delivery.user_id or delivery.routing_key, reason, detail)
-        self.stats.rejected(reason)
-        future = self.transport.publish(
-            topology.dead_letter_exchange(self.opts.job_id), "", delivery.body,
-            message_id=topology.dead_letter_id(delivery.message_id or "", time.time_ns()),
-            headers={"x-splitmq-reason": reason, "x-splitmq-detail": detail[:500],
-                     "x-splitmq-queue": delivery.queue, "x-splitmq-party": self.opts.name,
-                     "x-splitmq-user": delivery.user_id or "", "x-splitmq-message-id": delivery.message_id or ""})
-        futures = [future]
-        sender = delivery.reply_to or ""
-        if self.inbound[delivery.queue].source is Source.FORWARD and _routable(sender):
-            client = inc.msg.client_id if inc is not None else sender
-            seq = inc.msg.seq if inc is not None else -1
-            refusal = wire.Backward(job_id=self.opts.job_id, client_id=client, seq=seq,
-                                    outcome=wire.Outcome.REFUSED.value, error=f"{reason}: {detail}"[:1000])
-            futures.append(self._publish(Send(ToParty(sender), refusal,
-                                              delivery.correlation_id or delivery.message_id or "")))
-        self.acks.finish(delivery, futures, durable=False)
+        """Set a message aside with its reason (its sender told why); acked once that is confirmed."""
+        tell = self.inbound[delivery.queue].source is Source.FORWARD
+        self.acks.finish(delivery, self.outbox.dead_letter(delivery, reason, detail, inc, tell_sender=tell),
+                         durable=False)
 
     # ---- carrying out a step ----------------------------------------------------------------
 
     def _apply(self, step: Step, delivery: Delivery | None, role: Role | None) -> None:
-        futures = [self._publish(s) for s in step.sends]
+        futures = [self.outbox.publish(s) for s in step.sends]
         if step.applied:
             assert role is not None and role.ledger is not None, f"{role} applies batches but keeps no ledger"
             for client, seq in step.applied:
@@ -418,48 +352,13 @@ class Party:
                 self.acks.finish(held, futures, durable=True)
         self._checkpoint_asked = self._checkpoint_asked or step.checkpoint
 
-    def _publish(self, send: Send) -> Future[None]:
-        if isinstance(send.route, ToStage):
-            exchange = topology.activations_exchange(self.opts.job_id)
-            key = topology.forward_routing_key(self.opts.name, send.route.dest)
-        else:
-            exchange = topology.gradients_exchange(self.opts.job_id)
-            key = topology.reply_routing_key(send.route.party)
-        body = send.msg.encode()
-        self.stats.sent(len(body))
-        future = self.transport.publish(exchange, key, body, message_id=send.message_id or send.correlation_id,
-                                        correlation_id=send.correlation_id, reply_to=self.opts.name,
-                                        user_id=self.opts.user_id)
-        future.add_done_callback(lambda f: self._on_confirm(f, send))
-        self._published = [f for f in self._published if not f.done()]
-        self._published.append(future)
-        return future
-
-    def _on_confirm(self, future: Future[None], send: Send) -> None:
-        """On the transport's thread: a refused publish is logged and, if asked, retried."""
-        exc = future.exception()
-        if exc is None:
-            return
-        if isinstance(exc, Unroutable) and send.if_unroutable is IfUnroutable.RETRY:
-            log.info("%s: nobody consumes %s yet; sending it again in %.0fs", self.opts.name, send.route,
-                     defaults.JOIN_RETRY_S)
-            self._resends.append((self.clock() + defaults.JOIN_RETRY_S, send))
-        elif isinstance(exc, Unroutable) and send.if_unroutable is IfUnroutable.TELL:
-            self._told.append(send)
-        else:
-            log.warning("%s: %s for %s was not delivered: %s", self.opts.name, send.msg.kind.value,
-                        send.route, exc)
-            if isinstance(exc, PublishNacked):
-                self._nacked = exc
-
     # ---- durability -------------------------------------------------------------------------
 
     def _maybe_checkpoint(self, now: float, *, idle: bool) -> None:
-        for send in self._drain_told():
+        for send in self.outbox.take_told():
             for role in self.roles:
                 self._apply(role.on_unroutable(send, now), None, role)
-        if self._nacked is not None:
-            raise PartyExit(ExitReason.BROKER_UNAVAILABLE, f"the broker refused a message for good: {self._nacked}")
+        self.outbox.check()
         pending = self.acks.pending_checkpoint
         if self.opts.checkpoint_path is None:
             return
@@ -468,20 +367,16 @@ class Party:
         if due:
             self._checkpoint()
 
-    def _drain_told(self) -> list[Send]:
-        told, self._told = list(self._told), []
-        return told
-
     def _checkpoint(self, *, final: bool = False) -> None:
         """Wait for the replies a checkpoint covers to be confirmed, save, then ack what it covers."""
         self._checkpoint_asked = False
         path = self.opts.checkpoint_path
         since = self.clock()
-        watched = self.acks.unconfirmed() + (self._published if final else [])
+        watched = self.acks.unconfirmed() + (self.outbox.published if final else [])
         while any(not f.done() for f in watched):
             if final and self.clock() - since > 10:
                 raise BrokerError("messages still unconfirmed by the broker after 10 s")
-            self._watch([Wait("the broker to confirm our replies", since, defaults.CONFIRM_TIMEOUT_S,
+            self.waits.watch([Wait("the broker to confirm our replies", since, defaults.CONFIRM_TIMEOUT_S,
                               ExitReason.BROKER_UNAVAILABLE)], self.clock())
             time.sleep(0.005)
         for d in self.acks.ready():
@@ -494,27 +389,3 @@ class Party:
             self.transport.ack(d)
         self._last_checkpoint = self.clock()
 
-
-def _routable(name: str) -> bool:
-    try:
-        topology.check_name("client", name)
-    except ValueError:
-        return False
-    return True
-
-
-def _merge(a: Inbound | None, b: Inbound) -> Inbound:
-    """Two roles taking different kinds from one queue: one consumer, the union of what it takes."""
-    if a is None:
-        return b
-    return Inbound(a.queue, a.source, a.kinds | b.kinds, lambda: max(a.limit(), b.limit()))
-
-
-def batch_key(inc: Incoming) -> tuple[str, int] | None:
-    """The training batch a message applies, if it is one: ``(client, seq)``."""
-    msg = inc.msg
-    if isinstance(msg, wire.Forward) and msg.train and inc.source is Source.FORWARD:
-        return msg.client_id, msg.seq
-    if isinstance(msg, wire.Backward) and inc.source is Source.REPLY and msg.outcome == wire.Outcome.APPLIED.value:
-        return msg.client_id, msg.seq
-    return None

@@ -12,16 +12,12 @@ online (one request per line of standard input, one JSON answer per line), and `
 """
 from __future__ import annotations
 
-import argparse
 import collections
-import json
 import logging
-import sys
 import threading
 import time
 from concurrent.futures import Future
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Callable, Mapping
 
 import torch
@@ -32,7 +28,7 @@ from splitmq.shared.config import JobConfig
 from splitmq.shared.errors import ConfigError
 from splitmq.shared.metrics import Metrics
 from splitmq.shared.stage import Stage
-from splitmq.workers import assemble, consent, gate, options, segments, worker
+from splitmq.workers import assemble, consent, gate, segments, worker
 from splitmq.workers.exits import ExitReason
 from splitmq.workers.party import LoopOptions, Outcome, Party
 from splitmq.workers.roles.base import Role
@@ -110,7 +106,8 @@ class Predictor:
         self.client, roles, loop = build(cfg, opts, self.stats)
         transport = Broker(amqp_url, name=loop.name, tls=tls, lease=topology.serve_lease(cfg.job_id, loop.name),
                            prefetch=256)
-        self.party = Party(roles, transport, loop, stats=self.stats, stop=stop or (lambda: False))
+        self.party = Party(roles, transport, loop, stats=self.stats, stop=stop if stop is not None else (lambda: False))
+        self.client.on_submit = self.party.wake
         self.outcome: Outcome | None = None
         self.thread = threading.Thread(target=self._run, name=f"predict-{loop.name}", daemon=True)
 

@@ -42,10 +42,30 @@ class Stats:
         if (m := self._m()) is not None:
             m.bytes.labels(m.role, "received").inc(nbytes)
 
-    def sent(self, nbytes: int) -> None:
+    def sent(self, nbytes: int, *, cut_samples: int = 0) -> None:
+        """One message body sent; ``cut_samples`` > 0 when it carried that many training samples'
+        activations or gradients (what ``cut_bytes_per_sample`` divides by)."""
         self.counts["bytes_sent"] += nbytes
+        if cut_samples:
+            self.counts["cut_bytes_sent"] += nbytes
+            self.counts["cut_samples_sent"] += cut_samples
         if (m := self._m()) is not None:
             m.bytes.labels(m.role, "sent").inc(nbytes)
+            if cut_samples:
+                m.cut_bytes_per_sample.labels(m.role).set(self.cut_bytes_per_sample())
+
+    def cut_bytes_per_sample(self) -> float:
+        """Body bytes this party sent per training sample in its activations or gradient messages
+        (envelope, labels and ids included; 0.0 before the first)."""
+        samples = self.counts["cut_samples_sent"]
+        return self.counts["cut_bytes_sent"] / samples if samples else 0.0
+
+    def totals(self) -> dict[str, Any]:
+        """What this party did, for its summary."""
+        c = self.counts
+        return {"batches_applied": c["applied"], "samples": c["samples"], "duplicates": c["duplicates"],
+                "skipped": c["skipped"], "rejected": dict(self.rejections), "bytes_sent": c["bytes_sent"],
+                "bytes_received": c["bytes_received"], "cut_bytes_per_sample": self.cut_bytes_per_sample()}
 
     def duplicate(self) -> None:
         self.counts["duplicates"] += 1

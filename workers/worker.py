@@ -21,8 +21,9 @@ from splitmq.workers import assemble, gate, options, runtime, segments
 from splitmq.workers.party import LoopOptions, Party
 from splitmq.workers.roles.align import AlignAnswer
 from splitmq.workers.roles.base import Role
-from splitmq.workers.roles.bottom import BottomRole, OwnerTimeouts
+from splitmq.workers.roles.bottom import BottomRole
 from splitmq.workers.roles.members import JoinDesk, Members
+from splitmq.workers.roles.owner_waits import OwnerTimeouts
 from splitmq.workers.roles.sync import owner_policy
 from splitmq.workers.roles.top import TopRole
 from splitmq.workers.stats import Stats

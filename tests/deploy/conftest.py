@@ -35,7 +35,7 @@ def systemd_analyze() -> str:
     return path
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def monitoring_stack(tmp_path_factory: pytest.TempPathFactory, amqp_url: str) -> Iterator[Stack]:
     """Prometheus and a Pushgateway started by ``deploy/stack.sh start`` (the broker is the
     suite's, already running: stack.sh leaves a broker that answers alone), stopped at the end."""

@@ -98,7 +98,7 @@ def test_the_unit_command_line_is_one_the_worker_accepts() -> None:
     # When the splitmq command parses it
     from splitmq.workers.cli import build_parser
 
-    args = build_parser().parse_args(argv[1:])
+    args = build_parser(argv[1:]).parse_args(argv[1:])
     # Then it is a worker for that client, with the per-device settings from the env file
     assert args.command == "worker" and args.client_id == "client-0"
     assert args.client_index == int(env["SPLITMQ_CLIENT_INDEX"])

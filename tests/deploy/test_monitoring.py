@@ -19,7 +19,7 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry
 
-from splitmq.shared import topology
+from splitmq.shared import amqp, topology
 from splitmq.shared.metrics import Metrics
 from splitmq.shared.push import start_pushing
 from tests.deploy.support import REPO, STACK, TEST_METRICS_BASE, Stack, run, wait_for
@@ -107,9 +107,7 @@ def test_prometheus_scrapes_the_trainer_a_worker_and_the_broker_during_a_trainin
         for proc in [*workers, server]:
             end(proc)
         # The job's queues are this test's own; remove them so the shared broker stays clean.
-        from splitmq.shared import broker
-
-        broker.delete_queues(amqp_url, [topology.forward_queue(job), topology.dead_letter_queue(job)]
+        amqp.delete_queues(amqp_url, [topology.forward_queue(job), topology.dead_letter_queue(job)]
                              + [topology.reply_queue(job, f"client-{i}") for i in range(2)])
 
 

@@ -24,7 +24,8 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from splitmq.shared import topology
-from splitmq.shared.broker import Broker, Delivery, declare
+from splitmq.shared.amqp import declare
+from splitmq.shared.broker import Broker, Delivery
 from splitmq.shared.config import BottomSync, JobConfig
 from splitmq.shared.errors import BrokerError
 from splitmq.shared.metrics import Metrics
@@ -118,6 +119,34 @@ def test_a_client_verifying_the_broker_round_trips_a_message_over_amqps(tls_node
             time.sleep(0.02)  # polling a condition under a deadline
         # Then the message made the round trip
         assert [d.body for d in got] == [b"over tls"]
+    finally:
+        b.close()
+
+
+def test_a_client_given_a_list_with_a_dead_address_first_connects_over_amqps_to_the_live_one(
+        tls_node: TlsNode) -> None:
+    # Given an address list (a cluster's) whose first entry no broker answers, the TLS node second
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead = s.getsockname()[1]
+    job = "tls" + uuid.uuid4().hex[:8]
+    urls = f"amqps://guest:guest@localhost:{dead}/%2F,{TLS_URL}"
+    declare(urls, topology.job_layout(job), tls_node.tls())  # the admin path tries each address too
+    got: list[Delivery] = []
+    b = Broker(urls, name="tls-list", tls=tls_node.tls())
+    # When it connects, verifying the broker against the CA
+    b.start()
+    b.wait_ready(WAIT_S)
+    try:
+        # Then it is connected to the TLS node and a message makes the round trip
+        assert b.status() == "connected to localhost:5681"
+        b.consume(topology.forward_queue(job), got.append)
+        b.publish(topology.activations_exchange(job), topology.forward_routing_key("c1"), b"listed",
+                  message_id="m1").result(WAIT_S)
+        deadline = time.monotonic() + WAIT_S
+        while not got and time.monotonic() < deadline:
+            time.sleep(0.02)  # polling a condition under a deadline
+        assert [d.body for d in got] == [b"listed"]
     finally:
         b.close()
 

@@ -23,17 +23,21 @@ def conv_cut() -> nn.Sequential:
     ]))
 
 
-def test_distance_correlation_is_one_for_a_similarity_and_near_zero_for_independent_batches() -> None:
-    # Given a batch, a scaled and shifted copy of it, and an independent batch
+def test_distance_correlation_is_one_for_a_similarity_and_falls_with_batch_size_for_independent_ones() -> None:
+    # Given a batch, a scaled and shifted copy, a noisy non-linear function of it, and independent batches
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(64, 20, generator=g, dtype=torch.float64)
-    independent = torch.randn(64, 20, generator=g, dtype=torch.float64)
+    x = torch.randn(512, 20, generator=g, dtype=torch.float64)
+    independent = torch.randn(512, 20, generator=g, dtype=torch.float64)
     # When their distance correlations are computed
     same = float(privacy.distance_correlation(x, 3 * x + 1))
-    apart = float(privacy.distance_correlation(x, independent))
-    # Then a similarity transform gives 1, independent samples little (the estimate's bias at B = 64)
+    related = float(privacy.distance_correlation(x, torch.tanh(x) + 0.3 * independent))
+    apart_64 = float(privacy.distance_correlation(x[:64], independent[:64]))
+    apart_512 = float(privacy.distance_correlation(x, independent))
+    # Then a similarity transform gives 1, a dependent batch stays high, and independent batches
+    # score only the estimate's bias, which is large in 20 dimensions at B = 64 and shrinks with B
     assert same == pytest.approx(1.0, abs=1e-6)
-    assert 0.0 <= apart < 0.6
+    assert related > 0.8
+    assert 0.0 <= apart_512 < 0.5 < apart_64 < related
 
 
 def test_distance_correlation_has_a_finite_gradient_even_for_identical_rows_and_tiny_batches() -> None:
@@ -46,7 +50,7 @@ def test_distance_correlation_has_a_finite_gradient_even_for_identical_rows_and_
     value.backward()
     # Then the gradient is finite; a single sample gives 0
     assert z.grad is not None and bool(torch.isfinite(z.grad).all())
-    assert float(privacy.distance_correlation(x[:1], z[:1])) == 0.0
+    assert float(privacy.distance_correlation(x[:1], z[:1]).detach()) == 0.0
 
 
 def test_nopeek_ramps_its_weight_over_the_warm_up_and_reports_each_batch_dcor() -> None:
@@ -64,21 +68,41 @@ def test_nopeek_ramps_its_weight_over_the_warm_up_and_reports_each_batch_dcor() 
     assert seen == pytest.approx([dcor, dcor])
 
 
-def test_the_collapse_guard_stops_only_after_activations_stop_varying_for_its_patience() -> None:
-    # Given a guard that has seen varying activations
+def test_dimension_counts_the_directions_a_batch_spans_however_it_is_shaped() -> None:
+    # Given batches spanning 5 equal directions (wide and tall), a line, and nothing
+    wide, tall = 3 * torch.eye(5, 30), 3 * torch.eye(30, 5)
+    line = torch.randn(40, 1) * torch.randn(1, 12)
+    # When their effective dimensions are computed
+    # Then they are 5, 5, 1 and 0
+    assert privacy.dimension(wide) == pytest.approx(5.0)
+    assert privacy.dimension(tall) == pytest.approx(5.0)
+    assert privacy.dimension(line) == pytest.approx(1.0)
+    assert privacy.dimension(torch.zeros(8, 4)) == 0.0
+
+
+def test_the_collapse_guard_stops_when_the_tops_gradient_asks_for_directions_the_activations_lost() -> None:
+    # Given varied activations with a gradient as varied, and a binary model's (both on one line)
+    g = torch.Generator().manual_seed(0)
+    line = torch.randn(1, 20, generator=g)
+    healthy = privacy.CollapseGuard(patience=3)
+    for _ in range(6):
+        healthy.check(torch.randn(32, 20, generator=g), torch.randn(32, 20, generator=g))
+        healthy.check(torch.randn(32, 1, generator=g) * line, torch.randn(32, 1, generator=g) * line)
+    # When activations collapse onto a line while the gradient still spans many directions
     guard = privacy.CollapseGuard(patience=3)
-    guard.check(torch.randn(32, 10))
-    flat = torch.ones(32, 10)
-    # When constant activations arrive (with a varying batch and one-sample batches in between)
-    guard.check(flat)
-    guard.check(flat)
-    guard.check(torch.randn(32, 10))        # recovers: the count starts again
-    guard.check(flat)
-    guard.check(flat)
-    guard.check(torch.randn(1, 10))         # one sample says nothing
-    # Then only the third constant batch in a row stops it, naming the setting to change
+    collapsed = torch.randn(32, 1, generator=g) * line
+    guard.check(collapsed, torch.randn(32, 20, generator=g))
+    guard.check(collapsed, torch.randn(32, 20, generator=g))
+    guard.check(collapsed[:1], torch.randn(1, 20, generator=g))     # one sample says nothing
+    # Then neither healthy run stopped, and only the third collapsed batch stops it, naming the setting
+    assert healthy.ratio < privacy.COLLAPSE_MISMATCH
     with pytest.raises(privacy.ActivationCollapse, match="nopeek_lambda"):
-        guard.check(flat)
+        guard.check(collapsed, torch.randn(32, 20, generator=g))
+    # And activations that stopped varying at all stop it too
+    dead = privacy.CollapseGuard(patience=2)
+    dead.check(torch.ones(32, 20), torch.randn(32, 20, generator=g))
+    with pytest.raises(privacy.ActivationCollapse):
+        dead.check(torch.ones(32, 20), torch.randn(32, 20, generator=g))
 
 
 def test_cut_noise_follows_the_activation_scale_and_leaves_the_segments_state_unchanged() -> None:
@@ -91,7 +115,7 @@ def test_cut_noise_follows_the_activation_scale_and_leaves_the_segments_state_un
     x = torch.randn(64, 8)
     a, b = seg(x), seg(x)
     # Then the outputs differ by noise of about 0.5 * their std (the difference has sqrt(2) of it)
-    ratio = float((a - b).std() / (2 ** 0.5 * 0.5 * a.detach().std()))
+    ratio = float((a - b).detach().std() / (2 ** 0.5 * 0.5 * a.detach().std()))
     assert 0.85 < ratio < 1.15 and plain.shape == a.shape
     # And the segment's state_dict is unchanged (owners with and without noise can average bottoms)
     assert set(seg.state_dict()) == keys
@@ -136,8 +160,9 @@ def test_marvell_noise_lies_along_the_class_gap_with_the_power_asked_and_keeps_t
     # When it protects them
     out = guard.protect(grads, labels)
     noise = out - grads
-    # Then the noise is along the gap only, its std is sqrt(4) * the gap (1.2), and its mean is ~0
-    assert float(noise[:, 1:].abs().max()) < 1e-6
+    # Then the noise is along the gap (off it only by the gap's estimation error from the other axes'
+    # noise), its std is sqrt(4) * the gap (1.2), and its mean is ~0
+    assert float(noise[:, 1:].abs().max()) < 0.01 * float(noise[:, 0].std())
     assert float(noise[:, 0].std()) == pytest.approx(2 * 1.2, rel=0.05)
     assert abs(float(noise[:, 0].mean())) < 0.1
     # And no protection is the identity

@@ -64,7 +64,7 @@ def test_pushes_repeat_and_the_stop_function_pushes_the_final_values(gateway: Ga
     # Then every push went to the client's group, and the last one holds the final count
     path, body = gateway.pushes[-1]
     assert {p for p, _ in gateway.pushes} == {"/metrics/job/splitmq-worker/instance/client-3"}
-    assert 'splitmq_samples_total{role="worker"} 64.0' in body
+    assert 'splitmq_samples_total{job_id="",role="worker"} 64.0' in body
     # And nothing is pushed after stop; a second stop is harmless
     count = len(gateway.pushes)
     stop()

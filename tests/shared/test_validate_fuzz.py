@@ -17,7 +17,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from splitmq.shared import validate, wire
+from splitmq.shared import tensors, validate, wire
 from splitmq.shared.errors import DecodeError, RejectedMessage
 from splitmq.shared.metrics import REJECT_REASONS
 from splitmq.shared.transport import Delivery
@@ -58,8 +58,8 @@ msgpack_values = st.recursive(
 #: Well-formed tensors of other dtypes and shapes (and NaN/Inf-free zeros): they pass the
 #: decoder, so only the validator stands between them and the model.
 well_formed_tensors = st.builds(
-    lambda dtype, shape: wire.encode_tensor(torch.zeros(shape).to(dtype)),
-    st.sampled_from([d for d, _ in wire.DTYPES.values()]),
+    lambda dtype, shape: tensors.encode_tensor(torch.zeros(shape).to(dtype)),
+    st.sampled_from([d for d, _ in tensors.DTYPES.values()]),
     st.lists(st.integers(0, 10), max_size=3),
 )
 #: What a mutation puts into each field: something plausible for that field (which reaches the
@@ -74,7 +74,7 @@ _PLAUSIBLE: dict[str, st.SearchStrategy[Any]] = {
     "created_at": st.floats(allow_nan=True, allow_infinity=True),
     "train": st.booleans(),
     "loss": st.floats(allow_nan=True, allow_infinity=True),
-    "dtype": st.sampled_from(sorted(wire.DTYPES) + ["complex64", "object"]),
+    "dtype": st.sampled_from(sorted(tensors.DTYPES) + ["complex64", "object"]),
     "shape": st.lists(st.one_of(st.integers(0, 9), huge_ints), max_size=10),
     "data": st.binary(max_size=64),
     "tensor": well_formed_tensors,
@@ -233,7 +233,7 @@ def test_non_finite_activations_are_always_rejected() -> None:
 
 def test_any_forward_message_passes_check_forward_only_if_it_meets_the_limits() -> None:
     # Given forward messages of any dtype, shape, ids and values that encode cleanly
-    dtypes = st.sampled_from([d for d, _ in wire.DTYPES.values()])
+    dtypes = st.sampled_from([d for d, _ in tensors.DTYPES.values()])
 
     @FUZZ
     @given(dtypes, st.lists(st.integers(0, 9), min_size=0, max_size=3), st.text(max_size=6),

@@ -5,7 +5,7 @@ import msgpack
 import pytest
 import torch
 
-from splitmq.shared import wire
+from splitmq.shared import tensors, wire
 from splitmq.shared.errors import DecodeError
 
 
@@ -78,7 +78,7 @@ def test_malformed_bodies_raise_decode_error_saying_what_is_wrong(body: bytes, w
 
 def test_a_tensor_of_an_unsupported_dtype_cannot_be_sent() -> None:
     with pytest.raises(ValueError, match="cannot travel"):
-        wire.encode_tensor(torch.zeros(2, dtype=torch.complex64))
+        tensors.encode_tensor(torch.zeros(2, dtype=torch.complex64))
 
 
 def test_serving_messages_round_trip_with_their_ids_deadlines_and_errors() -> None:

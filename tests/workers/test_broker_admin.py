@@ -22,7 +22,7 @@ import dataclasses
 
 import torch
 
-from splitmq.shared import access, broker, topology, wire
+from splitmq.shared import access, amqp, topology, wire
 from splitmq.shared.broker import Broker, Delivery
 from splitmq.shared.errors import AccessRefused, BrokerError, RejectedMessage
 from splitmq.workers import broker_admin, cli, gate
@@ -138,7 +138,7 @@ def test_a_client_can_publish_its_activations_and_read_its_own_gradients(
             time.sleep(0.02)
         # Then both succeed
         assert [d.body for d in got] == [b"grad"]
-        assert broker.queue_depth(amqp_url, topology.forward_queue(job_id)) == 1
+        assert amqp.queue_depth(amqp_url, topology.forward_queue(job_id)) == 1
     finally:
         client.close()
         admin.close()
@@ -210,7 +210,7 @@ def test_a_client_is_refused_declaring_queues(job_id: str, clients: tuple[dict[s
         layout = topology.Layout((), (topology.Queue(name, topology.forward_queue_arguments(job_id)),), ())
         # Then access is refused
         with pytest.raises(AccessRefused):
-            broker.declare(a["amqp_url"], layout)
+            amqp.declare(a["amqp_url"], layout)
 
 
 def test_a_client_is_refused_deleting_queues(job_id: str, clients: tuple[dict[str, Any], dict[str, Any]]) -> None:
@@ -232,7 +232,7 @@ def test_the_trainer_sees_the_broker_validated_sender_and_rejects_messages_witho
     finally:
         client.close()
     # When the trainer's gate reads them as under --require-identity
-    signed, unsigned = broker.get_messages(amqp_url, topology.forward_queue(job_id))
+    signed, unsigned = amqp.get_messages(amqp_url, topology.forward_queue(job_id))
     body = wire.Forward(job_id=job_id, client_id=a["client_id"], seq=0, activations=torch.ones(1, 4)).encode()
     inbound = Inbound("q", Source.FORWARD, frozenset({wire.Kind.FORWARD}), 1 << 20)
     rules = gate.GateRules(job_id=job_id, require_identity=True)
@@ -254,7 +254,7 @@ def test_a_trainer_user_serves_its_queue_but_cannot_read_a_clients_gradients(
     code, out = splitmq(capsys, "broker", "add-trainer", name, "--job-id", job_id, "--json")
     assert code == 0, out
     url = json.loads(out)["amqp_url"]
-    broker.declare(amqp_url, topology.job_layout(job_id, parties=("client-0",)))
+    amqp.declare(amqp_url, topology.job_layout(job_id, parties=("client-0",)))
     try:
         trainer = connected(url, "sec-t")
         try:
@@ -263,13 +263,13 @@ def test_a_trainer_user_serves_its_queue_but_cannot_read_a_clients_gradients(
             trainer.publish(topology.gradients_exchange(job_id), topology.reply_routing_key("client-0"),
                             b"grad", message_id="g").result(WAIT_S)
             # Then that works
-            assert broker.queue_depth(amqp_url, topology.reply_queue(job_id, "client-0")) == 1
+            assert amqp.queue_depth(amqp_url, topology.reply_queue(job_id, "client-0")) == 1
         finally:
             trainer.close()
         # But reading a client's reply queue, or declaring, is refused
         assert raw_channel_refusal(url, lambda ch: ch.basic_get(topology.reply_queue(job_id, "client-0"))) == 403
         with pytest.raises(AccessRefused):
-            broker.declare(url, topology.job_layout(job_id))
+            amqp.declare(url, topology.job_layout(job_id))
     finally:
         cli.main(["broker", "remove-client", name, "--job-id", job_id])
 
@@ -298,7 +298,7 @@ def test_a_client_may_check_that_its_reply_queue_exists(
     # Given client A (the worker checks its queue passively when it may not declare it)
     a, _ = clients
     # When it asks for its reply queue's depth, Then the broker answers
-    assert broker.queue_depth(a["amqp_url"], a["reply_queue"]) == 0
+    assert amqp.queue_depth(a["amqp_url"], a["reply_queue"]) == 0
 
 
 def test_persisted_users_carry_only_a_password_hash(

@@ -11,12 +11,12 @@ from typing import Any
 
 import pytest
 import torch
-
 from splitmq.shared import defaults, topology, wire
 from splitmq.shared.config import JobConfig
 from splitmq.shared.transport import StubBroker
 from splitmq.workers.exits import ExitReason
-from splitmq.workers.roles.bottom import OwnerTimeouts
+from splitmq.workers.roles.owner_waits import OwnerTimeouts
+
 from tests.stubs import Client, forward, owner_spec, start_server, start_worker, wait_for
 
 CFG = JobConfig(job_id="stubjob", epochs=1, data="synthetic")
@@ -197,6 +197,7 @@ def test_a_second_party_of_the_same_name_is_refused() -> None:
     first = start_server(hub, CFG, serve_forever=True)
     from splitmq.workers import server
     from splitmq.workers.stats import Stats
+
     from tests.stubs import Running
     roles, loop = server.build(CFG, server.ServerOptions(), Stats())
     loop = loop.__class__(**{**vars(loop), "lease_timeout_s": 0.5})

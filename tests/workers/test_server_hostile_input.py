@@ -11,7 +11,7 @@ from typing import Any, Callable
 import msgpack
 import torch
 
-from splitmq.shared import broker, topology, wire
+from splitmq.shared import amqp, topology, wire
 from splitmq.shared.broker import Broker
 from splitmq.shared.config import BottomSync, JobConfig
 from splitmq.workers.exits import ExitReason
@@ -69,7 +69,7 @@ def test_hostile_messages_during_a_run_are_dead_lettered_and_change_no_weight(am
     # Given a clean reference run of one owner
     cfg = JobConfig(job_id=job_id, data="synthetic", epochs=1, bottom_sync=BottomSync.INDEPENDENT)
     clean = train(cfg, amqp_url)
-    broker.delete_queues(amqp_url, [topology.forward_queue(job_id), topology.dead_letter_queue(job_id)])
+    amqp.delete_queues(amqp_url, [topology.forward_queue(job_id), topology.dead_letter_queue(job_id)])
     sent: dict[str, str] = {}
 
     def inject(top: Running) -> None:
@@ -93,9 +93,9 @@ def test_hostile_messages_during_a_run_are_dead_lettered_and_change_no_weight(am
 
     # Then every hostile message sits in the dead-letter queue with its reason
     assert len(sent) == 12
-    wait_for(lambda: broker.queue_depth(amqp_url, topology.dead_letter_queue(job_id)) >= len(sent),
+    wait_for(lambda: amqp.queue_depth(amqp_url, topology.dead_letter_queue(job_id)) >= len(sent),
              "every dead letter", WAIT_S)
-    dead = broker.get_messages(amqp_url, topology.dead_letter_queue(job_id))
+    dead = amqp.get_messages(amqp_url, topology.dead_letter_queue(job_id))
     assert {d.headers["x-splitmq-message-id"]: d.headers["x-splitmq-reason"] for d in dead} == sent
     # And the final weights of both segments are exactly those of the clean run
     for segment in ("bottom", "top"):

@@ -84,17 +84,24 @@ def tiny_stage(value: float) -> Stage:
 
 
 class Trainers:
-    """Two (or three) Replicas roles wired to each other by hand, with a clock the test moves."""
+    """Two (or three) Replicas roles wired to each other by hand, with a clock the test moves.
 
-    def __init__(self, values: list[float], timeout_s: float = 60.0) -> None:
+    Every top starts the round at 0.0; trainer k's training moved every weight of its top to ``moved[k]``.
+    """
+
+    def __init__(self, moved: list[float], timeout_s: float = 60.0) -> None:
         self.now = 0.0
-        names = tuple(f"top-s{k}" for k in range(len(values)))
-        self.stages = [tiny_stage(v) for v in values]
-        self.rounds = [Rounds(timeout_s=timeout_s) for _ in values]
+        names = tuple(f"top-s{k}" for k in range(len(moved)))
+        self.stages = [tiny_stage(0.0) for _ in moved]
+        self.rounds = [Rounds(timeout_s=timeout_s) for _ in moved]
         clock: Callable[[], float] = lambda: self.now
         self.roles = [Replicas(s, r, me=n, trainers=names, job_id="j", reply_queue=topology.reply_queue("j", n),
                                timeout_s=timeout_s, clock=clock)
                       for s, r, n in zip(self.stages, self.rounds, names)]
+        for stage, value in zip(self.stages, moved):
+            with torch.no_grad():
+                for param in stage.segment.parameters():
+                    param.fill_(value)
 
     def close_round(self, k: int, bottom: float, samples: int, owner: str = "client-0") -> list[Send]:
         out = Outgoing(owner, topology.request_id(owner, "weights", 0), 0, {"w": torch.full((2,), bottom)})
@@ -109,16 +116,17 @@ class Trainers:
         return role.handle(inc).sends
 
 
-def test_two_trainers_end_a_round_with_the_same_top_and_the_sample_weighted_averages() -> None:
-    # Given two trainers whose tops differ (all 1.0 and all 3.0), shards of 100 and 300 samples
+def test_two_trainers_end_a_round_with_the_same_merged_top_and_the_bottoms_sample_weighted_average() -> None:
+    # Given two trainers whose tops moved from 0.0 to 1.0 and to 3.0 in the round, shards of 100 and 300 samples
     t = Trainers([1.0, 3.0])
     # When each closes its shard's round (bottom averages 0.0 and 4.0) and receives the other's part
     first = t.close_round(0, 0.0, 100)
     second = t.close_round(1, 4.0, 300)
     answers = t.deliver(first[0]) + t.deliver(second[0])
-    # Then both tops are the 1:3-weighted average (2.5), and each owner gets the weighted bottom (3.0)
+    # Then both tops are the start plus both changes (4.0: what one trainer applying both in turn
+    # would reach), and each owner gets the 1:3-weighted bottom (3.0)
     for stage in t.stages:
-        assert all(torch.allclose(p, torch.full_like(p, 2.5)) for p in stage.segment.parameters())
+        assert all(torch.allclose(p, torch.full_like(p, 4.0)) for p in stage.segment.parameters())
     bottoms = [a.msg.tensors["w"] for a in answers]  # type: ignore[attr-defined]
     assert len(bottoms) == 2 and all(torch.allclose(b, torch.full((2,), 3.0)) for b in bottoms)
     # And a late owner of either shard gets the trainers' average, not its shard's
@@ -150,11 +158,25 @@ def test_a_round_closes_without_an_absent_trainer_after_the_timeout_and_its_late
     step = t.roles[0].tick(t.now)
     bottom = step.sends[0].msg.tensors["w"]  # type: ignore[attr-defined]
     assert step.checkpoint and torch.allclose(bottom, torch.full((2,), 2.0))
-    assert all(torch.allclose(p, torch.full_like(p, 2.0)) for p in t.stages[0].segment.parameters())
+    assert all(torch.allclose(p, torch.full_like(p, 4.0)) for p in t.stages[0].segment.parameters())
     # And the absent trainer's part, arriving late, is dropped without changing anything
     late = t.close_round(2, 8.0, 100)
     assert t.deliver(next(s for s in late if s.route.party == "top-s0")) == []  # type: ignore[union-attr]
-    assert all(torch.allclose(p, torch.full_like(p, 2.0)) for p in t.stages[0].segment.parameters())
+    assert all(torch.allclose(p, torch.full_like(p, 4.0)) for p in t.stages[0].segment.parameters())
+
+
+def test_trainers_out_of_step_after_a_round_one_missed_compute_the_same_top_in_the_next() -> None:
+    # Given two trainers whose tops differ at the start of a round (one missed the last merge)
+    t = Trainers([1.0, 3.0])
+    t.roles[1].base = {k: torch.full_like(v, 0.5) for k, v in t.roles[1].base.items()}
+    # When both parts are exchanged
+    first, second = t.close_round(0, 0.0, 100), t.close_round(1, 4.0, 100)
+    t.deliver(first[0])
+    t.deliver(second[0])
+    # Then both adopt the same top: the mean of the starting tops plus both changes (0.25 + 1.0 + 2.5)
+    tops = [dict(stage.segment.state_dict()) for stage in t.stages]
+    assert all(torch.equal(tops[0][k], tops[1][k]) for k in tops[0])
+    assert all(torch.allclose(v, torch.full_like(v, 3.75)) for v in tops[0].values())
 
 
 def test_a_part_from_someone_who_is_not_another_trainer_is_refused() -> None:
@@ -208,7 +230,7 @@ def test_four_owners_over_two_trainers_finish_with_every_top_and_bottom_equal() 
     ledgers = [t.roles[1].ledger for t in trainers]
     assert sorted(ledgers[0].state()) == ["client-0", "client-2"] and sorted(ledgers[1].state()) == ["client-1",
                                                                                                        "client-3"]
-    # And both rounds were averaged between the trainers, leaving the same top on both
+    # And both rounds were merged between the trainers, leaving the same top on both
     assert [t.roles[-1].summary()["rounds_averaged"] for t in trainers] == [2, 2]
     tops = [t.roles[1].stage.segment.state_dict() for t in trainers]
     assert all(torch.equal(tops[0][k], tops[1][k]) for k in tops[0])

@@ -11,7 +11,7 @@ import pika
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
-from splitmq.shared import broker, topology
+from splitmq.shared import amqp, topology
 from splitmq.shared.metrics import Metrics, serve
 from splitmq.workers import status
 
@@ -117,7 +117,7 @@ def test_status_reads_a_live_trainer_endpoint_and_the_real_brokers_management_ap
     metrics = Metrics("trainer", registry)
     metrics.samples.labels("trainer").inc(320)
     port = serve(0, registry, addr="127.0.0.1")
-    broker.declare(amqp_url, topology.job_layout(job_id, parties=("client-0", "client-1")))
+    amqp.declare(amqp_url, topology.job_layout(job_id, parties=("client-0", "client-1")))
     conn = pika.BlockingConnection(pika.URLParameters(amqp_url))
     conn.channel().basic_publish(topology.dead_letter_exchange(job_id), "", b"poison")
     conn.close()

@@ -12,7 +12,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any, Callable, Hashable, Union
+from typing import Any, Callable, Hashable, Sequence, Union
 
 from splitmq.shared import wire
 from splitmq.shared.ledger import Ledger
@@ -41,6 +41,10 @@ class Inbound:
 
     def limit(self) -> int:
         return self.max_body() if callable(self.max_body) else self.max_body
+
+    def merge(self, other: Inbound) -> Inbound:
+        """Two roles taking different kinds from one queue: one consumer, the union of what it takes."""
+        return Inbound(self.queue, self.source, self.kinds | other.kinds, lambda: max(self.limit(), other.limit()))
 
 
 @dataclass(frozen=True)
@@ -172,3 +176,27 @@ class Role(ABC):
     def summary(self) -> dict[str, Any]:
         """What this role reports at the end of the run."""
         return {}
+
+
+def batch_key(inc: Incoming) -> tuple[str, int] | None:
+    """The training batch a message applies, if it is one: ``(client, seq)`` (the ledger's key)."""
+    msg = inc.msg
+    if isinstance(msg, wire.Forward) and msg.train and inc.source is Source.FORWARD:
+        return msg.client_id, msg.seq
+    if isinstance(msg, wire.Backward) and inc.source is Source.REPLY and msg.outcome == wire.Outcome.APPLIED.value:
+        return msg.client_id, msg.seq
+    return None
+
+
+def routing(roles: Sequence[Role]) -> tuple[dict[str, Inbound], dict[tuple[str, wire.Kind], Role]]:
+    """The queues a party consumes (one consumer per queue, even when roles share it) and which
+    role takes each kind of message on each."""
+    inbound: dict[str, Inbound] = {}
+    routes: dict[tuple[str, wire.Kind], Role] = {}
+    for role in roles:
+        for i in role.inbound():
+            known = inbound.get(i.queue)
+            inbound[i.queue] = known.merge(i) if known is not None else i
+            for kind in i.kinds:
+                routes[(i.queue, kind)] = role
+    return inbound, routes

@@ -11,50 +11,26 @@ the batch again. Every wait has a deadline and a named exit (``waits``).
 from __future__ import annotations
 
 import logging
-import math
 import time
-from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
-
-from splitmq.shared import data, defaults, scores, topology, validate, wire
+from splitmq.shared import data, topology, validate, wire
 from splitmq.shared.config import JobConfig
 from splitmq.shared.errors import RejectedMessage
 from splitmq.shared.ledger import Ledger
 from splitmq.shared.privacy import ActivationCollapse
 from splitmq.shared.stage import Stage
 from splitmq.workers.exits import ExitReason, PartyExit, Wait
+from splitmq.workers.roles import owner_waits
 from splitmq.workers.roles.base import IfUnroutable, Inbound, Incoming, Role, Send, Source, Step, ToStage
 from splitmq.workers.roles.evaluation import EvalPass
+from splitmq.workers.roles.owner_report import OwnerReport
+from splitmq.workers.roles.owner_waits import InFlight, OwnerTimeouts, Request
 from splitmq.workers.roles.sync import OwnerSync
 from splitmq.workers.stats import Stats
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class OwnerTimeouts:
-    peer_s: float = defaults.PEER_TIMEOUT_S
-    join_s: float = defaults.JOIN_TIMEOUT_S
-    resend_after_s: float = defaults.RESEND_AFTER_S
-    duplicate_s: float = defaults.DUPLICATE_WAIT_S
-    turn_s: float = defaults.TURN_TIMEOUT_S
-
-
-@dataclass
-class _InFlight:
-    msg: wire.Forward
-    first_sent: float
-    last_sent: float
-    duplicate_at: float | None = None
-
-
-@dataclass
-class _Request:
-    what: str
-    since: float
-    deadline_s: float
 
 
 class BottomRole(Role):
@@ -76,16 +52,14 @@ class BottomRole(Role):
         self._measure(samples)
         self.joined = False
         self.hello_since: float | None = None
-        self.in_flight: dict[int, _InFlight] = {}
+        self.in_flight: dict[int, InFlight] = {}
         self.early: dict[int, wire.Backward] = {}
         self.turns: dict[int, wire.Weights] = {}
-        self.requests: dict[str, _Request] = {}
+        self.requests: dict[str, Request] = {}
         self.eval: EvalPass | None = None
         self.synced_epoch = self.evaluated_epoch = self.turn_epoch = -1
         self.bye_sent = False
-        self.losses: dict[int, float] = {}
-        self.scores: dict[str, float] = {}
-        self.applied_at_start = 0
+        self.report = OwnerReport(me, cfg, stats)
         self.started = clock()
         self._orders: dict[int, list[torch.Tensor]] = {}
 
@@ -117,7 +91,7 @@ class BottomRole(Role):
     # ---- joining ----------------------------------------------------------------------------
 
     def start(self, now: float) -> Step:
-        self.applied_at_start = self.applied.count(self.me)
+        self.report.begin(now, self.applied.count(self.me))
         self.started = now
         return self._hello(now)
 
@@ -127,7 +101,7 @@ class BottomRole(Role):
                  "batches_per_epoch": self.per_epoch, "applied_prefix": self.applied.prefix(self.me)}
         cid = topology.request_id(self.me, "hello", time.time_ns())
         self.requests = {k: v for k, v in self.requests.items() if ":hello:" not in k}
-        self.requests[cid] = _Request(f"{self.dest}'s answer to our hello", now, self.timeouts.join_s)
+        self.requests[cid] = Request(f"{self.dest}'s answer to our hello", now, self.timeouts.join_s)
         msg = wire.Hello(job_id=self.cfg.job_id, client_id=self.me, seq=0, spec=self.spec, facts=facts)
         return Step(sends=[Send(ToStage(self.dest), msg, cid, if_unroutable=IfUnroutable.RETRY)])
 
@@ -199,7 +173,7 @@ class BottomRole(Role):
             return Step(hold=("early", seq))
         return self._apply(seq, batch, msg)
 
-    def _apply(self, seq: int, batch: _InFlight, msg: wire.Backward) -> Step:
+    def _apply(self, seq: int, batch: InFlight, msg: wire.Backward) -> Step:
         try:
             grad = validate.check_gradient(msg.grad, self.stage.output_shape(seq))
         except RejectedMessage as exc:
@@ -214,9 +188,9 @@ class BottomRole(Role):
         now = self.clock()
         self.stats.applied(len(grad), loss=msg.loss, staleness=staleness, round_trip_s=now - batch.first_sent)
         if msg.loss is not None:
-            self.losses[seq] = msg.loss
+            self.report.losses[seq] = msg.loss
         self.stats.gauge("in_flight", len(self.in_flight))
-        self._progress(now)
+        self.report.progress(now, self.epoch_of(seq), self.applied.count(self.me) + 1, self.total)
         if seq % 10 == 0:
             self.stats.history(epoch=self.epoch_of(seq), seq=seq, loss=msg.loss if msg.loss is not None
                                else self.stats.last_loss, samples=self.stats.counts["samples"])
@@ -281,14 +255,14 @@ class BottomRole(Role):
         if what == "handoff":
             self.synced_epoch = epoch
         else:
-            self.requests[cid] = _Request(f"the epoch-{epoch} bottom average", now, self.timeouts.peer_s)
+            self.requests[cid] = Request(f"the epoch-{epoch} bottom average", now, self.timeouts.peer_s)
         return Step(sends=[Send(ToStage(self.dest), msg, cid)])
 
     def _take_turn(self, epoch: int, now: float) -> Step:
         msg = self.turns.pop(epoch, None)
         if msg is None:
             cid = topology.request_id(self.me, "turn", epoch)
-            self.requests.setdefault(cid, _Request(f"our turn: the previous owner's bottom for epoch {epoch}",
+            self.requests.setdefault(cid, Request(f"our turn: the previous owner's bottom for epoch {epoch}",
                                                    now, self.timeouts.turn_s))
             return Step()
         self._adopt(msg)
@@ -305,7 +279,7 @@ class BottomRole(Role):
                                  send_labels=self.send_labels, window=max(4, self.cfg.max_in_flight))
         step = Step()
         for cid, msg in self.eval.due(self.stage):
-            self.requests[cid] = _Request(f"the score of evaluation batch {msg.seq}", now, self.timeouts.peer_s)
+            self.requests[cid] = Request(f"the score of evaluation batch {msg.seq}", now, self.timeouts.peer_s)
             step.sends.append(Send(ToStage(self.dest), msg, cid))
         if self.eval.complete():
             self._epoch_done(epoch, self.eval.metrics or (self.local_scores() if self.local_scores else {}))
@@ -315,31 +289,8 @@ class BottomRole(Role):
 
     def _epoch_done(self, epoch: int, metrics: dict[str, float]) -> None:
         self.evaluated_epoch = epoch
-        if metrics:
-            self.scores = metrics
-            self.stats.evaluated(metrics)
-        self.stats.gauge("epoch", epoch)
-        done = self.applied.count(self.me) - self.applied_at_start
-        elapsed = max(1e-9, self.clock() - self.started)
-        rate = done * self.cfg.batch_size / elapsed
-        left = (self.total - self.applied.count(self.me)) * elapsed / max(1, done)
-        score = ", ".join(f"test {k} {v:.4f}" for k, v in metrics.items()) or "no evaluation"
-        loss = self.stats.last_loss
-        log.info("%s: epoch %d/%d: loss %s, %s, %.0f samples/s, ETA %s", self.me, epoch + 1, self.cfg.epochs,
-                 "n/a" if loss is None else f"{loss:.4f}", score, rate, _duration(left))
-        self.stats.history(epoch=epoch, seq=self.applied.prefix(self.me), loss=loss, samples=self.stats.counts["samples"],
-                           **{f"test_{k}": v for k, v in metrics.items()})
-
-    def _progress(self, now: float) -> None:
-        done = self.applied.count(self.me)
-        run = done - self.applied_at_start
-        elapsed = max(1e-9, now - self.started)
-        left = (self.total - done) * elapsed / max(1, run)
-        bar = "#" * int(20 * done / max(1, self.total))
-        loss = self.stats.last_loss
-        self.stats.progress(f"{self.me} epoch {self.epoch_of(max(0, done - 1)) + 1}/{self.cfg.epochs} [{bar:<20}] "
-                            f"{done}/{self.total} loss {'n/a' if loss is None else f'{loss:.4f}'} "
-                            f"{run * self.cfg.batch_size / elapsed:.0f} samples/s ETA {_duration(left)}")
+        self.report.epoch_done(self.clock(), epoch, metrics, self.applied.count(self.me), self.total,
+                               self.applied.prefix(self.me))
 
     def _bye(self) -> Step:
         self.bye_sent = True
@@ -373,7 +324,7 @@ class BottomRole(Role):
         msg = wire.Forward(job_id=self.cfg.job_id, client_id=self.me, seq=seq, model_version=self.stage.version,
                            activations=activations, labels=batch.y if self.send_labels else None,
                            sample_ids=batch.ids, epoch=epoch)
-        flight = _InFlight(msg, now, now)
+        flight = InFlight(msg, now, now)
         self.in_flight[seq] = flight
         early = self.early.pop(seq, None)
         if early is not None:  # replaying after a restart: its gradient already waits in our queue
@@ -385,7 +336,7 @@ class BottomRole(Role):
         self.stats.gauge("epoch", epoch)
         return Step(sends=[Send(ToStage(self.dest), msg, topology.batch_id(self.me, seq))])
 
-    def _resend(self, batch: _InFlight, now: float) -> Send:
+    def _resend(self, batch: InFlight, now: float) -> Send:
         batch.msg = batch.msg.copy(attempt=batch.msg.attempt + 1)
         batch.last_sent = now
         return Send(ToStage(self.dest), batch.msg, topology.batch_id(self.me, batch.msg.seq))
@@ -395,23 +346,11 @@ class BottomRole(Role):
     def waits(self, now: float) -> list[Wait]:
         hint = (f"is `splitmq server` running for job {self.cfg.job_id}? Running this worker again resumes "
                 "where it stopped")
-        out = [Wait(r.what, r.since, r.deadline_s, ExitReason.PEER_SILENT, hint) for r in self.requests.values()]
+        out = owner_waits.waits(self.requests.values(), self.in_flight.values(), dest=self.dest,
+                                timeouts=self.timeouts, hint=hint, now=now)
         if self.joined and not self.aligned:
             out.append(Wait(f"the sample ids we share with the other parties, from {self.dest}", self.started,
                             self.timeouts.join_s, ExitReason.PEER_SILENT, hint))
-        if self.in_flight:
-            oldest = min(self.in_flight.values(), key=lambda b: b.first_sent)
-            out.append(Wait(f"the answer to batch {oldest.msg.seq} from {self.dest}", oldest.first_sent,
-                            self.timeouts.peer_s, ExitReason.PEER_SILENT, hint))
-        dup = [b for b in self.in_flight.values() if b.duplicate_at is not None]
-        if dup:
-            b = min(dup, key=lambda d: d.duplicate_at or 0.0)
-            out.append(Wait(f"the gradient of batch {b.msg.seq}, which {self.dest} applied before (it must be in "
-                            "our reply queue)", b.duplicate_at or now, self.timeouts.duplicate_s,
-                            ExitReason.STATE_MISMATCH,
-                            "this worker's state is older than the gradients it acknowledged: it ran before "
-                            "without --checkpoint-dir, or with another one. Restore that directory, or start the "
-                            "job afresh under a new --job-id"))
         return out
 
     def finished(self) -> PartyExit | None:
@@ -434,19 +373,5 @@ class BottomRole(Role):
         self.turn_epoch = int(state["turn_epoch"])
 
     def summary(self) -> dict[str, Any]:
-        p50, p99 = self.stats.quantiles(self.stats.round_trips)
-        seconds = max(1e-9, self.clock() - self.started)
-        samples = self.stats.counts["samples"]
-        headline = scores.headline(self.cfg.task.value)
-        return {"client_id": self.me, "epochs": self.cfg.epochs, "batches": self.applied.count(self.me) - self.applied_at_start,
-                "samples": samples, "samples_per_second": samples / seconds, "max_in_flight": self.cfg.max_in_flight,
-                "completed": self.applied.count(self.me) >= self.total,
-                "losses": [self.losses[k] for k in sorted(self.losses)], "test_scores": self.scores,
-                "test_metric": headline, "test_value": self.scores.get(headline, math.nan),
-                "round_trip_p50_s": p50, "round_trip_p99_s": p99, "duplicates": self.stats.counts["duplicates"],
-                "skipped": self.stats.counts["skipped"], "version": self.stage.version}
-
-
-def _duration(seconds: float) -> str:
-    seconds = int(max(0, seconds))
-    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+        return {**self.report.summary(self.clock(), self.applied.count(self.me), self.total),
+                "version": self.stage.version}

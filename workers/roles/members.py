@@ -53,6 +53,7 @@ class Members:
         self.compare_models = compare_models    # False for a vertical split: each party's cut is its own
         self.accepts = accepts                 # does this stage's segment take that cut? "" or why not
         self.model: dict[str, Any] = {}        # the first member's model fingerprint
+        self.last_seen = 0.0                   # when a member's message last came (monotonic)
         self.by_name: dict[str, Member] = {}
 
     def problems(self, name: str, spec: dict[str, Any], facts: dict[str, Any]) -> list[str]:
@@ -99,6 +100,7 @@ class Members:
         member = self.by_name.get(name)
         if member is None:
             raise RejectedMessage("not_joined", f"{name} has not joined this job (send hello first)")
+        self.last_seen = time.monotonic()  # every role asks for each member message: the stage is not idle
         return member
 
     def model_of(self, name: str) -> dict[str, Any]:
@@ -227,7 +229,8 @@ class JoinDesk(Role):
             return []
         missing = [topology.client_name(i) if self.members.by_index(i) is None else
                    f"{self.members.by_index(i).name}" for i in sorted(self.members.active_indexes())]  # type: ignore[union-attr]
-        return [Wait(f"messages from data owners ({', '.join(missing)} not finished)", self.last_heard,
+        since = max(self.last_heard, self.members.last_seen)  # any member message, not only hellos and byes
+        return [Wait(f"messages from data owners ({', '.join(missing)} not finished)", since,
                      self.idle_timeout_s, ExitReason.IDLE,
                      "restarting them resumes the job; --idle-timeout sets this deadline")]
 

@@ -57,12 +57,15 @@ class PredictClient(Role):
         self.pending: dict[str, _Pending] = {}
         self.ready, self.closing = threading.Event(), threading.Event()
         self.nonce = time.time_ns()  # request ids of an earlier process never match ours
+        #: Called after each ``submit`` (the loop's ``wake``), so a request is sent at once, not at the next poll.
+        self.on_submit: Callable[[], None] = lambda: None
         self.sent = 0
 
     def submit(self, x: torch.Tensor, sample_ids: torch.Tensor | None = None) -> Future[torch.Tensor]:
         """Ask for the predictions of ``x`` (raw features, this owner's own); any thread may call it."""
         future: Future[torch.Tensor] = Future()
         self.submitted.put((x, sample_ids, future))
+        self.on_submit()
         return future
 
     def close(self) -> None:

@@ -1,0 +1,75 @@
+"""splitmq jobs measured in CPU per sample: trainer, worker and broker, over the steady state.
+
+Each job runs as real processes (``bench.jobs``); while it runs, a ``cputime.Sampler`` reads
+the CPU of the worker, the trainer and the broker node's ``beam.smp`` together with the
+worker's ``splitmq_samples_total`` (its ``/metrics``, four times a second). The window is
+20%-80% of the samples the run applies. After the run the trained segments (kept in the run
+directory) are scored on the owner's test split: the accuracy of each setting.
+"""
+from __future__ import annotations
+
+import contextlib
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from splitmq.bench import cputime, jobs
+from splitmq.bench.common import dataset
+from splitmq.shared import checkpoint
+from splitmq.shared.config import BottomSync, JobConfig
+from splitmq.workers import assemble
+
+
+def _samples(port: int) -> float | None:
+    """client-0's applied samples, from its /metrics (None while it does not answer yet)."""
+    with contextlib.suppress(OSError, ValueError):
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2).read().decode()
+        for line in text.splitlines():
+            if line.startswith("splitmq_samples_total{") and 'role="worker"' in line:
+                return float(line.rpartition(" ")[2])
+    return None
+
+
+def run(spec: jobs.JobSpec, workdir: Path, *, url: str, broker_pid: int | None) -> dict[str, Any]:
+    """One job with its CPU per sample (µs, by party and thread group), wall clock and accuracy."""
+    samplers: list[cputime.Sampler] = []
+
+    def watch(trainer: int, workers: list[int], port: int) -> None:
+        pids = {"worker": workers[0], "trainer": trainer, **({"broker": broker_pid} if broker_pid else {})}
+        sampler = cputime.Sampler(pids, lambda: _samples(port))
+        samplers.append(sampler)
+        sampler.start()
+        while jobs.pid_alive(workers[0]) and not sampler._stop.is_set():
+            sampler._stop.wait(0.5)
+        sampler.stop()
+
+    result = jobs.run_job(spec, workdir, url=url, watch=watch)
+    row = jobs.aggregate(result)
+    total = len(dataset(spec.dataset).train) * spec.epochs / spec.clients
+    row["cpu"] = cputime.window(samplers[0].snapshots, total) if samplers else None
+    row["accuracy"] = accuracy(spec, Path(result["run_dir"]))
+    row["codec_bytes_per_sample"] = row["worker_bytes_per_sample"]
+    return row
+
+
+def accuracy(spec: jobs.JobSpec, run_dir: Path) -> float | None:
+    """Test accuracy of the trained bottom (client-0's) and top chained, on client-0's test split."""
+    bottom, top = run_dir / "segments-client-0.pt", run_dir / "segments-top.pt"
+    if not bottom.exists() or not top.exists():
+        return None
+    cfg = JobConfig(model=spec.model, num_clients=spec.clients, data=spec.dataset,
+                    bottom_sync=BottomSync.INDEPENDENT)
+    data = assemble.owner_data(cfg, 0)
+    if data.test is None or not isinstance(data.test.x, torch.Tensor) or data.test.y is None:
+        return None
+    segs = [assemble.segment(cfg, 0), assemble.segment(cfg, 1)]
+    for seg, path, index in ((segs[0], bottom, 0), (segs[1], top, 1)):
+        saved = checkpoint.load(path)
+        assert saved is not None
+        seg.load_state_dict(saved["segments"][index]["state_dict"])
+        seg.eval()
+    with torch.no_grad():
+        out = segs[1](segs[0](data.test.x))                     # (N, classes)
+    return float((out.argmax(dim=1) == data.test.y).float().mean())

@@ -1,0 +1,93 @@
+"""Several broker addresses (a cluster's nodes) for every connection: parties, admin, status.
+
+These run against the suite's one real broker, with dead addresses beside it; the failover
+between live nodes of a real cluster is tests/test_cluster.py.
+"""
+from __future__ import annotations
+
+import logging
+import socket
+import uuid
+
+import pytest
+
+from splitmq.shared import amqp, topology
+from splitmq.shared.access import ManagementAPI
+from splitmq.shared.amqp import addresses
+from splitmq.shared.broker import Broker
+from splitmq.shared.errors import BrokerError
+from splitmq.workers import status
+from tests.conftest import delete_job
+
+
+def dead_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_an_address_list_is_read_from_commas_or_spaces_and_a_bad_entry_is_refused() -> None:
+    # Given AMQP_URL values as users write them, When read, Then each address is one entry
+    assert addresses("amqp://a:1/%2F, amqp://b:2/%2F amqps://c:3/%2F") == [
+        "amqp://a:1/%2F", "amqp://b:2/%2F", "amqps://c:3/%2F"]
+    assert addresses(["amqp://a:1/%2F,amqp://b:2/%2F"]) == ["amqp://a:1/%2F", "amqp://b:2/%2F"]
+    # And an entry without a scheme, or no entry at all, is refused saying what is expected
+    with pytest.raises(ValueError, match="must start with amqp://"):
+        addresses("amqp://a:1/%2F,b:2")
+    with pytest.raises(ValueError, match="no broker URL"):
+        addresses(" , ")
+
+
+def test_a_party_given_dead_addresses_beside_a_live_one_connects_without_backing_off(
+        amqp_url: str, caplog: pytest.LogCaptureFixture) -> None:
+    # Given a list of two dead addresses and the live broker, in every order the shuffle may pick
+    caplog.set_level(logging.WARNING, logger="splitmq.shared.broker")
+    urls = [f"amqp://guest:guest@localhost:{dead_port()}/%2F", f"amqp://guest:guest@localhost:{dead_port()}/%2F",
+            amqp_url]
+    for attempt in range(4):
+        b = Broker(",".join(urls), name=f"listed-{attempt}")
+        # When it connects
+        b.start()
+        try:
+            b.wait_ready(10)
+            # Then it is on the live broker, having tried each dead one once, at once
+            assert b.status() == "connected to localhost:5672"
+        finally:
+            b.close()
+    assert not [r for r in caplog.records if "trying again in" in r.getMessage()], "a dead address cost a backoff"
+
+
+def test_declaring_and_admin_calls_use_whichever_node_answers(amqp_url: str, job_id: str) -> None:
+    # Given address lists whose first entries are dead
+    amqp_list = f"amqp://guest:guest@localhost:{dead_port()}/%2F,{amqp_url}"
+    http_list = f"http://guest:guest@127.0.0.1:{dead_port()},http://guest:guest@localhost:15672"
+    # When the job is declared and listed through them
+    amqp.declare(amqp_list, topology.job_layout(job_id))
+    # Then the management API calls and the status view read the live node
+    assert topology.forward_queue(job_id) in ManagementAPI(http_list).names("queues", f"splitmq.{job_id}.")
+    rows, failed = status.management_queues(http_list, "/", job_id)
+    assert failed == [] and [r.kind for r in rows] == ["forward", "dlq"]
+    # And with no live node, the status view says which endpoints did not answer
+    rows, failed = status.management_queues(f"http://127.0.0.1:{dead_port()}", "/", job_id)
+    assert rows == [] and len(failed) == 1
+
+
+def test_an_existing_queue_with_another_replica_count_is_used_as_it_is_but_other_differences_refused(
+        amqp_url: str, caplog: pytest.LogCaptureFixture) -> None:
+    # Given a job's queues declared with 3 replicas (the default)
+    job = "t" + uuid.uuid4().hex[:10]
+    try:
+        amqp.declare(amqp_url, topology.job_layout(job))
+        # When a party declares them with 5 replicas, Then that is accepted, with a warning
+        caplog.set_level(logging.WARNING, logger="splitmq.shared.broker")
+        amqp.declare(amqp_url, topology.with_replicas(topology.job_layout(job), 5))
+        assert any("exists with 3 replicas" in r.getMessage() for r in caplog.records)
+        # And when a queue also differs in another argument, the broker's refusal stands
+        changed = topology.with_replicas(topology.job_layout(job), 5)
+        queue = changed.queues[1]
+        other = topology.Layout(changed.exchanges, (topology.Queue(queue.name, {**queue.arguments,
+                                                                                "x-max-length": 7}),), ())
+        with pytest.raises(BrokerError, match="x-max-length"):
+            amqp.declare(amqp_url, other)
+    finally:
+        delete_job(job)

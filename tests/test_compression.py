@@ -1,0 +1,107 @@
+"""Compression at the cut end to end: agreed at join, applied by the loop, trained on the real broker.
+
+The codec's numbers are tested in tests/shared/test_codec.py; here: the loop's hook (a stub
+trainer answers in the agreed dtype and refuses what does not travel as agreed), the bytes and
+accuracy of a real run against float32, and exactly-once under kills with compression on.
+"""
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from splitmq.shared import codec, topology, wire
+from splitmq.shared.config import BottomSync, Compression, JobConfig
+from splitmq.shared.transport import StubBroker
+from splitmq.workers.exits import ExitReason
+from tests.conftest import delete_job
+from tests.helpers import Party, in_thread, wait_for
+from tests.stubs import Client, forward, owner_spec, start_server
+from tests.test_crash_recovery import BATCHES, EPOCHS, assert_exactly_once, soak
+
+INT8_FP16 = {"compress_activations": Compression.INT8, "compress_gradients": Compression.FP16}
+STUB = JobConfig(job_id="stubjob", epochs=1, data="synthetic", **INT8_FP16)  # type: ignore[arg-type]
+
+
+def test_the_trainer_answers_in_the_agreed_dtype_and_refuses_activations_that_do_not_travel_as_agreed() -> None:
+    # Given a stub trainer of a job with int8 activations and fp16 gradients, and an owner that joined
+    hub = StubBroker()
+    srv = start_server(hub, STUB, serve_forever=True)
+    client = Client(hub, STUB)
+    assert client.hello(owner_spec(STUB)).error == ""
+    cut = codec.CutCodec.for_spec(STUB.agreed())
+    # When the owner sends batch 0 as agreed (int8 + scale), then batch 1 as plain float32
+    client.send(cut.outgoing(forward(STUB, 0)), topology.batch_id("client-0", 0))
+    first = wait_one(client)
+    client.send(forward(STUB, 1), topology.batch_id("client-0", 1))
+    second = wait_one(client)
+    # Then batch 0 is applied and its gradient travels as float16 (the top's role saw float32)
+    assert isinstance(first, wire.Backward) and first.outcome == "applied" and first.grad is not None
+    assert first.grad.dtype == torch.float16 and first.grad.shape == (4, 640)
+    # And batch 1 is refused with the dtype reason, never applied
+    assert isinstance(second, wire.Backward) and second.outcome == "refused" and second.error.startswith("dtype")
+    assert srv.roles[1].ledger.count("client-0") == 1
+    srv.finish()
+
+
+def test_an_owner_that_compresses_otherwise_is_refused_at_join_with_the_setting_named() -> None:
+    # Given a stub trainer of an uncompressed job
+    hub = StubBroker()
+    plain = STUB.replace(compress_activations=Compression.NONE, compress_gradients=Compression.NONE)
+    srv = start_server(hub, plain, serve_forever=True)
+    # When an owner whose job sends int8 activations and fp16 gradients joins
+    answer = Client(hub, plain).hello(owner_spec(STUB))
+    # Then the join is refused, listing both settings as differences
+    assert "compress_activations: here 'none', peer 'int8'" in answer.error
+    assert "compress_gradients: here 'none', peer 'fp16'" in answer.error
+    srv.finish()
+
+
+def wait_one(client: Client) -> wire.AnyMessage:
+    replies: list[wire.AnyMessage] = wait_for(client.replies, "an answer")
+    assert len(replies) == 1, replies
+    return replies[0]
+
+
+def train(cfg: JobConfig, url: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """One owner and one trainer in threads on the real broker; their summaries."""
+    top = in_thread("server", cfg, url)
+    owner = in_thread("worker", cfg, url)
+    owner_end, top_end = owner.wait(), top.wait()
+    assert owner_end.reason is ExitReason.DONE and top_end.reason is ExitReason.DONE, (owner_end, top_end.detail)
+    return owner_end.summary, top_end.summary
+
+
+def test_int8_activations_and_fp16_gradients_train_as_well_as_float32_on_under_a_third_of_the_bytes(
+        amqp_url: str, job_id: str) -> None:
+    # Given the same one-owner job twice: float32 at the cut, then int8 activations + fp16 gradients
+    plain = JobConfig(job_id=job_id, epochs=3, bottom_sync=BottomSync.INDEPENDENT)
+    compressed = plain.replace(job_id=job_id + "c", **INT8_FP16)
+    # When both are trained through RabbitMQ for the same epochs
+    try:
+        runs = [train(cfg, amqp_url) for cfg in (plain, compressed)]
+    finally:
+        delete_job(job_id + "c")
+    (owner32, top32), (owner8, top8) = runs
+    # Then the test accuracy is within 0.3 points of float32's
+    acc32, acc8 = owner32["test_scores"]["accuracy"], owner8["test_scores"]["accuracy"]
+    assert abs(acc8 - acc32) <= 0.003, (acc32, acc8)
+    # And a sample's round trip (activations up, gradient down) takes at least 2.6x fewer bytes
+    per_sample32 = owner32["cut_bytes_per_sample"] + top32["cut_bytes_per_sample"]
+    per_sample8 = owner8["cut_bytes_per_sample"] + top8["cut_bytes_per_sample"]
+    assert per_sample32 / per_sample8 >= 2.6, (per_sample32, per_sample8)
+
+
+def test_with_compression_on_four_in_flight_killed_at_random_applies_every_batch_exactly_once(
+        amqp_url: str, job_id: str, tmp_path: Path, parties: list[Party]) -> None:
+    # Given four batches in flight, int8 activations and fp16 gradients, both sides checkpointing
+    cfg = JobConfig(job_id=job_id, epochs=EPOCHS, bottom_sync=BottomSync.INDEPENDENT, max_in_flight=4, **INT8_FP16)  # type: ignore[arg-type]
+    seed = random.randrange(1 << 30)
+    # When trainer, worker or both are SIGKILLed four times
+    log = soak(cfg, amqp_url, tmp_path, parties, random.Random(seed), 4, seed)
+    # Then each batch was applied exactly once on each side
+    top, _ = assert_exactly_once(tmp_path, BATCHES)
+    assert top["role"]["stage"]["version"] == BATCHES
+    assert len(log["events"]) >= 2, log
