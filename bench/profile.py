@@ -38,7 +38,7 @@ def summarise(prof_path: Path, batches: int, trainer_step_s: float, trainer_code
     """Per-step milliseconds by category from the worker's profile plus the trainer's numbers."""
     stats = pstats.Stats(str(prof_path))
     total = _cumtime(stats, "workers/party.py", "run")
-    setup = _cumtime(stats, "workers/party.py", "_connect") + _cumtime(stats, "workers/party.py", "_restore")
+    setup = _cumtime(stats, "workers/party.py", "_take_lease") + _cumtime(stats, "workers/party.py", "_restore")
     rows = {name: _cumtime(stats, suffix, func) for name, suffix, func in _CATEGORIES}
     loop = max(1e-9, total - setup)
     rows["other worker Python"] = max(0.0, loop - sum(rows.values()))

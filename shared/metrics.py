@@ -1,7 +1,8 @@
 """Prometheus metrics, declared once, under the ``splitmq_`` prefix and in base units.
 
 Labels come from small fixed sets (role, outcome, reason, direction); ids of clients or
-batches are never labels. Every series also carries ``job_id`` (one value per process).
+batches are never labels. Every series but ``splitmq_finished`` (which describes the endpoint)
+also carries ``job_id`` (one value per process).
 Each process builds one ``Metrics`` on a registry (the default one in production, a fresh
 ``CollectorRegistry`` in tests) and serves it with ``serve()``.
 """
@@ -86,11 +87,14 @@ class Metrics:
         self.cut_bytes_per_sample = Gauge(p + "cut_bytes_per_sample", "Body bytes sent per training sample in "
                                           "activations or gradient messages (compression at the cut lowers it)",
                                           ["job_id", "role"], registry=registry)
-        self.finished = Gauge(p + "finished", "1 once this party has ended its part of the job cleanly (its "
-                              "endpoint going away then pages nobody)", ["job_id", "role"], registry=registry)
         for attribute, family in list(vars(self).items()):
             if isinstance(family, MetricWrapperBase):
                 setattr(self, attribute, _JobFamily(family, job_id))
+        # The endpoint's state, not the job's, so no job_id: every process serving on a port writes
+        # the same series, and the alerts read the last process's value (an earlier job that
+        # finished on the port must not hide a later party that dies there).
+        self.finished = Gauge(p + "finished", "1 once this party has ended its part of the job cleanly (its "
+                              "endpoint going away then pages nobody)", ["role"], registry=registry)
         for outcome in OUTCOMES:
             self.batches.labels(role, outcome)
         for outcome in INFERENCE_OUTCOMES:

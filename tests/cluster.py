@@ -41,13 +41,11 @@ def _wait(condition: Any, timeout: float) -> Any:
 
 
 def _poll(condition: Any, what: str, timeout: float) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.05)
-    pytest.fail(f"timed out after {timeout:.0f}s waiting for {what}")
+    """The condition's value once true within ``timeout`` seconds; fails the test otherwise."""
+    value = _wait(condition, timeout)
+    if not value:
+        pytest.fail(f"timed out after {timeout:.0f}s waiting for {what}")
+    return value
 
 
 class Cluster:
