@@ -195,3 +195,22 @@ def assert_segments_equal(states: list[dict[str, torch.Tensor]], reference: list
         assert set(got) == set(want_state)
         for name, value in got.items():
             torch.testing.assert_close(value, want_state[name], atol=atol, rtol=0)
+
+
+def spy_queue(amqp_url: str, job: str, routing_keys: list[str]) -> str:
+    """A queue that receives a copy of every activation of ``job`` and of its replies to
+    ``routing_keys`` (the privacy tests read what crossed the broker from it)."""
+    import pika
+
+    from splitmq.shared import topology
+    conn = pika.BlockingConnection(pika.URLParameters(amqp_url))
+    ch = conn.channel()
+    name = f"splitmq.{job}.spy"
+    ch.exchange_declare(topology.activations_exchange(job), "topic", durable=True)
+    ch.exchange_declare(topology.gradients_exchange(job), "direct", durable=True)
+    ch.queue_declare(name, durable=True)
+    ch.queue_bind(name, topology.activations_exchange(job), "#")
+    for key in routing_keys:
+        ch.queue_bind(name, topology.gradients_exchange(job), key)
+    conn.close()
+    return name

@@ -9,27 +9,13 @@ from pathlib import Path
 import pika
 import torch
 
-from splitmq.shared import checkpoint, topology, wire
+from splitmq.shared import checkpoint, wire
 from splitmq.workers.demo import write_job
 from splitmq.workers.launch import PartySpec, run_parties
-from tests.helpers import ROOT
+from tests.helpers import ROOT, spy_queue
 
 sys.path.insert(0, str(ROOT / "examples"))
 import vertical_hospitals as example  # noqa: E402  (an example module, importable from its folder)
-
-
-def _spy(url: str, job: str) -> str:
-    conn = pika.BlockingConnection(pika.URLParameters(url))
-    ch = conn.channel()
-    name = f"splitmq.{job}.spy"
-    ch.exchange_declare(topology.activations_exchange(job), "topic", durable=True)
-    ch.exchange_declare(topology.gradients_exchange(job), "direct", durable=True)
-    ch.queue_declare(name, durable=True)
-    ch.queue_bind(name, topology.activations_exchange(job), "#")
-    for party in ("client-0", "client-1", "top"):
-        ch.queue_bind(name, topology.gradients_exchange(job), party)
-    conn.close()
-    return name
 
 
 def _ids_in(obj: object, found: set[int]) -> None:
@@ -55,7 +41,7 @@ def test_parties_with_partly_overlapping_ids_train_on_exactly_the_intersection_a
     shared = held[0] & held[1]
     assert 0.6 < len(shared) / example.PATIENTS < 0.8 and len(held[0]) > len(shared)
     lab_train = set(example.lab().train.ids.tolist())
-    spy = _spy(amqp_url, job_id)
+    spy = spy_queue(amqp_url, job_id, ["client-0", "client-1", "top"])
     job = tmp_path / "job.toml"
     write_job(cfg, job)
     # When they align by PSI and train, every party checkpointing

@@ -6,9 +6,9 @@ from pathlib import Path
 import pika
 import torch
 
-from splitmq.shared import local, topology, wire
+from splitmq.shared import local, wire
 from splitmq.shared.config import BottomSync, JobConfig, LabelSource
-from tests.helpers import Party, assert_segments_equal, job_file, server_party, state, wait_for, worker_party
+from tests.helpers import Party, assert_segments_equal, job_file, server_party, spy_queue, state, wait_for, worker_party
 
 
 def test_three_hop_chain_matches_local_training_step_by_step(amqp_url: str, job_id: str, tmp_path: Path) -> None:
@@ -35,27 +35,12 @@ def test_three_hop_chain_matches_local_training_step_by_step(amqp_url: str, job_
                            state(tmp_path, "claire", "top")["role"]["stage"]["segment"]], reference.segments)
 
 
-def _spy(amqp_url: str, job: str, routing_keys: list[str]) -> str:
-    """A queue that receives a copy of every activation and every reply of the job."""
-    conn = pika.BlockingConnection(pika.URLParameters(amqp_url))
-    ch = conn.channel()
-    name = f"splitmq.{job}.spy"
-    ch.exchange_declare(topology.activations_exchange(job), "topic", durable=True)
-    ch.exchange_declare(topology.gradients_exchange(job), "direct", durable=True)
-    ch.queue_declare(name, durable=True)
-    ch.queue_bind(name, topology.activations_exchange(job), "#")
-    for key in routing_keys:
-        ch.queue_bind(name, topology.gradients_exchange(job), key)
-    conn.close()
-    return name
-
-
 def test_u_shaped_run_matches_local_training_and_never_sends_labels_logits_or_scores(
         amqp_url: str, job_id: str, tmp_path: Path) -> None:
     # Given a data owner holding the bottom, its own head and the labels; the server only the middle
     cfg = JobConfig(job_id=job_id, epochs=1, cuts=("relu1", "relu2"), stages=("mid", "@head"),
                     bottom_sync=BottomSync.INDEPENDENT)
-    spy = _spy(amqp_url, job_id, ["client-0", "mid"])
+    spy = spy_queue(amqp_url, job_id, ["client-0", "mid"])
     job = job_file(cfg, tmp_path)
     mid = server_party(tmp_path, job, amqp_url, "--stage", "mid", name="mid").start()
 

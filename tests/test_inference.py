@@ -19,7 +19,7 @@ from splitmq.shared.config import BottomSync, JobConfig, LabelSource
 from splitmq.workers import assemble, export
 from splitmq.workers.predict import PredictOptions, Predictor, predict_all
 from splitmq.workers.roles.requests import PredictionError
-from tests.helpers import ROOT, Party, consumers, job_file, server_party, wait_for, worker_party
+from tests.helpers import Party, ROOT, consumers, job_file, server_party, spy_queue, wait_for, worker_party
 
 
 def _train(tmp: Path, job: Path, url: str, owners: int, *servers: Party) -> None:
@@ -86,18 +86,6 @@ def test_vanilla_predictions_equal_the_exported_model_which_needs_the_top_s_appr
     assert stopped == 130 and (tmp_path / "run" / "segments-top.pt").exists()
 
 
-def _spy(amqp_url: str, job: str, keys: list[str]) -> str:
-    """A queue with a copy of everything on the activations exchange and the given reply keys."""
-    conn = pika.BlockingConnection(pika.URLParameters(amqp_url))
-    ch, name = conn.channel(), f"splitmq.{job}.spy"
-    ch.queue_declare(name, durable=True)
-    ch.queue_bind(name, topology.activations_exchange(job), "#")
-    for key in keys:
-        ch.queue_bind(name, topology.gradients_exchange(job), key)
-    conn.close()
-    return name
-
-
 def _drain(amqp_url: str, queue: str) -> list[wire.AnyMessage]:
     conn = pika.BlockingConnection(pika.URLParameters(amqp_url))
     ch, out = conn.channel(), []
@@ -121,7 +109,7 @@ def test_u_shaped_predictions_stay_with_the_owner_and_equal_the_exported_model(
     try:
         _train(tmp_path, job, amqp_url, 1, mid)
         names = ["client-0", "mid", topology.head_stage("client-0")]
-        spy = _spy(amqp_url, job_id, names + [topology.serve_address(n) for n in names])
+        spy = spy_queue(amqp_url, job_id, names + [topology.serve_address(n) for n in names])
         # When the owner predicts its whole test set through the server's middle segment
         outputs, _ids = _split_predictions(cfg, tmp_path, amqp_url)
         seen = _drain(amqp_url, spy)
