@@ -187,6 +187,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--replay", action="store_true", help="in this process: one trainer, two merging, two averaging")
     p.add_argument("--admin-url", help="management API (comma-separated for a cluster), to delete the jobs after")
     p.add_argument("--epochs", type=int, default=EPOCHS)
+    p.add_argument("--seeds", type=int, default=5, help="--replay: interleavings of the owners' batches per setting")
     p.add_argument("--work-dir", default="/tmp/splitmq-bench-shards")
     p.add_argument("--out-json", help="write the results here too")
     args = p.parse_args(argv)
@@ -196,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
             {"epochs": args.epochs, "lr": lr, "seed": seed,
              **{name: replay(epochs=args.epochs, lr=lr, trainers=t, merge=m, seed=seed)
                 for name, t, m in (("one", 1, ""), ("merged", 2, "merge"), ("averaged", 2, "average"))}}
-            for lr in (0.03, LR) for seed in (0, 1)]}
+            for lr in (0.03, LR) for seed in range(args.seeds)]}
     elif not args.amqp_url:
         p.error("--amqp-url is needed (or --replay)")
     else:

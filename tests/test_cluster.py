@@ -233,8 +233,10 @@ def test_eight_owners_over_two_trainers_reach_the_accuracy_of_one_trainer(nodes:
     (tmp_path / "shards.json").write_text(json.dumps(result))
     # Then the two reach the same test accuracy within 1.5 points
     assert one["test_accuracy"] > 0.75, result
-    # (the issue asks for 1 point; two runs at 20 epochs measured 0.3 and 1.1, and the one-trainer
-    # run alone moved 0.5 between them: the bound leaves room for that run-to-run spread)
+    # (the issue asks for 1 point: four runs at 20 epochs measured 0.3, 1.1, 0.4 and 1.0, the
+    # one-trainer run alone moving 0.8 between them; the bound leaves room for that spread. That the
+    # sharded job computes exactly the algorithm is tests/workers/test_several_trainers.py's
+    # test_sharded_training_is_exactly_the_merge_of_each_trainers_own_training)
     assert abs(two["test_accuracy"] - one["test_accuracy"]) <= 0.015, result
     # And both trainers did work
     assert len(two["trainer_cpu_seconds"]) == 2 and min(two["trainer_cpu_seconds"]) > 0

@@ -276,3 +276,51 @@ def test_a_standby_waits_while_the_active_trainer_runs_and_resumes_from_what_it_
     top = standby.roles[1].stage.segment.state_dict()
     assert all(torch.equal(top[k], written[k]) for k in top)
     standby.finish()
+
+
+def replayed(cfg: JobConfig) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """The job of one owner per trainer computed in this process, step by step: each trainer trains
+    on its owner's batches in order, then the tops are merged and the bottoms averaged every epoch."""
+    from splitmq.shared import aggregate, data
+    from splitmq.workers import assemble
+    from splitmq.workers.roles.replicas import merged_top
+    owners = [assemble.owner_data(cfg, i) for i in range(cfg.num_clients)]
+    bottoms = [assemble.bottom_stage(cfg, i, len(o.train), "cpu") for i, o in enumerate(owners)]
+    per = data.batches_per_epoch(len(owners[0].train), cfg.batch_size)
+    tops = [assemble.server_stage(cfg, 1, last=True, total_steps=lambda: cfg.epochs * per, device="cpu")
+            for _ in range(cfg.shards)]
+    for epoch in range(cfg.epochs):
+        bases = [{k: v.clone() for k, v in t.segment.state_dict().items()} for t in tops]
+        for i, owner in enumerate(owners):  # trainer i serves owner i alone: the order between them is moot
+            for step, ids in enumerate(data.batch_order(len(owner.train), cfg.batch_size, cfg.seed + i, epoch)):
+                batch = owner.train.batch(ids)
+                out = tops[topology.shard_of(i, cfg.shards)].loss_step(bottoms[i].forward((epoch, step), batch.x),
+                                                                        batch.y)
+                bottoms[i].backward((epoch, step), out.grad_input)
+        top = merged_top(bases, [t.segment.state_dict() for t in tops])
+        bottom = aggregate.weighted_average([b.segment.state_dict() for b in bottoms], [len(o.train) for o in owners])
+        for t in tops:
+            t.segment.load_state_dict(top)
+        for b in bottoms:
+            b.segment.load_state_dict(bottom)
+    return tops[0].segment.state_dict(), bottoms[0].segment.state_dict()
+
+
+def test_sharded_training_is_exactly_the_merge_of_each_trainers_own_training() -> None:
+    # Given two owners over two trainers, one owner each, so that no arrival order can change the result
+    cfg = JobConfig(job_id="shardexact", epochs=3, data="synthetic", num_clients=2, shards=2)
+    hub = StubBroker()
+    trainers = [start_shard(hub, cfg, k) for k in (0, 1)]
+    # When they train through the loop, the broker and the replicas' rounds
+    owners = [start_worker(hub, cfg, i) for i in range(2)]
+    assert [o.wait().reason for o in owners] == [ExitReason.DONE] * 2
+    assert [t.wait().reason for t in trainers] == [ExitReason.DONE] * 2
+    # Then the top and the bottoms are what the algorithm computes in one process (the merge sums in
+    # float64, so equal to float32 rounding): the sharded job adds nothing and drops nothing
+    top, bottom = replayed(cfg)
+    for got, want in ((trainers[0].roles[1].stage.segment.state_dict(), top),
+                      (trainers[1].roles[1].stage.segment.state_dict(), top),
+                      (owners[0].roles[0].stage.segment.state_dict(), bottom)):
+        assert got.keys() == want.keys()
+        assert all(torch.allclose(got[k], want[k], rtol=0, atol=1e-6) for k in want), \
+            max(float((got[k] - want[k]).abs().max()) for k in want)
