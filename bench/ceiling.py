@@ -10,8 +10,10 @@ flight is what the broker itself allows, in two durability modes:
 * ``transient``: classic non-durable queues, non-persistent messages, confirms and acks kept.
   It gives up crash safety: a broker restart loses the queues and every message in them.
 
-Both sides run with asynchronous confirms (``SelectConnection``), so publishes pipeline.
-The queues are the benchmark's own (unique names) and are deleted afterwards.
+Both sides run with asynchronous confirms (``SelectConnection``), so publishes pipeline, and
+read their socket as splitmq's parties do (``shared.io_tuning``: 64 KB at a time), so the
+ceiling's CPU compares with theirs. The queues are the benchmark's own (unique names) and are
+deleted afterwards.
 """
 from __future__ import annotations
 
@@ -20,9 +22,11 @@ import subprocess
 import sys
 import time
 import uuid
-from typing import Any
+from typing import Any, Callable
 
 import pika
+
+from splitmq.shared import io_tuning
 
 MODES = ("durable", "transient")
 IN_FLIGHT = (1, 4, 8)
@@ -154,8 +158,13 @@ class _Driver(_Side):
 
 
 def round_trips(url: str, *, mode: str, in_flight: int, request_bytes: int, reply_bytes: int,
-                seconds: float) -> dict[str, Any]:
-    """Round trips/s through fresh queues in ``mode`` with ``in_flight`` outstanding."""
+                seconds: float, on_start: Callable[[int, "_Driver"], None] | None = None) -> dict[str, Any]:
+    """Round trips/s through fresh queues in ``mode`` with ``in_flight`` outstanding.
+
+    ``on_start(echo_pid, driver)`` (if given) is called once both sides exist, just before the
+    driver's I/O loop takes over this thread (``bench.cpu`` starts its CPU sampler there).
+    """
+    io_tuning.tune_receive()
     tag = uuid.uuid4().hex[:10]
     requests, replies = f"bench.ceiling.{tag}.requests", f"bench.ceiling.{tag}.replies"
     _declare(url, [requests, replies], mode)
@@ -167,6 +176,8 @@ def round_trips(url: str, *, mode: str, in_flight: int, request_bytes: int, repl
             raise RuntimeError("the ceiling's echo process did not start")
         driver = _Driver(url, requests=requests, replies=replies, mode=mode, request_bytes=request_bytes,
                          in_flight=in_flight, seconds=seconds)
+        if on_start is not None:
+            on_start(echo.pid, driver)
         driver.conn.ioloop.start()
         echo.wait(timeout=30)
     finally:
@@ -229,6 +240,7 @@ def _echo_main(argv: list[str]) -> int:
     p.add_argument("--mode", choices=MODES, required=True)
     p.add_argument("--reply-bytes", type=int, required=True)
     a = p.parse_args(argv)
+    io_tuning.tune_receive()
     echo = _Echo(a.url, requests=a.requests, replies=a.replies, mode=a.mode, reply_bytes=a.reply_bytes)
     echo.conn.ioloop.start()
     return 0

@@ -66,22 +66,23 @@ def full_model(model: str) -> torch.nn.Module:
 def timed_training(train: data.SampleSet, step: "Callable[[torch.Tensor, torch.Tensor], float]", *, seconds: float,
                    warmup_steps: int = 5) -> dict[str, Any]:
     """Call ``step(x, y)`` (returns the loss) over epochs of ``train`` for about ``seconds`` after
-    ``warmup_steps``; samples/s of the timed span. Every in-process contender is timed this way."""
+    ``warmup_steps``; samples/s of the timed span, and the calling thread's CPU per sample over it (with one
+    torch thread the step runs on the calling thread). Every in-process contender is timed this way."""
     samples = steps = epoch = 0
-    start, loss = 0.0, float("nan")
+    start, cpu_start, loss = 0.0, 0.0, float("nan")
     while True:
         for idx in data.batch_order(len(train), BATCH_SIZE, seed=0, epoch=epoch):
             batch = train.batch(idx)
             loss = step(batch.x, batch.y)  # (B, 784), (B,)
             steps += 1
             if steps == warmup_steps:
-                start = time.perf_counter()
+                start, cpu_start = time.perf_counter(), time.thread_time()
             elif steps > warmup_steps:
                 samples += len(idx)
             if start and time.perf_counter() - start >= seconds:
-                elapsed = time.perf_counter() - start
+                elapsed, cpu = time.perf_counter() - start, time.thread_time() - cpu_start
                 return {"samples": samples, "seconds": elapsed, "samples_per_second": samples / elapsed,
-                        "final_loss": loss}
+                        "final_loss": loss, "cpu_us_per_sample": cpu / samples * 1e6}
         epoch += 1
 
 

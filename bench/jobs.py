@@ -152,10 +152,12 @@ Watch = Callable[[int, list[int], int], None]
 
 
 def run_job(spec: JobSpec, workdir: Path, *, url: str = AMQP_URL,
-            worker_prefix: tuple[str, ...] = (), watch: Watch | None = None) -> dict[str, Any]:
+            worker_prefix: tuple[str, ...] = (), server_prefix: tuple[str, ...] = (),
+            watch: Watch | None = None) -> dict[str, Any]:
     """Run one job to completion; the workers' and trainer's summaries plus scraped metrics.
 
-    ``worker_prefix`` goes before client-0's interpreter arguments (e.g. cProfile). ``watch``
+    ``worker_prefix`` goes before client-0's interpreter arguments (e.g. cProfile), ``server_prefix``
+    before the trainer's. ``watch``
     (if given) runs beside the workers, and client-0 then serves ``/metrics``.
 
     Raises:
@@ -166,10 +168,11 @@ def run_job(spec: JobSpec, workdir: Path, *, url: str = AMQP_URL,
     d.mkdir(parents=True)
     env = thread_env()
     mport = free_port()
-    server = subprocess.Popen(_cli("server", *_common(spec, job, url), "--metrics-port", str(mport), "--serve-forever",
-                                   "--summary-json", str(d / "server.json"), "--run-dir", str(d / "runs"),
-                                   *(["--checkpoint-dir", str(d / "ckpt-server")] if spec.checkpoints else [])),
-                              env=env, stdout=subprocess.DEVNULL, stderr=open(d / "server.log", "wb"))
+    cmd = _cli("server", *_common(spec, job, url), "--metrics-port", str(mport), "--serve-forever",
+               "--summary-json", str(d / "server.json"), "--run-dir", str(d / "runs"),
+               *(["--checkpoint-dir", str(d / "ckpt-server")] if spec.checkpoints else []))
+    server = subprocess.Popen([cmd[0], *server_prefix, *cmd[1:]], env=env, stdout=subprocess.DEVNULL,
+                              stderr=open(d / "server.log", "wb"))
     deadline = time.monotonic() + JOB_TIMEOUT_S
     try:
         try:
@@ -272,6 +275,7 @@ def aggregate(result: dict[str, Any]) -> dict[str, Any]:
         "trainer_peak_rss_bytes": trainer.get("peak_rss_bytes") or result["trainer_vm_hwm_bytes"],
         "worker_bytes_per_sample": (sent + received) / samples if samples else float("nan"),
         "worker_bytes_sent": sent, "worker_bytes_received": received,
+        "worker_messages": sum(w.get("messages_sent", 0) + w.get("messages_received", 0) for w in ws),
         "trainer_bytes_sent": tm["bytes_sent"], "trainer_bytes_received": tm["bytes_received"],
         "completed": all(w.get("completed", True) for w in ws),
     }

@@ -1,7 +1,8 @@
 """Marked sections of the benchmark page: the parts other commands write.
 
 ``splitmq bench`` regenerates docs/benchmarks.md from its own run. ``splitmq bench inference``,
-``splitmq bench compression`` and measurements taken by hand (e.g. NoPeek's cost) own sections
+``splitmq bench compression``, ``splitmq bench cpu`` and measurements taken by hand (e.g. NoPeek's
+cost, the CPU profile of ``bench.cpuprofile``) own sections
 between ``<!-- NAME:start -->`` and ``<!-- NAME:end -->``: each command replaces its own
 section, and a regeneration carries every other one over unchanged.
 """

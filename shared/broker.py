@@ -29,7 +29,7 @@ from pika.adapters.select_connection import IOLoop
 from splitmq.shared import defaults, io_tuning, topology
 from splitmq.shared.amqp import addresses, connection_parameters, declare, queue_depth, short
 from splitmq.shared.errors import AccessRefused, BrokerError, PublishNacked, Unroutable
-from splitmq.shared.transport import Delivery, Handler
+from splitmq.shared.transport import Delivery, Handler, ack_plan
 
 log = logging.getLogger(__name__)
 io_tuning.tune_receive()  # pika's 4 KB socket reads copy each message quadratically (see io_tuning)
@@ -74,6 +74,7 @@ class Broker:
         self._unconfirmed: collections.OrderedDict[int, _Outgoing] = collections.OrderedDict()
         self._backlog: collections.deque[_Outgoing] = collections.deque()
         self._returned: set[str] = set()
+        self._unsettled: set[int] = set()  # delivery tags of the current channel not yet acked or rejected
         self._next_tag = 1
         self._ready = threading.Event()
         self._fatal: BrokerError | None = None
@@ -145,6 +146,11 @@ class Broker:
 
     def ack(self, delivery: Delivery) -> None:
         self._call(lambda: self._settle(delivery, lambda ch: ch.basic_ack(delivery.delivery_tag)))
+
+    def ack_many(self, deliveries: Sequence[Delivery]) -> None:
+        """Ack these, a run of contiguous tags from the channel's lowest unsettled one in one multiple ack."""
+        if deliveries:
+            self._call(lambda: self._ack_many(deliveries))
 
     def reject(self, delivery: Delivery) -> None:
         """Reject without requeue: the queue dead-letters it."""
@@ -253,6 +259,7 @@ class Broker:
         self._ready.clear()
         self._chan = self._publishing = None
         self._generation += 1
+        self._unsettled = set()
         self._backlog.extendleft(reversed(list(self._unconfirmed.values())))
         self._unconfirmed.clear()
 
@@ -327,6 +334,7 @@ class Broker:
             delivery = Delivery(queue, body, method.delivery_tag, generation, method.redelivered,
                                 props.message_id, props.correlation_id, props.reply_to,
                                 props.user_id, props.headers or {}, method.exchange, method.routing_key)
+            self._unsettled.add(method.delivery_tag)
             try:
                 handler(delivery)
             except Exception:  # the handler must not kill the I/O thread
@@ -379,3 +387,14 @@ class Broker:
         # A tag from an earlier channel is meaningless now; the broker redelivers that message.
         if delivery.generation == self._generation and self._chan is not None and self._chan.is_open:
             fn(self._chan)
+            self._unsettled.discard(delivery.delivery_tag)
+
+    def _ack_many(self, deliveries: Sequence[Delivery]) -> None:
+        tags = {d.delivery_tag for d in deliveries if d.generation == self._generation}  # never across channels
+        if tags and self._chan is not None and self._chan.is_open:
+            upto, singles = ack_plan(self._unsettled, tags)
+            if upto is not None:
+                self._chan.basic_ack(upto, multiple=True)
+            for tag in singles:
+                self._chan.basic_ack(tag)
+            self._unsettled -= tags

@@ -15,7 +15,7 @@ import re
 import threading
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Protocol
+from typing import AbstractSet as Set, Any, Callable, Iterable, Mapping, Protocol, Sequence
 
 from splitmq.shared import topology
 from splitmq.shared.errors import BrokerError, Unroutable
@@ -70,6 +70,9 @@ class Transport(Protocol):
 
     def ack(self, delivery: Delivery) -> None: ...
 
+    def ack_many(self, deliveries: Sequence[Delivery]) -> None:
+        """Ack these; contiguous delivery tags of one channel may go in one multiple ack (``ack_plan``)."""
+
     def reject(self, delivery: Delivery) -> None:
         """Reject without requeue: the queue dead-letters it."""
 
@@ -79,6 +82,23 @@ class Transport(Protocol):
     def queue_exists(self, queue: str) -> bool: ...
 
     def close(self) -> None: ...
+
+
+def ack_plan(unsettled: Iterable[int], tags: Set[int]) -> tuple[int | None, list[int]]:
+    """How to ack ``tags`` of one channel: ``(upto, singles)``, ``upto`` for one ``basic_ack(multiple=True)``.
+
+    A multiple ack settles *every* unsettled tag up to it, so it may only cover a run that starts
+    at the lowest tag still unsettled on the channel (``unsettled``: all of them, ours included)
+    and holds only tags we ack; the rest are acked one by one. Tags are per channel: the caller
+    passes only tags of the current one.
+    """
+    pending, run = sorted(unsettled), 0
+    while run < len(pending) and pending[run] in tags:
+        run += 1
+    if run < 2:
+        return None, sorted(tags)
+    covered = set(pending[:run])
+    return pending[run - 1], sorted(t for t in tags if t not in covered)
 
 
 # ---- the in-memory broker -------------------------------------------------------------------
@@ -236,6 +256,10 @@ class StubTransport:
     def ack(self, delivery: Delivery) -> None:
         with self.broker.lock:
             self.unacked.pop(delivery.delivery_tag, None)
+
+    def ack_many(self, deliveries: Sequence[Delivery]) -> None:
+        for d in deliveries:
+            self.ack(d)
 
     def reject(self, delivery: Delivery) -> None:
         with self.broker.lock:

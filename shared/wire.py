@@ -39,6 +39,7 @@ class Kind(str, Enum):
     PREDICTION = "prediction"  # its answer: the outputs, or why there are none
     EXPORT = "export"          # a request for a holder's trained segment (granted only with its consent)
     SEGMENT = "segment"        # its answer: the segment's parameters, or why not
+    BUNDLE = "bundle"          # several forwards (or their answers) in one message (``coalesce`` > 1)
 
 
 class Outcome(str, Enum):
@@ -263,9 +264,23 @@ class Segment(Message):
     error: str = ""
 
 
-AnyMessage = Union[Forward, Backward, Weights, Hello, Bye, Align, Predict, Prediction, Export, Segment]
+@dataclass(frozen=True)
+class Bundle(Message):
+    """Several batches' forwards, or their answers, travelling as one message (``coalesce`` > 1).
+
+    ``parts`` are ``(correlation_id, body)`` pairs, each body a whole encoded ``forward`` or
+    ``backward`` of its own ``seq``: the receiver handles them one by one, as if each had come alone.
+    ``client_id`` is the owner of the batches, ``seq`` the first part's.
+    """
+
+    kind: ClassVar[Kind] = Kind.BUNDLE
+
+    parts: tuple[tuple[str, bytes], ...] = ()
+
+
+AnyMessage = Union[Forward, Backward, Weights, Hello, Bye, Align, Predict, Prediction, Export, Segment, Bundle]
 _CLASSES: tuple[type[Message], ...] = (Forward, Backward, Weights, Hello, Bye, Align, Predict, Prediction, Export,
-                                       Segment)
+                                       Segment, Bundle)
 _BY_KIND: dict[str, type[Message]] = {cls.kind.value: cls for cls in _CLASSES}
 _FIELD_NAMES: dict[type[Message], tuple[str, ...]] = {
     cls: tuple(f.name for f in dataclasses.fields(cls)) for cls in _CLASSES}
@@ -276,7 +291,7 @@ _SCALAR_TYPES: dict[str, tuple[type, ...]] = {
     "outcome": (str,), "loss": (float, int, _NONE), "metrics": (dict,), "error": (str,),
     "num_samples": (int,), "spec": (dict,), "facts": (dict,), "completed": (bool,), "reason": (str,),
     "phase": (str,),
-    "request_id": (str,), "deadline": (float, int), "segment": (int,),
+    "request_id": (str,), "deadline": (float, int), "segment": (int,), "parts": (list,),
 }
 _MAP_FIELDS = ("spec", "facts", "metrics")
 _SPEC_VALUE_TYPES = (str, int, float, bool)
@@ -335,10 +350,19 @@ def _scalars(cls: type[Message], obj: dict[str, Any]) -> dict[str, Any]:
         raise DecodeError(f"field 'reason' is {kwargs['reason']!r}; allowed: {sorted(_SERVED)}")
     if "outcome" in kwargs and kwargs["outcome"] not in _OUTCOMES:
         raise DecodeError(f"field 'outcome' is {kwargs['outcome']!r}; allowed: {sorted(_OUTCOMES)}")
+    if "parts" in kwargs:
+        kwargs["parts"] = _parts(kwargs["parts"])
     for required in ("job_id", "client_id", "seq"):
         if required not in kwargs:
             raise DecodeError(f"missing field {required!r}")
     return kwargs
+
+
+def _parts(value: list[Any]) -> tuple[tuple[str, bytes], ...]:
+    if not all(isinstance(p, list) and len(p) == 2 and isinstance(p[0], str) and isinstance(p[1], bytes)
+               for p in value):
+        raise DecodeError("field 'parts' must list [correlation_id, body] pairs (a string and bytes)")
+    return tuple((p[0], p[1]) for p in value)
 
 
 def _build(cls: type[Message], obj: dict[str, Any]) -> Message:

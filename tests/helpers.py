@@ -22,6 +22,7 @@ from splitmq.shared.config import JobConfig
 from splitmq.shared.metrics import Metrics
 from splitmq.workers import server, worker
 from splitmq.workers.demo import write_job
+from splitmq.workers.exits import ExitReason
 from splitmq.workers.stats import Stats
 from tests.stubs import Running
 
@@ -184,6 +185,15 @@ def in_thread(kind: str, cfg: JobConfig, url: str, **opts: Any) -> Running:
     transport = Broker(url, name=loop.name, lease=topology.lease_queue(cfg.job_id, loop.name),
                        prefetch=256)
     return Running(roles, transport, loop, stats).start()  # type: ignore[arg-type]
+
+
+def train_in_threads(cfg: JobConfig, url: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """One owner and one trainer in threads on the real broker, to the end; their summaries (owner, trainer)."""
+    top = in_thread("server", cfg, url)
+    owner = in_thread("worker", cfg, url)
+    owner_end, top_end = owner.wait(), top.wait()
+    assert owner_end.reason is ExitReason.DONE and top_end.reason is ExitReason.DONE, (owner_end, top_end.detail)
+    return owner_end.summary, top_end.summary
 
 
 def assert_segments_equal(states: list[dict[str, torch.Tensor]], reference: list[torch.nn.Module],

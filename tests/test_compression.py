@@ -2,24 +2,20 @@
 
 The codec's numbers are tested in tests/shared/test_codec.py; here: the loop's hook (a stub
 trainer answers in the agreed dtype and refuses what does not travel as agreed), the bytes and
-accuracy of a real run against float32, and exactly-once under kills with compression on.
+accuracy of a real run against float32. Exactly-once under kills and a broker restart with
+compression on (inside coalesced messages) is tests/test_coalesce.py's soak.
 """
 from __future__ import annotations
 
-import random
-from pathlib import Path
-from typing import Any
 
 import torch
 
 from splitmq.shared import codec, topology, wire
 from splitmq.shared.config import BottomSync, Compression, JobConfig
 from splitmq.shared.transport import StubBroker
-from splitmq.workers.exits import ExitReason
 from tests.conftest import delete_job
-from tests.helpers import Party, in_thread, wait_for
+from tests.helpers import train_in_threads, wait_for
 from tests.stubs import Client, forward, owner_spec, start_server
-from tests.test_crash_recovery import BATCHES, EPOCHS, assert_exactly_once, soak
 
 INT8_FP16 = {"compress_activations": Compression.INT8, "compress_gradients": Compression.FP16}
 STUB = JobConfig(job_id="stubjob", epochs=1, data="synthetic", **INT8_FP16)  # type: ignore[arg-type]
@@ -65,15 +61,6 @@ def wait_one(client: Client) -> wire.AnyMessage:
     return replies[0]
 
 
-def train(cfg: JobConfig, url: str) -> tuple[dict[str, Any], dict[str, Any]]:
-    """One owner and one trainer in threads on the real broker; their summaries."""
-    top = in_thread("server", cfg, url)
-    owner = in_thread("worker", cfg, url)
-    owner_end, top_end = owner.wait(), top.wait()
-    assert owner_end.reason is ExitReason.DONE and top_end.reason is ExitReason.DONE, (owner_end, top_end.detail)
-    return owner_end.summary, top_end.summary
-
-
 def test_int8_activations_and_fp16_gradients_train_as_well_as_float32_on_under_a_third_of_the_bytes(
         amqp_url: str, job_id: str) -> None:
     # Given the same one-owner job twice: float32 at the cut, then int8 activations + fp16 gradients
@@ -81,7 +68,7 @@ def test_int8_activations_and_fp16_gradients_train_as_well_as_float32_on_under_a
     compressed = plain.replace(job_id=job_id + "c", **INT8_FP16)
     # When both are trained through RabbitMQ for the same epochs
     try:
-        runs = [train(cfg, amqp_url) for cfg in (plain, compressed)]
+        runs = [train_in_threads(cfg, amqp_url) for cfg in (plain, compressed)]
     finally:
         delete_job(job_id + "c")
     (owner32, top32), (owner8, top8) = runs
@@ -92,16 +79,3 @@ def test_int8_activations_and_fp16_gradients_train_as_well_as_float32_on_under_a
     per_sample32 = owner32["cut_bytes_per_sample"] + top32["cut_bytes_per_sample"]
     per_sample8 = owner8["cut_bytes_per_sample"] + top8["cut_bytes_per_sample"]
     assert per_sample32 / per_sample8 >= 2.6, (per_sample32, per_sample8)
-
-
-def test_with_compression_on_four_in_flight_killed_at_random_applies_every_batch_exactly_once(
-        amqp_url: str, job_id: str, tmp_path: Path, parties: list[Party]) -> None:
-    # Given four batches in flight, int8 activations and fp16 gradients, both sides checkpointing
-    cfg = JobConfig(job_id=job_id, epochs=EPOCHS, bottom_sync=BottomSync.INDEPENDENT, max_in_flight=4, **INT8_FP16)  # type: ignore[arg-type]
-    seed = random.randrange(1 << 30)
-    # When trainer, worker or both are SIGKILLed four times
-    log = soak(cfg, amqp_url, tmp_path, parties, random.Random(seed), 4, seed)
-    # Then each batch was applied exactly once on each side
-    top, _ = assert_exactly_once(tmp_path, BATCHES)
-    assert top["role"]["stage"]["version"] == BATCHES
-    assert len(log["events"]) >= 2, log

@@ -4,6 +4,8 @@ A handled delivery is ``Finishing`` until the broker has confirmed every message
 handling published; then it is acked at once (no checkpoint directory, or an effect that
 needs none), or kept until the next checkpoint is on disk. A delivery a role holds (a
 middle hop waiting for the next stage) is ``held`` under the role's key until settled.
+A bundle's parts (``coalesce`` > 1) are settled one by one; the bundle's own delivery is ready
+once every part is (``workers.coalesce.Parts``).
 Nothing here talks to the broker: the loop asks what is ready and acks it.
 """
 from __future__ import annotations
@@ -13,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Hashable
 
 from splitmq.shared.transport import Delivery
+from splitmq.workers.coalesce import Parts
 
 
 @dataclass
@@ -33,6 +36,11 @@ class Acks:
         self.held: dict[Hashable, Delivery] = {}
         self._finishing: list[Finishing] = []
         self._awaiting_checkpoint: list[Delivery] = []
+        self._parts = Parts()
+
+    def split(self, whole: Delivery, parts: list[Delivery]) -> None:
+        """``whole`` came as ``parts`` (a bundle): it is acked once every part is settled."""
+        self._parts.track(whole, parts)
 
     def hold(self, key: Hashable, delivery: Delivery) -> None:
         self.held[key] = delivery
@@ -54,7 +62,7 @@ class Acks:
             else:
                 out.append(f.delivery)
         self._finishing = keep
-        return out
+        return self._parts.settled(out)
 
     def unconfirmed(self) -> list[Future[None]]:
         """Publishes a checkpoint must see confirmed before it may cover their deliveries."""
@@ -65,7 +73,7 @@ class Acks:
         out = self._awaiting_checkpoint + [f.delivery for f in self._finishing if f.durable and f.confirmed()]
         self._awaiting_checkpoint = []
         self._finishing = [f for f in self._finishing if not (f.durable and f.confirmed())]
-        return out
+        return self._parts.settled(out)
 
     @property
     def pending_checkpoint(self) -> int:

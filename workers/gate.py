@@ -9,7 +9,9 @@ Everything raises ``RejectedMessage(reason, detail)``: the loop dead-letters wit
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
+from typing import Iterator
 
 from splitmq.shared import topology, validate, wire
 from splitmq.shared.errors import DecodeError, RejectedMessage
@@ -25,6 +27,8 @@ class GateRules:
     require_identity: bool = False
     #: Stages allowed to send forward messages on behalf of data owners (middle hops upstream of us).
     upstream: frozenset[str] = frozenset()
+    #: Most batches one message may carry (the job's agreed ``coalesce``; 1: bundles are refused).
+    coalesce: int = 1
 
 
 def admit(delivery: Delivery, inbound: Inbound, rules: GateRules) -> Incoming:
@@ -34,12 +38,61 @@ def admit(delivery: Delivery, inbound: Inbound, rules: GateRules) -> Incoming:
         RejectedMessage: with reason ``size``, ``decode``/``schema``/``kind``, ``job``, or ``identity``.
     """
     limit = inbound.limit()
+    _check_size(delivery, inbound.queue, limit)
+    return _envelope(delivery, _decode(delivery.body), inbound, rules)
+
+
+def admit_all(delivery: Delivery, inbound: Inbound, rules: GateRules) -> Iterator[tuple[Delivery, Incoming]]:
+    """``admit`` for a job that coalesces: a bundle gives one delivery per part, each admitted like a
+    message of its own (its own size limit, decode and envelope); a part refused refuses the whole.
+
+    The unread size limit scales with the agreed ``coalesce``; each part is held to one message's.
+    Parts come one at a time (the caller keeps those admitted before a refusal: the first names the
+    bundle in the sender's refusal).
+
+    Raises:
+        RejectedMessage: as ``admit``; ``size`` for a bundle of more batches than agreed.
+    """
+    if rules.coalesce <= 1:
+        yield delivery, admit(delivery, inbound, rules)
+        return
+    limit = inbound.limit()
+    _check_size(delivery, inbound.queue, limit * rules.coalesce)
+    msg = _decode(delivery.body)
+    if not isinstance(msg, wire.Bundle):
+        _check_size(delivery, inbound.queue, limit)
+        yield delivery, _envelope(delivery, msg, inbound, rules)
+        return
+    if not 1 <= len(msg.parts) <= rules.coalesce or msg.job_id != rules.job_id:
+        raise RejectedMessage("size" if msg.job_id == rules.job_id else "job",
+                              f"a bundle of {len(msg.parts)} batches for job {msg.job_id!r}; job "
+                              f"{rules.job_id!r} agreed at most {rules.coalesce} per message")
+    for cid, body in msg.parts:
+        part = dataclasses.replace(delivery, body=body, message_id=cid, correlation_id=cid)
+        _check_size(part, inbound.queue, limit)
+        inc = _envelope(part, _decode(body), inbound, rules)
+        if not isinstance(inc.msg, (wire.Forward, wire.Backward)):
+            raise RejectedMessage("kind", f"a {inc.msg.kind.value} in a bundle, which carries forwards and answers")
+        if inc.msg.client_id != msg.client_id:
+            raise RejectedMessage("identity",
+                                  f"a bundle for {msg.client_id!r} carries a batch of {inc.msg.client_id!r}")
+        yield part, inc
+
+
+def _check_size(delivery: Delivery, queue: str, limit: int) -> None:
     if len(delivery.body) > limit:
-        raise RejectedMessage("size", f"body of {len(delivery.body)} bytes; {inbound.queue} takes at most {limit}")
+        raise RejectedMessage("size", f"body of {len(delivery.body)} bytes; {queue} takes at most {limit}")
+
+
+def _decode(body: bytes) -> wire.AnyMessage:
     try:
-        msg = wire.decode(delivery.body)
+        return wire.decode(body)
     except DecodeError as exc:
         raise RejectedMessage(validate.decode_reason(exc), str(exc)) from None
+
+
+def _envelope(delivery: Delivery, msg: wire.AnyMessage, inbound: Inbound, rules: GateRules) -> Incoming:
+    """The checks no role should have to make: kind, job, names, sender."""
     if msg.kind not in inbound.kinds:
         raise RejectedMessage("kind", f"a {msg.kind.value} message on {inbound.queue}, which takes "
                                       f"{sorted(k.value for k in inbound.kinds)}")

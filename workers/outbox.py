@@ -9,6 +9,7 @@ the message set aside with its reason, and the sender told why.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from concurrent.futures import Future
@@ -17,6 +18,7 @@ from typing import Callable
 from splitmq.shared import codec, defaults, topology, wire
 from splitmq.shared.errors import PublishNacked, Unroutable
 from splitmq.shared.transport import Delivery, Transport
+from splitmq.workers import coalesce
 from splitmq.workers.exits import ExitReason, PartyExit
 from splitmq.workers.roles.base import IfUnroutable, Incoming, Send, ToParty, ToStage
 from splitmq.workers.stats import Stats
@@ -28,27 +30,56 @@ class Outbox:
     """Publishes a party's messages and keeps what their confirmations say."""
 
     def __init__(self, transport: Transport, cut_codec: codec.CutCodec, *, name: str, job_id: str,
-                 user_id: str | None, stats: Stats, clock: Callable[[], float]) -> None:
+                 user_id: str | None, stats: Stats, clock: Callable[[], float], coalesce: int = 1) -> None:
         self.transport, self.codec, self.name, self.job_id, self.user_id = transport, cut_codec, name, job_id, user_id
-        self.stats, self.clock = stats, clock
+        self.stats, self.clock, self.coalesce = stats, clock, coalesce
+        self._kept: list[tuple[Send, Future[None]]] = []  # packable sends until ``flush`` (coalesce > 1)
         self.published: list[Future[None]] = []   # every publish not yet confirmed (flushed at exit)
         self._resends: list[tuple[float, Send]] = []
         self._told: list[Send] = []               # TELL sends that found no queue (pika thread appends)
         self._nacked: PublishNacked | None = None  # a publish the broker refused for good
 
     def publish(self, send: Send) -> Future[None]:
+        """Publish ``send``; with ``coalesce`` > 1 a forward or backward is kept for ``flush`` (its future
+        settles with the confirmation of the message that carries it), and anything else flushes first."""
+        if self.coalesce > 1:
+            if coalesce.packable(send):
+                kept: Future[None] = Future()
+                self._kept.append((send, kept))
+                return kept
+            self.flush()
+        return self._publish(send)
+
+    def flush(self) -> None:
+        """Publish the kept sends, up to ``coalesce`` going to the same place in one message."""
+        kept, self._kept = self._kept, []
+        for run in coalesce.groups(kept, self.coalesce):
+            sends = [s for s, _ in run]
+            if len(run) == 1:
+                coalesce.link(self._publish(sends[0]), [run[0][1]])
+                continue
+            parts = [self.codec.outgoing(s.msg) for s in sends]  # the codec per part, per tensor
+            bundle = coalesce.pack(self.job_id, sends, [m.encode() for m in parts])
+            real = self._publish(bundle, body=bundle.msg.encode(),
+                                 cut_samples=sum(codec.cut_samples(m) for m in parts), parts=sends)
+            coalesce.link(real, [f for _, f in run])
+
+    def _publish(self, send: Send, *, body: bytes | None = None, cut_samples: int | None = None,
+                 parts: list[Send] | None = None) -> Future[None]:
         if isinstance(send.route, ToStage):
             exchange = topology.activations_exchange(self.job_id)
             key = topology.forward_routing_key(self.name, send.route.dest)
         else:
             exchange = topology.gradients_exchange(self.job_id)
             key = topology.reply_routing_key(send.route.party)
-        msg = self.codec.outgoing(send.msg)  # the codec hook: the cut tensor as the job agreed it travels
-        body = msg.encode()
-        self.stats.sent(len(body), cut_samples=codec.cut_samples(msg))
+        if body is None:
+            msg = self.codec.outgoing(send.msg)  # the codec hook: the cut tensor as the job agreed it travels
+            body, cut_samples = msg.encode(), codec.cut_samples(msg)
+        self.stats.sent(len(body), cut_samples=cut_samples or 0)
         future = self.transport.publish(exchange, key, body, message_id=send.message_id or send.correlation_id,
                                         correlation_id=send.correlation_id, reply_to=self.name, user_id=self.user_id)
-        future.add_done_callback(lambda f: self._on_confirm(f, send))
+        for one in parts or [send]:  # a bundle refused is each of its parts refused
+            future.add_done_callback(functools.partial(self._on_confirm, send=one))
         self.published = [f for f in self.published if not f.done()]
         self.published.append(future)
         return future

@@ -76,13 +76,14 @@ class Party:
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.roles, self.transport, self.opts, self.stats = list(roles), transport, opts, stats
         self.stop, self.clock = stop, clock
-        self.rules = opts.rules or gate.GateRules(job_id=opts.job_id)
+        most = int(opts.spec.get("coalesce", 1))  # the agreed batches per message: a loop hook (workers.coalesce)
+        self.rules = dataclasses.replace(opts.rules or gate.GateRules(job_id=opts.job_id), coalesce=most)
         self.codec = codec.CutCodec.for_spec(opts.spec)  # the agreed compression at the cut: a loop hook
         self.acks = Acks(checkpointing=opts.checkpoint_path is not None)
         self.inbox: queue.Queue[Delivery | None] = queue.Queue()  # None: wake up (see ``wake``)
         self.inbound, self.routes = routing(self.roles)
         self.outbox = Outbox(transport, self.codec, name=opts.name, job_id=opts.job_id, user_id=opts.user_id,
-                             stats=stats, clock=clock)
+                             stats=stats, clock=clock, coalesce=most)
         self.waits = WaitLog(opts.name)
         self._retries = Retries()
         self._unjoined = Unjoined()
@@ -224,8 +225,8 @@ class Party:
                 self._apply(role.tick(now), None, role)
             self.transport.check()
             self.waits.watch([w for r in self.roles for w in r.waits(now)] + self._own_waits(now), now)
-            for d in self.acks.ready():
-                self.transport.ack(d)
+            self.outbox.flush()
+            self.transport.ack_many(self.acks.ready())
             self._maybe_checkpoint(now, idle=delivery is None)
             for role in self.roles:
                 done = role.finished()
@@ -243,16 +244,20 @@ class Party:
     # ---- receiving --------------------------------------------------------------------------
 
     def _receive(self, delivery: Delivery) -> None:
+        """Gate, decode and dispatch one delivery, or each part of a bundle (refused whole if one part is)."""
         self.stats.received(len(delivery.body))
         inc: Incoming | None = None
+        admitted: list[tuple[Delivery, Incoming]] = []
         try:
-            inc = gate.admit(delivery, self.inbound[delivery.queue], self.rules)
-            # the codec hook: roles, validation and the stage see float32 whatever crossed the cut
-            inc = dataclasses.replace(inc, msg=self.codec.incoming(inc.msg))
+            for part, inc in gate.admit_all(delivery, self.inbound[delivery.queue], self.rules):
+                # the codec hook: roles, validation and the stage see float32 whatever crossed the cut
+                admitted.append((part, dataclasses.replace(inc, msg=self.codec.incoming(inc.msg))))
         except RejectedMessage as exc:
-            self._dead_letter(delivery, exc.reason, exc.detail, inc)
+            self._dead_letter(delivery, exc.reason, exc.detail, admitted[0][1] if admitted else inc)
             return
-        self._dispatch(inc, delivery, attempt=1)
+        self.acks.split(delivery, [part for part, _ in admitted])
+        for part, inc in admitted:
+            self._dispatch(inc, part, attempt=1)
 
     def _dispatch(self, inc: Incoming, delivery: Delivery, *, attempt: int) -> None:
         role = self.routes[(inc.queue, inc.msg.kind)]
@@ -370,6 +375,7 @@ class Party:
     def _checkpoint(self, *, final: bool = False) -> None:
         """Wait for the replies a checkpoint covers to be confirmed, save, then ack what it covers."""
         self._checkpoint_asked = False
+        self.outbox.flush()
         path = self.opts.checkpoint_path
         since = self.clock()
         watched = self.acks.unconfirmed() + (self.outbox.published if final else [])
@@ -379,13 +385,11 @@ class Party:
             self.waits.watch([Wait("the broker to confirm our replies", since, defaults.CONFIRM_TIMEOUT_S,
                               ExitReason.BROKER_UNAVAILABLE)], self.clock())
             time.sleep(0.005)
-        for d in self.acks.ready():
-            self.transport.ack(d)
+        self.transport.ack_many(self.acks.ready())
         if path is not None:
             checkpoint.save(path, {"config": self.opts.spec, "roles": {
                 r.name: {"role": r.state(), "ledger": r.ledger.state() if r.ledger is not None else {}}
                 for r in self.roles}})
-        for d in self.acks.checkpointed():
-            self.transport.ack(d)
+        self.transport.ack_many(self.acks.checkpointed())
         self._last_checkpoint = self.clock()
 

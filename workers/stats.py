@@ -39,6 +39,7 @@ class Stats:
 
     def received(self, nbytes: int) -> None:
         self.counts["bytes_received"] += nbytes
+        self.counts["messages_received"] += 1
         if (m := self._m()) is not None:
             m.bytes.labels(m.role, "received").inc(nbytes)
 
@@ -46,6 +47,7 @@ class Stats:
         """One message body sent; ``cut_samples`` > 0 when it carried that many training samples'
         activations or gradients (what ``cut_bytes_per_sample`` divides by)."""
         self.counts["bytes_sent"] += nbytes
+        self.counts["messages_sent"] += 1
         if cut_samples:
             self.counts["cut_bytes_sent"] += nbytes
             self.counts["cut_samples_sent"] += cut_samples
@@ -65,7 +67,8 @@ class Stats:
         c = self.counts
         return {"batches_applied": c["applied"], "samples": c["samples"], "duplicates": c["duplicates"],
                 "skipped": c["skipped"], "rejected": dict(self.rejections), "bytes_sent": c["bytes_sent"],
-                "bytes_received": c["bytes_received"], "cut_bytes_per_sample": self.cut_bytes_per_sample()}
+                "bytes_received": c["bytes_received"], "cut_bytes_per_sample": self.cut_bytes_per_sample(),
+                "messages_sent": c["messages_sent"], "messages_received": c["messages_received"]}
 
     def duplicate(self) -> None:
         self.counts["duplicates"] += 1

@@ -1,5 +1,6 @@
 """The benchmark suite's CI smoke test: ``splitmq bench --quick`` runs every part briefly on
-the real broker and writes both files. It asserts the files' shape, never a timing."""
+the real broker (the CPU-per-sample part included) and writes its files. It asserts the files'
+shape, never a timing."""
 from __future__ import annotations
 
 import json
@@ -29,7 +30,8 @@ def test_quick_bench_writes_a_report_and_strict_json_with_every_part(amqp_url: s
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(out_json.read_text(), parse_constant=lambda c: _refuse_constant(c))
     assert result["quick"] is True
-    for part in ("machine", "local", "codec", "peer_rpc", "ceiling", "jobs", "profile", "bytes", "ratios"):
+    for part in ("machine", "local", "codec", "peer_rpc", "ceiling", "jobs", "profile", "bytes", "ratios",
+                 "cpu_ratios"):
         assert part in result, part
     assert result["command"].startswith("splitmq bench --quick")
     assert {row["mode"] for row in result["ceiling"]["rows"]} == {"durable", "transient"}
@@ -39,6 +41,12 @@ def test_quick_bench_writes_a_report_and_strict_json_with_every_part(amqp_url: s
         assert heading in report, heading
     assert result["command"] in report
     assert "torch.set_num_threads(1)" in report
+    # And the CPU part wrote its section and its own strict JSON, with every contender measured
+    assert "## CPU per sample per party" in report and report.count("<!-- cpu:start -->") == 1
+    cpu = json.loads((tmp_path / "b-cpu.json").read_text(), parse_constant=lambda c: _refuse_constant(c))
+    assert {(c["mode"], c["in_flight"]) for c in cpu["ceiling"]} == {("durable", 1), ("durable", 4), ("transient", 4)}
+    assert [s["in_flight"] for s in cpu["splitmq"]] == [4]
+    assert {"local", "bottom", "bottom_stash", "top", "validation"} <= set(cpu["references"])
 
 
 def _refuse_constant(name: str) -> None:

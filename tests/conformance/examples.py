@@ -85,6 +85,9 @@ def _examples() -> dict[str, wire.Message]:
         "segment": wire.Segment(job_id=JOB, client_id="top", seq=0, created_at=T0, request_id="client-0:export-top:1",
                                 segment=1, error="not approved: top has not approved an export of job mnist to "
                                                  "client-0"),
+        "bundle": wire.Bundle(**common, seq=65, parts=(
+            (topology.batch_id(ME, 65), wire.Backward(**common, seq=65, outcome="duplicate").encode()),
+            (topology.batch_id(ME, 66), wire.Backward(**common, seq=66, model_version=67, outcome="skipped").encode()))),
     }
 
 

@@ -9,10 +9,10 @@ import torch
 from torch import nn
 
 from splitmq.shared import privacy
-from splitmq.shared.config import JobConfig, LabelSource, Privacy, Task
+from splitmq.shared.config import PRIVACY_PRESETS, JobConfig, LabelSource, Privacy, Task
 from splitmq.shared.errors import ConfigError
-from splitmq.shared.label_protection import MarvellNoise, NoProtection
-from splitmq.workers import assemble
+from splitmq.shared.label_protection import MarvellNoise, NoProtection, Spread, optimal_covariances, sum_kl
+from splitmq.workers import assemble, attacks
 
 
 def conv_cut() -> nn.Sequential:
@@ -150,23 +150,85 @@ def test_a_bottleneck_is_refused_on_a_cut_it_cannot_narrow() -> None:
         assemble.owner_segment(JobConfig(bottleneck=8), 0)
 
 
-def test_marvell_noise_lies_along_the_class_gap_with_the_power_asked_and_keeps_the_mean() -> None:
-    # Given gradients whose two classes differ along the first axis, and scale 4
+def test_marvell_noise_lies_on_the_line_of_one_logit_gradients_spends_the_power_asked_and_sums_to_zero() -> None:
+    # Given gradients on one line (as a one-logit top returns them), the classes 1.2 apart along
+    # it with different spreads, one positive in five
     g = torch.Generator().manual_seed(1)
-    labels = torch.tensor([1, 0] * 2000)
-    grads = torch.randn(4000, 6, generator=g) * 0.01
-    grads[:, 0] += torch.where(labels == 1, -1.0, 0.2)
+    labels = (torch.arange(4000) % 5 == 0).long()
+    draws = torch.randn(4000, generator=g)
+    along = torch.where(labels == 1, -1.0 + 0.3 * draws, 0.2 + 0.1 * draws)
+    line = torch.tensor([0.6, -0.8, 0.0, 0.0], dtype=torch.float64)
+    grads = along.double().unsqueeze(1) * line
     guard = MarvellNoise(scale=4.0, seed=3)
-    # When it protects them
-    out = guard.protect(grads, labels)
-    noise = out - grads
-    # Then the noise is along the gap (off it only by the gap's estimation error from the other axes'
-    # noise), its std is sqrt(4) * the gap (1.2), and its mean is ~0
-    assert float(noise[:, 1:].abs().max()) < 0.01 * float(noise[:, 0].std())
-    assert float(noise[:, 0].std()) == pytest.approx(2 * 1.2, rel=0.05)
-    assert abs(float(noise[:, 0].mean())) < 0.1
+    # When it protects them, in batches of 400
+    noise = torch.cat([guard.protect(grads[i:i + 400], labels[i:i + 400]) - grads[i:i + 400]
+                       for i in range(0, 4000, 400)])
+    # Then the noise stays on the line (the classes do not differ across it), each batch's noise
+    # sums to zero, and its power per sample is 4 times the squared gap
+    off_line = noise - (noise @ line).unsqueeze(1) * line
+    assert float(off_line.abs().max()) < 1e-9
+    assert float(noise.reshape(10, 400, 4).sum(1).abs().max()) < 1e-9
+    assert float(noise.pow(2).sum(1).mean()) == pytest.approx(4 * 1.2 ** 2, rel=0.1)
     # And no protection is the identity
     assert NoProtection().protect(grads, labels) is grads
+
+
+def test_marvells_covariances_spend_the_budget_and_beat_splitting_it_evenly() -> None:
+    # Given batches whose classes spread differently along the gap and across it (d = 8, 1 in 5 positive)
+    e = torch.eye(8, dtype=torch.float64)[0]
+    cases = [Spread(1.0, 0.0, 0.0, 0.0, 0.0, 0.2), Spread(1.0, 0.05, 0.4, 0.01, 0.2, 0.2),
+             Spread(1.0, 0.3, 0.1, 0.3, 0.05, 0.2)]
+    for spread in cases:
+        # When Marvell's covariances are chosen for power 4
+        cov = optimal_covariances(e, spread, 4.0)
+        # Then they spend exactly the budget, and do better on the bound than the same power given
+        # to every sample along the gap
+        assert 0.8 * (cov.a0 + 8 * cov.s0) + 0.2 * (cov.a1 + 8 * cov.s1) == pytest.approx(4.0, rel=1e-9)
+        even = sum_kl(*(torch.tensor(x, dtype=torch.float64) for x in (4.0, 0.0, 4.0, 0.0)),
+                      Spread(1.0, *(max(x, 1e-12) for x in (spread.along0, spread.along1, spread.across0,
+                                                             spread.across1)), 0.2), 8)
+        assert 0 <= cov.sum_kl <= float(even)
+    # And noise in every direction goes only to the class that spreads less across the gap
+    cov = optimal_covariances(e, cases[1], 4.0)
+    assert cov.s1 == 0 and cov.s0 > 0
+
+
+def one_logit_batches(count: int = 40, size: int = 64) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Batches of gradients as a one-logit top returns them, ``(sigmoid(f) - y) / B`` times its
+    input weights (all on one line), about one positive in ten, the model mostly right."""
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(16, generator=g)
+    out = []
+    for _ in range(count):
+        y = (torch.rand(size, generator=g) < 0.1).long()
+        logit = torch.randn(size, generator=g) * 2 + torch.where(y == 1, 2.0, -2.0)
+        out.append((((torch.sigmoid(logit) - y) / size).unsqueeze(1) * w, y))
+    return out
+
+
+def label_leaks(batches: list[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, float]:
+    """The audit's three label attacks on these batches (leak AUC each)."""
+    grads, positive = [gr for gr, _ in batches], [y > 0 for _, y in batches]
+    cos, cos_labels = attacks.cosine_scores(grads, positive)
+    return {"norm": attacks.leak_auc(attacks.norm_scores(grads), torch.cat(positive)),
+            "cosine": attacks.leak_auc(cos, cos_labels),
+            "direction": attacks.leak_auc(attacks.direction_scores(grads), torch.cat(positive))}
+
+
+def test_marvell_at_the_presets_power_brings_the_no_label_direction_attack_to_chance() -> None:
+    # Given a one-logit top's gradients, which give every label away to the direction attack
+    batches = one_logit_batches()
+    assert label_leaks(batches)["direction"] > 0.95
+    # When Marvell protects them at power 4 and at the standard preset's power
+    leaks = {}
+    for scale in (4.0, PRIVACY_PRESETS[Privacy.STANDARD]["label_protection"]):
+        guard = MarvellNoise(scale=scale, seed=1)
+        leaks[scale] = label_leaks([(guard.protect(gr, y), y) for gr, y in batches])
+    # Then power 4 still leaks to the direction attack, the preset's does not, and no attack
+    # gets much beyond chance
+    weak, strong = leaks[4.0], leaks[PRIVACY_PRESETS[Privacy.STANDARD]["label_protection"]]
+    assert weak["direction"] > 0.57 > strong["direction"]
+    assert strong["norm"] < 0.55 and strong["cosine"] < 0.55, strong
 
 
 def test_marvell_noise_reuses_the_last_gap_for_a_batch_of_one_class() -> None:

@@ -1,0 +1,262 @@
+"""``splitmq bench cpu``: CPU per sample per party, next to what the same work costs without splitmq.
+
+What a deployment pays per sample is CPU, and on a shared 2-core machine it is far steadier
+than wall-clock rates. One run measures, on the benchmark's own broker node (``bench.node``,
+so ``beam.smp``'s CPU is this run's alone), in this order:
+
+1. the in-process references (``bench.hotloops``): local training in one process; the bottom
+   alone and the top alone in a hot loop (the parties' own Stages, no transport); validation of
+   one real Forward and Backward against a memcpy of it;
+2. the raw pika ceiling (``bench.ceiling``: a driver and an echo process, no splitmq code) at
+   the job's message sizes: quorum + persistent + confirms with 1 and 4 in flight, and
+   transient with 4; CPU of driver, echo and broker;
+3. splitmq with its defaults (MLP, one owner, K=1 and K=4) as real ``splitmq server`` +
+   ``splitmq worker`` processes (``bench.cpujobs``): worker, trainer (each split into the loop's
+   main thread and pika's I/O thread) and broker.
+
+CPU is utime+stime from ``/proc`` over the steady state (20%-80% of the samples, ``bench.cputime``).
+The ratios T1-T5 (issue 14) compare splitmq with the sum of its references; wall-clock rates
+are kept as context. The section it writes into docs/benchmarks.md sits between markers and is
+kept when the main suite regenerates the page.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+from splitmq.bench import ceiling, cpujobs, cputime, hotloops, jobs, node, sections
+from splitmq.bench.common import AMQP_URL, BATCH_SIZE, DATASET, machine
+from splitmq.bench.suite import clean
+
+START, END = sections.markers("cpu")
+MODEL = "mlp"
+#: splitmq's windows measured (the last is the one the ratios use).
+WINDOWS = (1, 4)
+#: The ceiling rows: (mode, in flight).
+CEILINGS = (("durable", 1), ("durable", 4), ("transient", 4))
+#: Epochs per splitmq job (long enough for a steady state of several seconds at either K).
+EPOCHS = 6
+#: Seconds per timed loop: hot loops and each ceiling row.
+SECONDS = 4.0
+#: Issue 14's targets: every ratio at or below its bound.
+TARGETS = {"t1": 1.3, "t2": 1.4, "t3": 1.3, "t4": 1.05, "t5": 2.0}
+LABELS = {
+    "t1": "T1 total CPU/sample, splitmq K=4 ÷ (local training + durable ceiling K=4)",
+    "t2": "T2 worker ÷ (bottom hot loop + ceiling driver), K=4",
+    "t3": "T3 trainer ÷ (top hot loop + ceiling echo), K=4",
+    "t4": "T4 broker, splitmq K=4 ÷ durable ceiling K=4",
+    "t5": "T5 trainer's validation of one Forward ÷ memcpy of it",
+}
+
+
+@contextlib.contextmanager
+def _broker(quick: bool) -> Iterator[node.Node]:
+    """The benchmark's own node; quick mode uses the shared broker (no broker CPU: it is not ours alone)."""
+    if quick:
+        yield node.Node(AMQP_URL, None)
+        return
+    with node.own_node() as n:
+        yield n
+
+
+def run(*, quick: bool, workdir: Path, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Every contender once, in one run; the result is what docs/benchmarks-cpu.json holds."""
+    seconds, epochs = (0.3, 1) if quick else (SECONDS, EPOCHS)
+    data = "synthetic" if quick else DATASET
+    out: dict[str, Any] = {"quick": quick, "model": MODEL, "dataset": data, "epochs": epochs, "seconds": seconds,
+                           "machine_at_start": machine()}
+    log("bench cpu: in-process references (local, bottom, top, validation)...")
+    out["references"] = hotloops.run(MODEL, seconds, data, in_flight=WINDOWS[-1])
+    refs = out["references"]
+    with _broker(quick) as broker:
+        out["broker_own_node"] = broker.pid is not None
+        out["ceiling"] = []
+        for mode, k in CEILINGS:
+            log(f"bench cpu: raw pika ceiling, {mode}, {k} in flight...")
+            out["ceiling"].append(_ceiling(broker, mode, k, refs["request_bytes"], refs["reply_bytes"], seconds))
+        out["splitmq"] = []
+        for k in WINDOWS[-1:] if quick else WINDOWS:
+            log(f"bench cpu: splitmq K={k}, {epochs} epochs...")
+            spec = jobs.JobSpec(model=MODEL, clients=1, in_flight=k, epochs=epochs, dataset=data)
+            row = cpujobs.run(spec, workdir, url=broker.url, broker_pid=broker.pid)
+            out["splitmq"].append({"in_flight": k, "samples_per_second": row["samples_per_second"],
+                                   "bytes_per_sample": row["worker_bytes_per_sample"], "accuracy": row["accuracy"],
+                                   "cpu": row["cpu"]})
+    out["ratios"] = ratios(out)
+    out["machine"] = machine()
+    cleaned: dict[str, Any] = clean(out)
+    return cleaned
+
+
+def _ceiling(broker: node.Node, mode: str, k: int, request_bytes: int, reply_bytes: int,
+             seconds: float) -> dict[str, Any]:
+    """One ceiling row with the CPU of driver (this process's main thread), echo and broker."""
+    samplers: list[cputime.Sampler] = []
+
+    def watch(echo_pid: int, driver: Any) -> None:
+        pids = {"driver": os.getpid(), "echo": echo_pid, **({"broker": broker.pid} if broker.pid else {})}
+        samplers.append(cputime.Sampler(pids, lambda: float(len(driver.rtts))).start())
+
+    try:
+        row = ceiling.round_trips(broker.url, mode=mode, in_flight=k, request_bytes=request_bytes,
+                                  reply_bytes=reply_bytes, seconds=seconds, on_start=watch)
+    finally:
+        for sampler in samplers:
+            sampler.stop()
+    cpu = cputime.window(samplers[0].snapshots, row["round_trips"], per=BATCH_SIZE) if samplers else None
+    return {**row, "samples_per_second": row["per_second"] * BATCH_SIZE, "cpu": cpu}
+
+
+# ---- the figures the report and the ratios read ------------------------------------------------
+
+def _us(row: dict[str, Any] | None, party: str, group: str = "total") -> float | None:
+    """µs per sample of ``party`` (thread ``group``) in a row's steady-state window; None if not measured."""
+    cpu = (row or {}).get("cpu") or {}
+    value = cpu.get("us_per_sample", {}).get(party, {}).get(group)
+    return float(value) if value is not None else None
+
+
+def ceiling_row(r: dict[str, Any], mode: str, k: int) -> dict[str, Any] | None:
+    return next((c for c in r["ceiling"] if c["mode"] == mode and c["in_flight"] == k), None)
+
+
+def splitmq_row(r: dict[str, Any], k: int) -> dict[str, Any] | None:
+    return next((s for s in r["splitmq"] if s["in_flight"] == k), None)
+
+
+def parties(row: dict[str, Any] | None, *, ceiling_row: bool) -> dict[str, float | None]:
+    """worker/trainer/broker µs per sample of a row: a ceiling's driver is its worker (its main
+    thread: its one I/O loop), its echo its trainer."""
+    worker, trainer = ("driver", "echo") if ceiling_row else ("worker", "trainer")
+    group = "main" if ceiling_row else "total"
+    out = {"worker": _us(row, worker, group), "trainer": _us(row, trainer), "broker": _us(row, "broker")}
+    parts = [v for v in out.values()]
+    out["total"] = sum(v for v in parts if v is not None) if all(v is not None for v in parts) else None
+    return out
+
+
+def _ratio(a: float | None, *b: float | None) -> float | None:
+    if a is None or any(x is None for x in b):
+        return None
+    den = sum(x for x in b if x is not None)
+    return a / den if den > 0 else None
+
+
+def ratios(r: dict[str, Any]) -> dict[str, Any]:
+    """T1-T5 at K=4 (and T1-T4 at K=1 for context, against the ceiling with 1 in flight)."""
+    refs = r["references"]
+    local_us = refs["local"]["cpu_us_per_sample"]
+    bottom_us, top_us = refs["bottom"]["cpu_us_per_sample"], refs["top"]["cpu_us_per_sample"]
+    out: dict[str, Any] = {}
+    for k in WINDOWS:
+        ours = parties(splitmq_row(r, k), ceiling_row=False)
+        ceil = parties(ceiling_row(r, "durable", k), ceiling_row=True)
+        out[f"k{k}"] = {"t1": _ratio(ours["total"], local_us, ceil["total"]),
+                        "t2": _ratio(ours["worker"], bottom_us, ceil["worker"]),
+                        "t3": _ratio(ours["trainer"], top_us, ceil["trainer"]),
+                        "t4": _ratio(ours["broker"], ceil["broker"])}
+    out.update(out[f"k{WINDOWS[-1]}"])
+    out["t5"] = refs["validation"]["trainer"]["validation_over_memcpy"]
+    out["met"] = {t: (out[t] <= bound if out[t] is not None else None) for t, bound in TARGETS.items()}
+    return out
+
+
+# ---- the section of docs/benchmarks.md ----------------------------------------------------------
+
+def _n(x: float | None, fmt: str = "{:.0f}") -> str:
+    return "n/a" if x is None else fmt.format(x)
+
+
+def _split(row: dict[str, Any] | None, party: str) -> str:
+    """``total (main / pika)`` of a splitmq party."""
+    return f"{_n(_us(row, party))} ({_n(_us(row, party, 'main'))} / {_n(_us(row, party, 'pika'))})"
+
+
+def table(r: dict[str, Any]) -> list[str]:
+    """One row per contender: worker, trainer and broker µs per sample, and wall-clock samples/s."""
+    refs = r["references"]
+    local_us, bottom_us = refs["local"]["cpu_us_per_sample"], refs["bottom"]["cpu_us_per_sample"]
+    stash_us, top_us = refs["bottom_stash"]["cpu_us_per_sample"], refs["top"]["cpu_us_per_sample"]
+    k = refs["bottom_stash"]["in_flight"]
+    lines = ["| contender | worker µs | trainer µs | broker µs | total µs/sample | samples/s (wall, context) |",
+             "|---|---:|---:|---:|---:|---:|",
+             f"| local training, one process | | | | {_n(local_us)} | {refs['local']['samples_per_second']:,.0f} |",
+             f"| bottom alone / top alone, hot loop (no transport) | {_n(bottom_us)} | {_n(top_us)} | | "
+             f"{_n(bottom_us + top_us)} | |",
+             f"| bottom alone, {k} in flight (weight stash + delay compensation, as the worker at K={k}) | "
+             f"{_n(stash_us)} | | | | |"]
+    for mode, n in CEILINGS:
+        row = ceiling_row(r, mode, n)
+        p = parties(row, ceiling_row=True)
+        lines.append(f"| raw pika ceiling, {'quorum + persistent + confirms' if mode == 'durable' else mode}, "
+                     f"K={n} (driver / echo) | {_n(p['worker'])} | {_n(p['trainer'])} | {_n(p['broker'])} | "
+                     f"{_n(p['total'])} | {_n(row['samples_per_second'] if row else None, '{:,.0f}')} |")
+    for n in WINDOWS:
+        row = splitmq_row(r, n)
+        p = parties(row, ceiling_row=False)
+        lines.append(f"| splitmq {'sync ' if n == 1 else ''}K={n} (main / pika) | {_split(row, 'worker')} | "
+                     f"{_split(row, 'trainer')} | {_n(p['broker'])} | {_n(p['total'])} | "
+                     f"{_n(row['samples_per_second'] if row else None, '{:,.0f}')} |")
+    return lines
+
+
+def targets(r: dict[str, Any]) -> list[str]:
+    q = r["ratios"]
+    lines = ["| ratio | this run | target | |", "|---|---:|---:|---|"]
+    for t, bound in TARGETS.items():
+        verdict = "not run" if q[t] is None else ("met" if q[t] <= bound else "**missed**")
+        lines.append(f"| {LABELS[t]} | {_n(q[t], '{:.2f}')} | ≤ {bound:g} | {verdict} |")
+    k1 = q.get("k1", {})
+    lines += ["", "At K=1 (against the durable ceiling with 1 in flight), for context: "
+              + ", ".join(f"{t.upper()} {_n(k1.get(t), '{:.2f}')}" for t in ("t1", "t2", "t3", "t4")) + "."]
+    return lines
+
+
+def validation(r: dict[str, Any]) -> list[str]:
+    v = r["references"]["validation"]
+    lines = ["| party | message | bytes | gate's own checks µs | role's check µs | validation µs | memcpy µs | "
+             "validation / memcpy | whole gate µs (decode included) | `wire.decode` µs |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for party, checks in (("trainer", "check_forward"), ("worker", "check_gradient")):
+        x = v[party]
+        lines.append(f"| {party} | {x['message']} (`{checks}`) | {x['message_bytes']:,} | {x['gate_checks_us']:.1f} | "
+                     f"{x['checks_us']:.1f} | {x['validation_us']:.1f} | {x['memcpy_us']:.1f} | "
+                     f"{x['validation_over_memcpy']:.2f} | {x['gate_us']:.1f} | {x['decode_us']:.1f} |")
+    return lines
+
+
+def markdown(r: dict[str, Any], command: str) -> str:
+    """The section docs/benchmarks.md keeps between its markers."""
+    m = r["machine"]
+    where = ("a RabbitMQ node of the benchmark's own (`beam.smp`'s CPU is this run's alone)" if r["broker_own_node"]
+             else "the shared broker (its CPU is not measured)")
+    lines = [START, "## CPU per sample per party (`splitmq bench cpu`)", "",
+             f"Generated by `{command}` on {m['date_utc']} UTC at commit `{m['commit']}`"
+             f"{' (QUICK smoke mode: numbers mean nothing)' if r['quick'] else ''}; load at start "
+             f"`{r['machine_at_start']['uptime']}`, at end `{m['uptime']}`. Raw results: `docs/benchmarks-cpu.json`.",
+             "",
+             f"One run, same machine, every contender one after the other: {r['model'].upper()} with splitmq's "
+             f"defaults, one owner, batch {BATCH_SIZE}, {r['dataset']} data, one torch thread per process, on {where}. "
+             "splitmq: real `splitmq server` + `splitmq worker` processes (durable quorum queues, persistent "
+             f"confirmed messages, checkpoints), {r['epochs']} epochs; CPU = utime+stime from `/proc` per process "
+             "and per thread over the 20%-80% window of the samples (main = the loop's thread, pika = its I/O "
+             "thread; the total also holds the metrics server and torch's threads). Raw pika ceiling "
+             f"(`bench/ceiling.py`): a driver and an echo process moving bodies of the job's Forward and Backward "
+             f"sizes ({r['references']['request_bytes']:,} / {r['references']['reply_bytes']:,} bytes), reading "
+             f"their sockets 64 KB at a time as splitmq does, for {r['seconds']:g} s per row; its driver's figure "
+             "is its one I/O thread. Hot loops: the calling thread's CPU over "
+             f"{r['seconds']:g} s of the parties' own Stages, no transport.", ""]
+    lines += table(r) + [""] + targets(r) + ["", "Validation per message, timed on the real functions "
+                                             "(`workers/gate.py`, `shared/validate.py`) and a real message of "
+                                             "the job's size (the gate's own checks: `gate.admit` with its "
+                                             "`wire.decode` handing back the decoded message; decoding is "
+                                             "the codec's cost, section 5):", ""]
+    lines += validation(r) + ["", END]
+    return "\n".join(lines) + "\n"
+
+
+def write(r: dict[str, Any], command: str, out_md: Path, out_json: Path) -> None:
+    """Replace (or append) the cpu section of ``out_md``; raw results in ``out_json``."""
+    sections.write("cpu", markdown(r, command), r, out_md, out_json)
