@@ -12,7 +12,8 @@ so ``beam.smp``'s CPU is this run's alone), in this order:
    transient with 4; CPU of driver, echo and broker;
 3. splitmq with its defaults (MLP, one owner, K=1 and K=4) as real ``splitmq server`` +
    ``splitmq worker`` processes (``bench.cpujobs``): worker, trainer (each split into the loop's
-   main thread and pika's I/O thread) and broker.
+   main thread and pika's I/O thread) and broker; then K=4 with ``coalesce = 4`` (not a default:
+   what a job that asks for it pays).
 
 CPU is utime+stime from ``/proc`` over the steady state (20%-80% of the samples, ``bench.cputime``).
 The ratios T1-T5 (issue 14) compare splitmq with the sum of its references; wall-clock rates
@@ -36,6 +37,8 @@ MODEL = "mlp"
 WINDOWS = (1, 4)
 #: The ceiling rows: (mode, in flight).
 CEILINGS = (("durable", 1), ("durable", 4), ("transient", 4))
+#: The coalesced job measured after the defaults: (in flight, batches per message).
+COALESCED = (4, 4)
 #: Epochs per splitmq job (long enough for a steady state of several seconds at either K).
 EPOCHS = 6
 #: Seconds per timed loop: hot loops and each ceiling row.
@@ -84,6 +87,15 @@ def run(*, quick: bool, workdir: Path, log: Callable[[str], None] = print) -> di
             out["splitmq"].append({"in_flight": k, "samples_per_second": row["samples_per_second"],
                                    "bytes_per_sample": row["worker_bytes_per_sample"], "accuracy": row["accuracy"],
                                    "cpu": row["cpu"]})
+        if not quick:
+            k, n = COALESCED
+            log(f"bench cpu: splitmq K={k} coalesce {n}, {epochs} epochs...")
+            spec = jobs.JobSpec(model=MODEL, clients=1, in_flight=k, epochs=epochs, dataset=data,
+                                options=("--coalesce", str(n)))
+            row = cpujobs.run(spec, workdir, url=broker.url, broker_pid=broker.pid)
+            out["splitmq"].append({"in_flight": k, "coalesce": n, "samples_per_second": row["samples_per_second"],
+                                   "bytes_per_sample": row["worker_bytes_per_sample"], "accuracy": row["accuracy"],
+                                   "cpu": row["cpu"]})
     out["ratios"] = ratios(out)
     out["machine"] = machine()
     cleaned: dict[str, Any] = clean(out)
@@ -122,8 +134,8 @@ def ceiling_row(r: dict[str, Any], mode: str, k: int) -> dict[str, Any] | None:
     return next((c for c in r["ceiling"] if c["mode"] == mode and c["in_flight"] == k), None)
 
 
-def splitmq_row(r: dict[str, Any], k: int) -> dict[str, Any] | None:
-    return next((s for s in r["splitmq"] if s["in_flight"] == k), None)
+def splitmq_row(r: dict[str, Any], k: int, coalesce: int = 1) -> dict[str, Any] | None:
+    return next((s for s in r["splitmq"] if s["in_flight"] == k and s.get("coalesce", 1) == coalesce), None)
 
 
 def parties(row: dict[str, Any] | None, *, ceiling_row: bool) -> dict[str, float | None]:
@@ -150,10 +162,10 @@ def ratios(r: dict[str, Any]) -> dict[str, Any]:
     local_us = refs["local"]["cpu_us_per_sample"]
     bottom_us, top_us = refs["bottom"]["cpu_us_per_sample"], refs["top"]["cpu_us_per_sample"]
     out: dict[str, Any] = {}
-    for k in WINDOWS:
-        ours = parties(splitmq_row(r, k), ceiling_row=False)
+    for key, k, n in [(f"k{k}", k, 1) for k in WINDOWS] + [(f"k{COALESCED[0]}_coalesce{COALESCED[1]}", *COALESCED)]:
+        ours = parties(splitmq_row(r, k, n), ceiling_row=False)
         ceil = parties(ceiling_row(r, "durable", k), ceiling_row=True)
-        out[f"k{k}"] = {"t1": _ratio(ours["total"], local_us, ceil["total"]),
+        out[key] = {"t1": _ratio(ours["total"], local_us, ceil["total"]),
                         "t2": _ratio(ours["worker"], bottom_us, ceil["worker"]),
                         "t3": _ratio(ours["trainer"], top_us, ceil["trainer"]),
                         "t4": _ratio(ours["broker"], ceil["broker"])}
@@ -193,10 +205,13 @@ def table(r: dict[str, Any]) -> list[str]:
         lines.append(f"| raw pika ceiling, {'quorum + persistent + confirms' if mode == 'durable' else mode}, "
                      f"K={n} (driver / echo) | {_n(p['worker'])} | {_n(p['trainer'])} | {_n(p['broker'])} | "
                      f"{_n(p['total'])} | {_n(row['samples_per_second'] if row else None, '{:,.0f}')} |")
-    for n in WINDOWS:
-        row = splitmq_row(r, n)
+    for n, c in [(n, 1) for n in WINDOWS] + [COALESCED]:
+        row = splitmq_row(r, n, c)
+        if row is None and c > 1:
+            continue
         p = parties(row, ceiling_row=False)
-        lines.append(f"| splitmq {'sync ' if n == 1 else ''}K={n} (main / pika) | {_split(row, 'worker')} | "
+        label = f"splitmq {'sync ' if n == 1 else ''}K={n}{f', coalesce {c}' if c > 1 else ''} (main / pika)"
+        lines.append(f"| {label} | {_split(row, 'worker')} | "
                      f"{_split(row, 'trainer')} | {_n(p['broker'])} | {_n(p['total'])} | "
                      f"{_n(row['samples_per_second'] if row else None, '{:,.0f}')} |")
     return lines
@@ -211,6 +226,11 @@ def targets(r: dict[str, Any]) -> list[str]:
     k1 = q.get("k1", {})
     lines += ["", "At K=1 (against the durable ceiling with 1 in flight), for context: "
               + ", ".join(f"{t.upper()} {_n(k1.get(t), '{:.2f}')}" for t in ("t1", "t2", "t3", "t4")) + "."]
+    k, n = COALESCED
+    packed = q.get(f"k{k}_coalesce{n}", {})
+    if packed.get("t1") is not None:
+        lines += ["", f"At K={k} with `coalesce = {n}` (not a default; against the same references): "
+                  + ", ".join(f"{t.upper()} {_n(packed.get(t), '{:.2f}')}" for t in ("t1", "t2", "t3", "t4")) + "."]
     return lines
 
 

@@ -1,6 +1,6 @@
 """Coalescing end to end on the real broker: same accuracy in fewer messages, exactly-once under kills.
 
-Packing, unpacking and per-part dedupe are tested on the stub in tests/workers/test_coalesce.py.
+Packing, unpacking and per-part dedupe are tested on the stub in tests/workers/test_bundles.py.
 """
 from __future__ import annotations
 

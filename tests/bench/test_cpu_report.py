@@ -94,3 +94,18 @@ def test_the_section_shows_every_contender_by_party_and_survives_the_suite_regen
     assert "| T2 worker ÷ (bottom hot loop + ceiling driver), K=4 | 2.17 | ≤ 1.4 | **missed** |" in regenerated
     assert regenerated.count(cpu.START) == 1 and regenerated.startswith("# Benchmarks\n\nfresh tables\n")
     assert (tmp_path / "benchmarks-cpu.json").exists()
+
+
+def test_the_coalesced_job_gets_its_own_row_and_ratios_without_replacing_the_defaults() -> None:
+    # Given a run that also measured K=4 with coalesce = 4 (listed after the defaults)
+    r = result()
+    r["splitmq"].append({**_splitmq(4, 60, 40, 18), "coalesce": 4})
+    # When the ratios are derived and the section rendered
+    q = cpu.ratios(r)
+    text = cpu.markdown({**r, "ratios": q}, "splitmq bench cpu")
+    # Then T1-T4 still judge the defaults, and the coalesced job has its own ratios and row
+    assert q["t1"] == pytest.approx(165 / (25 + 14 + 14 + 35))
+    assert q["k4_coalesce4"]["t1"] == pytest.approx(118 / (25 + 14 + 14 + 35))
+    assert q["k4_coalesce4"]["t4"] == pytest.approx(18 / 35)
+    assert "| splitmq K=4, coalesce 4 (main / pika) | 60 (40 / 15) | 40 (20 / 15) | 18 | 118 | 4,000 |" in text
+    assert "At K=4 with `coalesce = 4`" in text
