@@ -179,3 +179,19 @@ def get_messages(urls: str | Sequence[str], queue: str, limit: int = 1000,
         if conn.is_open:
             conn.close()
     return out
+
+
+def fatal_connect_error(exc: BaseException, params: pika.URLParameters, *, only_chance: bool) -> BrokerError | None:
+    """Why a failed connection attempt should end the party (a reason no retry fixes), or None to retry.
+
+    ``only_chance``: the first attempt ever, with one address: a name that does not resolve then
+    is a typo far more often than a DNS outage.
+    """
+    if isinstance(exc, (pika.exceptions.ProbableAuthenticationError, pika.exceptions.ProbableAccessDeniedError)):
+        return AccessRefused(f"the broker refused the login of {params.credentials.username!r}: "
+                             "check the user name and password in --amqp-url")
+    if "CERTIFICATE_VERIFY_FAILED" in repr(exc):  # pika wraps it in AMQPConnectionWorkflowFailed
+        return BrokerError(f"TLS: the broker's certificate did not verify against the given CA: {exc!r}")
+    if "gaierror" in repr(exc) and only_chance:
+        return BrokerError(f"cannot resolve the broker host {params.host!r}: fix --amqp-url (or AMQP_URL)")
+    return None

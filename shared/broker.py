@@ -27,7 +27,7 @@ import pika
 import pika.exceptions
 from pika.adapters.select_connection import IOLoop
 from splitmq.shared import defaults, io_tuning, topology
-from splitmq.shared.amqp import addresses, connection_parameters, declare, queue_depth, short
+from splitmq.shared.amqp import addresses, connection_parameters, declare, fatal_connect_error, queue_depth, short
 from splitmq.shared.errors import AccessRefused, BrokerError, PublishNacked, Unroutable
 from splitmq.shared.transport import Delivery, Handler, ack_plan
 
@@ -82,6 +82,7 @@ class Broker:
         self._last_error = ""
         self._lease_refused: str | None = None
         self.connected_once = False
+        self._opened_at = 0.0  # when the channel was last ready (monotonic)
 
     # ---- public, thread-safe -------------------------------------------------------------
 
@@ -211,18 +212,9 @@ class Broker:
         conn.channel(on_open_callback=self._on_channel_open)
 
     def _on_open_error(self, _conn: Any, exc: BaseException) -> None:
-        if isinstance(exc, (pika.exceptions.ProbableAuthenticationError,
-                            pika.exceptions.ProbableAccessDeniedError)):
-            self._fail(AccessRefused(f"the broker refused the login of {self._current.credentials.username!r}: "
-                                     "check the user name and password in --amqp-url"))
-            return
-        if "CERTIFICATE_VERIFY_FAILED" in repr(exc):  # pika wraps it in AMQPConnectionWorkflowFailed
-            self._fail(BrokerError(f"TLS: the broker's certificate did not verify against the given CA: {exc!r}"))
-            return
-        if "gaierror" in repr(exc) and not self.connected_once and len(self._params) == 1:
-            # A name that does not resolve at start is a typo far more often than a DNS outage.
-            self._fail(BrokerError(f"cannot resolve the broker host {self._current.host!r}: fix --amqp-url "
-                                   "(or AMQP_URL)"))
+        fatal = fatal_connect_error(exc, self._current, only_chance=not self.connected_once and len(self._params) == 1)
+        if fatal is not None:
+            self._fail(fatal)
             return
         self._schedule_reconnect(f"cannot connect to {self._current.host}:{self._current.port}: {short(exc)}")
 
@@ -289,6 +281,7 @@ class Broker:
                 self._on_reconnect()
         self.connected_once = True
         self._ready_once_this_round = True
+        self._opened_at = time.monotonic()
         self._attempt = 0
         self._last_error = ""
         self._publishing = chan
@@ -382,6 +375,12 @@ class Broker:
             return
         log.info("%s: the broker nacked %s; publishing it again", self._name, out.properties.message_id)
         self._ioloop.call_later(random.uniform(0.1, 0.3), lambda: self._send(out))
+        if now - max(out.first_nack, self._opened_at) > defaults.NACK_MOVE_S and self._conn is not None \
+                and self._conn.is_open:
+            log.warning("%s: %s nacked for %.0fs through %s:%s; moving to another node", self._name,
+                        out.properties.message_id, now - out.first_nack, self._current.host, self._current.port)
+            self._opened_at = now  # once per connection
+            self._conn.close(reply_text="publishes refused for long: moving to another node")
 
     def _settle(self, delivery: Delivery, fn: Callable[[Any], None]) -> None:
         # A tag from an earlier channel is meaningless now; the broker redelivers that message.

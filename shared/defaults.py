@@ -25,6 +25,9 @@ BROKER_TIMEOUT_S = 900.0
 #: A nacked publish is sent again (same message id) for this long before the refusal is final:
 #: RabbitMQ nacks publishes to a quorum queue for ~0.3 s after its leader node dies.
 NACK_RETRY_S = 30.0
+#: A publish nacked this long on one connection moves the party to another node (a fresh channel,
+#: whose quorum-queue client finds the new leader: RabbitMQ 3.10's can stay on a stale one).
+NACK_MOVE_S = 3.0
 
 # ---- peers ------------------------------------------------------------------------------------
 #: A data owner waits this long for the answer to any one batch or request, then exits.

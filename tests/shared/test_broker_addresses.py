@@ -7,14 +7,17 @@ from __future__ import annotations
 
 import logging
 import socket
+import time
 import uuid
+from concurrent.futures import Future
 
+import pika
 import pytest
 
-from splitmq.shared import amqp, topology
+from splitmq.shared import amqp, defaults, topology
 from splitmq.shared.access import ManagementAPI
 from splitmq.shared.amqp import addresses
-from splitmq.shared.broker import Broker
+from splitmq.shared.broker import Broker, _Outgoing
 from splitmq.shared.errors import BrokerError
 from splitmq.workers import status
 from tests.conftest import delete_job
@@ -91,3 +94,33 @@ def test_an_existing_queue_with_another_replica_count_is_used_as_it_is_but_other
             amqp.declare(amqp_url, other)
     finally:
         delete_job(job)
+
+
+class _Conn:
+    """A connection stand-in that records closes."""
+
+    def __init__(self) -> None:
+        self.is_open, self.closed = True, 0
+
+    def close(self, reply_text: str = "") -> None:
+        self.closed += 1
+        self.is_open = False
+
+
+def test_a_publish_nacked_for_seconds_moves_the_party_to_another_node_once_and_is_sent_again() -> None:
+    # Given a party on node 1 of two whose channel was ready 10 s ago, and a publish the broker keeps nacking
+    b = Broker("amqp://guest:guest@localhost:1,amqp://guest:guest@localhost:2", name="p")
+    conn, later = _Conn(), []
+    b._conn, b._opened_at = conn, time.monotonic() - 10  # type: ignore[assignment]
+    b._ioloop = type("Loop", (), {"call_later": lambda _self, delay, fn: later.append(fn)})()  # type: ignore[assignment]
+    out = _Outgoing("x", "k", b"", pika.BasicProperties(message_id="m1"), Future())
+    # When it is nacked first now, then again after the move threshold, then once more
+    b._nacked(out)
+    first = conn.closed
+    out.first_nack = time.monotonic() - defaults.NACK_MOVE_S - 1
+    b._nacked(out)
+    b._nacked(out)
+    # Then only the lasting refusal closed the connection (once: the reconnect tries the other node),
+    # and every nack scheduled the publish again instead of failing it
+    assert first == 0 and conn.closed == 1
+    assert len(later) == 3 and not out.future.done()
