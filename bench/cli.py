@@ -7,25 +7,60 @@ its numbers mean nothing. The full run takes several minutes on a 2-core machine
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import shlex
 import tempfile
 from pathlib import Path
+from typing import Any, Callable, Iterator, NamedTuple, Protocol
 
-from splitmq.bench import compression, cpu, inference, report, sections, suite
+from splitmq.bench import coalesce, compression, cpu, cpujobs, inference, report, sections, suite
 from splitmq.bench.common import Scale
 
 log = logging.getLogger(__name__)
 
 
+class _Run(Protocol):
+    def __call__(self, *, quick: bool, workdir: Path, log: Callable[[str], None]) -> dict[str, Any]: ...
+
+
+class Part(NamedTuple):
+    """A part that runs on its own: its module's ``run`` and ``write`` (its section of the page and its
+    own JSON file), and the log lines that sum its result up."""
+
+    run: _Run
+    write: Callable[[dict[str, Any], str, Path, Path], None]
+    summary: Callable[[dict[str, Any]], list[str]]
+
+
+def _inference_run(*, quick: bool, workdir: Path, log: Callable[[str], None]) -> dict[str, Any]:
+    return inference.run(quick, workdir, Scale.of(quick).dataset, log=log)
+
+
+PARTS = {
+    "inference": Part(_inference_run, inference.write,
+                      lambda r: [f"{model}: {row['ratios']}" for model, row in r["models"].items()]),
+    "compression": Part(compression.run, compression.write, lambda r: [
+        f"{row['activations']}/{row['gradients']}: {row['bytes_per_sample']:.0f} bytes/sample, accuracy "
+        f"{row['accuracy']}, {row['cpu_us_per_sample']} µs/sample" for row in r["rows"]]),
+    "cpu": Part(cpu.run, cpu.write,
+                lambda r: [f"{key} = {r['ratios'][key]} (target <= {cpu.TARGETS[key]})" for key in cpu.TARGETS]),
+    "coalesce": Part(coalesce.run, coalesce.write, lambda r: [
+        f"coalesce {row['coalesce']} run {row['run']}: {row['messages_per_sample']:.4f} messages/sample, "
+        f"{row['bytes_per_sample']:.0f} bytes/sample, {row['cpu_us_per_sample']} µs/sample, broker "
+        f"{cpujobs.us(row['cpu_by_party'], 'broker')}, accuracy {row['accuracy']}" for row in r["rows"]]),
+}
+
+
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p = sub.add_parser("bench", help="benchmark splitmq against local training, the broker and torch.rpc")
-    p.add_argument("part", nargs="?", choices=("all", "inference", "compression", "cpu"), default="all",
+    p.add_argument("part", nargs="?", choices=("all", *PARTS), default="all",
                    help="all: the training suite, then cpu; inference: prediction latency and throughput; "
                         "compression: bytes, accuracy and CPU per sample of each compression at the cut; cpu: CPU "
-                        "per sample per party against local training and the raw broker ceiling (each a section "
-                        "of the same page, kept when the suite regenerates it)")
+                        "per sample per party against local training and the raw broker ceiling; coalesce: messages, "
+                        "bytes and CPU per sample with coalesce 1 and 4 at K=4 (each a section of the same page, "
+                        "kept when the suite regenerates it, and a JSON file of its own beside --out-json)")
     p.add_argument("--quick", action="store_true", help="smoke mode for CI: seconds, not minutes; numbers meaningless")
     p.add_argument("--out-md", default="docs/benchmarks.md", help="report path (default docs/benchmarks.md)")
     p.add_argument("--out-json", default="docs/benchmarks.json", help="raw results (default docs/benchmarks.json)")
@@ -43,18 +78,10 @@ def command_line(args: argparse.Namespace) -> str:
 
 
 def main(args: argparse.Namespace) -> int:
-    if args.part == "inference":
-        return _inference(args)
-    if args.part == "compression":
-        return _compression(args)
-    if args.part == "cpu":
-        return _cpu(args)
-    scale = Scale.of(args.quick)
-    logging.getLogger("pika").setLevel(logging.ERROR)  # readiness polls provoke expected 404 warnings
-    with tempfile.TemporaryDirectory(prefix="splitmq-bench-") as tmp:
-        workdir = Path(args.work_dir or tmp)
-        workdir.mkdir(parents=True, exist_ok=True)
-        result = suite.run(scale, workdir, log=log.info)
+    if args.part in PARTS:
+        return _part(args, args.part)
+    with _workdir(args, "splitmq-bench-") as workdir:
+        result = suite.run(Scale.of(args.quick), workdir, log=log.info)
         cpu_result = cpu.run(quick=args.quick, workdir=workdir, log=log.info)
     command = command_line(args)
     result["command"] = command
@@ -73,53 +100,27 @@ def main(args: argparse.Namespace) -> int:
     return 0
 
 
-def _inference(args: argparse.Namespace) -> int:
-    """``splitmq bench inference``: its own section of the page, and its own JSON file."""
-    scale = Scale.of(args.quick)
-    logging.getLogger("pika").setLevel(logging.ERROR)
-    out_json = Path(args.out_json).with_name(Path(args.out_json).stem + "-inference.json")
-    with tempfile.TemporaryDirectory(prefix="splitmq-bench-inference-") as tmp:
-        workdir = Path(args.work_dir or tmp)
-        workdir.mkdir(parents=True, exist_ok=True)
-        result = inference.run(scale.quick, workdir, scale.dataset, log=log.info)
+def _part(args: argparse.Namespace, name: str) -> int:
+    """``splitmq bench <part>``: its own section of the page, and its own JSON file beside the suite's."""
+    part = PARTS[name]
+    with _workdir(args, f"splitmq-bench-{name}-") as workdir:
+        result = part.run(quick=args.quick, workdir=workdir, log=log.info)
     command = command_line(args)
     result["command"] = command
-    inference.write(result, command, Path(args.out_md), out_json)
-    for model, row in result["models"].items():
-        log.info("bench inference: %s: %s", model, row["ratios"])
+    part.write(result, command, Path(args.out_md), _beside(Path(args.out_json), name))
+    for line in part.summary(result):
+        log.info("bench %s: %s", name, line)
     return 0
 
 
-def _compression(args: argparse.Namespace) -> int:
-    """``splitmq bench compression``: its own section of the page, and its own JSON file."""
+@contextlib.contextmanager
+def _workdir(args: argparse.Namespace, prefix: str) -> Iterator[Path]:
+    """--work-dir, or a temp dir gone at the end; pika kept quiet (readiness polls provoke expected 404s)."""
     logging.getLogger("pika").setLevel(logging.ERROR)
-    out_json = _beside(Path(args.out_json), "compression")
-    with tempfile.TemporaryDirectory(prefix="splitmq-bench-compression-") as tmp:
+    with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
         workdir = Path(args.work_dir or tmp)
         workdir.mkdir(parents=True, exist_ok=True)
-        result = compression.run(quick=args.quick, workdir=workdir, log=log.info)
-    command = command_line(args)
-    result["command"] = command
-    compression.write(result, command, Path(args.out_md), out_json)
-    for row in result["rows"]:
-        log.info("bench compression: %s/%s: %.0f bytes/sample, accuracy %s, %s µs/sample", row["activations"],
-                 row["gradients"], row["bytes_per_sample"], row["accuracy"], row["cpu_us_per_sample"])
-    return 0
-
-
-def _cpu(args: argparse.Namespace) -> int:
-    """``splitmq bench cpu``: its own section of the page, and its own JSON file."""
-    logging.getLogger("pika").setLevel(logging.ERROR)
-    with tempfile.TemporaryDirectory(prefix="splitmq-bench-cpu-") as tmp:
-        workdir = Path(args.work_dir or tmp)
-        workdir.mkdir(parents=True, exist_ok=True)
-        result = cpu.run(quick=args.quick, workdir=workdir, log=log.info)
-    command = command_line(args)
-    result["command"] = command
-    cpu.write(result, command, Path(args.out_md), _beside(Path(args.out_json), "cpu"))
-    for key in cpu.TARGETS:
-        log.info("bench cpu: %s = %s (target <= %s)", key, result["ratios"][key], cpu.TARGETS[key])
-    return 0
+        yield workdir
 
 
 def _beside(out_json: Path, part: str) -> Path:

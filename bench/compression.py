@@ -46,7 +46,7 @@ def run(*, quick: bool, workdir: Path, in_flight: int = 4, log: Callable[[str], 
                 row = cpujobs.run(spec, workdir, url=broker.url, broker_pid=broker.pid)
             finally:
                 del os.environ[io_tuning.RECV_BYTES_ENV]
-            rows.append({"activations": acts, "gradients": grads, "pika_recv_bytes": recv, **_figures(row)})
+            rows.append({"activations": acts, "gradients": grads, "pika_recv_bytes": recv, **cpujobs.figures(row)})
     base = rows[0]
     for row in rows:
         row["bytes_ratio"] = base["bytes_per_sample"] / row["bytes_per_sample"]
@@ -55,19 +55,6 @@ def run(*, quick: bool, workdir: Path, in_flight: int = 4, log: Callable[[str], 
         row["accuracy_delta_points"] = ((row["accuracy"] - base["accuracy"]) * 100
                                         if row["accuracy"] is not None and base["accuracy"] is not None else None)
     return {"quick": quick, "in_flight": in_flight, "epochs": epochs, "rows": rows, "machine": machine()}
-
-
-def _figures(row: dict[str, Any]) -> dict[str, Any]:
-    cpu = row.get("cpu") or {}
-    parties = cpu.get("us_per_sample", {})
-    return {"bytes_per_sample": row["worker_bytes_per_sample"], "accuracy": row["accuracy"],
-            "samples_per_second": row["samples_per_second"], "cpu_us_per_sample": cpu.get("total_us_per_sample"),
-            "cpu_by_party": parties}
-
-
-def _us(parties: dict[str, dict[str, float]], party: str, group: str = "total") -> str:
-    value = parties.get(party, {}).get(group)
-    return f"{value:.0f}" if value is not None else "n/a"
 
 
 def markdown(r: dict[str, Any], command: str) -> str:
@@ -88,7 +75,6 @@ def markdown(r: dict[str, Any], command: str) -> str:
              "| samples/s |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for row in r["rows"]:
-        p = row["cpu_by_party"]
         acc = f"{row['accuracy']:.4f}" if row["accuracy"] is not None else "n/a"
         delta = f"{row['accuracy_delta_points']:+.1f}" if row["accuracy_delta_points"] is not None else "n/a"
         total = f"{row['cpu_us_per_sample']:.0f}" if row["cpu_us_per_sample"] else "n/a"
@@ -96,10 +82,8 @@ def markdown(r: dict[str, Any], command: str) -> str:
         name = f"{row['activations']} / {row['gradients']}" + (
             f" (pika {row['pika_recv_bytes'] // 1024} KB reads)" if row["pika_recv_bytes"] != io_tuning.RECV_BYTES else "")
         lines.append(f"| {name} | {row['bytes_per_sample']:,.0f} | "
-                     f"{row['bytes_ratio']:.2f}x | {acc} | {delta} | {_us(p, 'worker')} ({_us(p, 'worker', 'main')} / "
-                     f"{_us(p, 'worker', 'pika')}) | {_us(p, 'trainer')} ({_us(p, 'trainer', 'main')} / "
-                     f"{_us(p, 'trainer', 'pika')}) | {_us(p, 'broker')} | {total} | {ratio} | "
-                     f"{row['samples_per_second']:,.0f} |")
+                     f"{row['bytes_ratio']:.2f}x | {acc} | {delta} | {cpujobs.party_cells(row['cpu_by_party'])} | "
+                     f"{total} | {ratio} | {row['samples_per_second']:,.0f} |")
     lines += ["", "Every row but the one marked reads pika's socket 64 KB at a time (`shared/io_tuning.py`, wired in "
               "`shared/broker.py`); the marked row keeps pika's own 4 KB reads, whose copying grows with the square "
               "of the message size.", "", "K > 1 is asynchronous: accuracy moves a little from run to run with the order in which "

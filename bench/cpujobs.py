@@ -4,7 +4,9 @@ Each job runs as real processes (``bench.jobs``); while it runs, a ``cputime.Sam
 the CPU of the worker, the trainer and the broker node's ``beam.smp`` together with the
 worker's ``splitmq_samples_total`` (its ``/metrics``, four times a second). The window is
 20%-80% of the samples the run applies. After the run the trained segments (kept in the run
-directory) are scored on the owner's test split: the accuracy of each setting.
+directory) are scored on the owner's test split: the accuracy of each setting. ``figures``,
+``us`` and ``party_cells`` are what the parts built on it (``bench.compression``,
+``bench.coalesce``) keep of a row and show of it, so their tables read alike.
 """
 from __future__ import annotations
 
@@ -52,6 +54,26 @@ def run(spec: jobs.JobSpec, workdir: Path, *, url: str, broker_pid: int | None) 
     row["accuracy"] = accuracy(spec, Path(result["run_dir"]))
     row["codec_bytes_per_sample"] = row["worker_bytes_per_sample"]
     return row
+
+
+def figures(row: dict[str, Any]) -> dict[str, Any]:
+    """What a part's table reads of one ``run`` row: bytes, accuracy, rate and CPU per sample by party."""
+    cpu = row.get("cpu") or {}
+    return {"bytes_per_sample": row["worker_bytes_per_sample"], "accuracy": row["accuracy"],
+            "samples_per_second": row["samples_per_second"], "cpu_us_per_sample": cpu.get("total_us_per_sample"),
+            "cpu_by_party": cpu.get("us_per_sample", {})}
+
+
+def us(parties: dict[str, dict[str, float]], party: str, group: str = "total") -> str:
+    """µs per sample of ``party`` (thread ``group``) as a table cell; "n/a" where it was not measured."""
+    value = parties.get(party, {}).get(group)
+    return f"{value:.0f}" if value is not None else "n/a"
+
+
+def party_cells(parties: dict[str, dict[str, float]]) -> str:
+    """The cells ``worker µs (main / pika) | trainer µs (main / pika) | broker µs`` of a table row."""
+    split = [f"{us(parties, p)} ({us(parties, p, 'main')} / {us(parties, p, 'pika')})" for p in ("worker", "trainer")]
+    return " | ".join([*split, us(parties, "broker")])
 
 
 def accuracy(spec: jobs.JobSpec, run_dir: Path) -> float | None:

@@ -26,6 +26,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from splitmq.shared.config import JobConfig
+
 #: Rows per party in the printed tables.
 TOP = 25
 #: Which clock the wrapped parties' profiler reads: ``cpu`` (the thread's CPU time: a system call
@@ -64,12 +66,13 @@ def _wrap(out: str, argv: list[str]) -> int:
     return 0
 
 
-def _job(in_flight: int, epochs: int, workdir: Path) -> dict[str, Any]:
+def _job(in_flight: int, epochs: int, workdir: Path, coalesce: int) -> dict[str, Any]:
     """One job with both parties wrapped; the signals at 20%/80% of the samples; main-thread CPU."""
     from splitmq.bench import cpujobs, cputime, jobs, node
     from splitmq.bench.common import dataset
 
-    spec = jobs.JobSpec(model="mlp", clients=1, in_flight=in_flight, epochs=epochs)
+    spec = jobs.JobSpec(model="mlp", clients=1, in_flight=in_flight, epochs=epochs,
+                        options=("--coalesce", str(coalesce)))
     total = len(dataset(spec.dataset).train) * epochs
     profs = {"worker": workdir / "worker.prof", "trainer": workdir / "trainer.prof"}
     wrap = ("-m", "splitmq.bench.cpuprofile", "--wrap")
@@ -155,6 +158,7 @@ def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--in-flight", type=int, default=4)
     p.add_argument("--epochs", type=int, default=6)
+    p.add_argument("--coalesce", type=int, default=JobConfig().coalesce, help="batches per message (the job's)")
     p.add_argument("--keep", default=None, help="directory to keep the job's files and the .prof files in")
     p.add_argument("--clock", choices=("cpu", "wall"), default="cpu", help="the profiler's clock (see CLOCK_ENV)")
     a = p.parse_args(argv)
@@ -162,7 +166,7 @@ def main(argv: list[str]) -> int:
     with tempfile.TemporaryDirectory(prefix="splitmq-cpuprofile-") as tmp:
         workdir = Path(a.keep or tmp)
         workdir.mkdir(parents=True, exist_ok=True)
-        out = _job(a.in_flight, a.epochs, workdir)
+        out = _job(a.in_flight, a.epochs, workdir, a.coalesce)
         w = out["window"] or {}
         samples = out["profiled_samples"]
         print(f"MLP K={a.in_flight}, {a.epochs} epochs, {out['row']['samples_per_second']:,.0f} samples/s under the "

@@ -144,8 +144,8 @@ class JobConfig:
                                            "fp16, bf16, or int8 (one scale per sample)")
     compress_gradients: Compression = _f(Compression.NONE, "how gradients cross the cut: none (float32), fp16, "
                                          "bf16, or int8 (one scale per sample)")
-    coalesce: int = _f(1, "most batches (or their answers) travelling in one message when several are ready at "
-                       "once (1: one per message)")
+    coalesce: int = _f(4, "most batches (or their answers) travelling in one message when several are ready at "
+                       "once (1: one per message; with one batch in flight there is never more than one)")
 
     def __post_init__(self) -> None:
         _apply_preset(self)

@@ -9,7 +9,9 @@ With several batches in flight a stage applies each gradient against the weights
 produced its batch (weight stashing, as in PipeDream): ``forward`` keeps a copy of the
 parameters, ``backward`` differentiates through that copy and hands the result, corrected
 for staleness, to the optimizer of the live weights. Any optimizer works this way: the
-stash changes which gradient is computed, not how it is applied.
+stash changes which gradient is computed, not how it is applied. Batches forwarded between
+two updates share one stash (with coalescing, a bundle's batches usually are), so a copy is
+paid per weight version, not per batch.
 
 Tensors cross the stage boundary on the CPU; a stage on a GPU moves each batch's input
 there once and its output (or input gradient) back once.
@@ -66,6 +68,8 @@ class Stage:
         self.local_loss = local_loss
         self.version = 0
         self._pending: dict[Hashable, _Pending] = {}
+        self._params = dict(self.segment.named_parameters())  # walked once: the tree is fixed
+        self._stash: tuple[int, dict[str, torch.Tensor]] | None = None  # (version, copies) last stashed
 
     @property
     def pending(self) -> int:
@@ -79,12 +83,18 @@ class Stage:
         inputs = self._in(x).detach().requires_grad_(self.input_grad)
         params = None
         if self.stash_weights:
-            params = {n: p.detach().clone().requires_grad_() for n, p in self.segment.named_parameters()}
+            params = self._stashed()
             output: torch.Tensor = functional_call(self.segment, params, (inputs,))
         else:
             output = self.segment(inputs)
         self._pending[key] = _Pending(inputs, output, params, self.version)
         return output.detach().cpu()
+
+    def _stashed(self) -> dict[str, torch.Tensor]:
+        """Copies of the weights at this version, made once and shared by its batches (read-only)."""
+        if self._stash is None or self._stash[0] != self.version:
+            self._stash = (self.version, {n: p.detach().clone().requires_grad_() for n, p in self._params.items()})
+        return self._stash[1]
 
     def backward(self, key: Hashable, grad_output: torch.Tensor) -> tuple[torch.Tensor | None, int]:
         """Backprop ``grad_output`` through batch ``key``'s forward and apply the update.
@@ -97,7 +107,7 @@ class Stage:
         """
         pending = self._pending.pop(key)
         staleness = self.version - pending.version
-        live = dict(self.segment.named_parameters())
+        live = self._params
         wrt = list(pending.params.values()) if pending.params is not None else list(live.values())
         if self.input_grad:
             wrt = [pending.inputs, *wrt]
@@ -161,6 +171,11 @@ class Stage:
         self.optimizer.zero_grad(set_to_none=True)
         self.version += 1
 
+    def load_weights(self, weights: dict[str, torch.Tensor]) -> None:
+        """Replace the weights in place (an average, a merged replica); later batches stash the new ones."""
+        self.segment.load_state_dict(weights)
+        self._stash = None
+
     def state(self) -> dict[str, Any]:
         """Weights, optimizer state and version, for a checkpoint (weights_only-loadable)."""
         return {"segment": self.segment.state_dict(), "optimizer": self.optimizer.state_dict(),
@@ -171,3 +186,4 @@ class Stage:
         self.optimizer.load_state_dict(state["optimizer"])
         self.version = int(state["version"])
         self._pending.clear()
+        self._stash = None

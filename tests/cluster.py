@@ -9,12 +9,16 @@ from __future__ import annotations
 
 import base64
 import json
+import logging
 import os
+import re
+import shutil
 import signal
 import socket
 import subprocess
 import time
 import urllib.request
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -27,6 +31,14 @@ SIZE = 3
 STATE_ROOT = Path(os.environ.get("STATE_ROOT", "/var/lib/splitmq"))
 #: Longest wait for a node to boot, join, drain or revive on a busy 2-core machine.
 NODE_DEADLINE_S = 240.0
+#: Longest any one command that keeps a failed test's evidence may run: keeping it never hangs.
+EVIDENCE_CMD_S = 20
+#: Longest all of one failed test's evidence may take (each quorum_status starts a CLI VM).
+EVIDENCE_BUDGET_S = 240.0
+#: At most this many quorum queues get a quorum_status each, the failed test's own first.
+EVIDENCE_QUEUES = 30
+
+log = logging.getLogger(__name__)
 
 
 def _wait(condition: Any, timeout: float) -> Any:
@@ -192,3 +204,105 @@ def _properties(value: Any) -> list[tuple[str, Any]]:
     if isinstance(value, dict):
         return list(value.items())
     return [(str(item[0]), item[-1]) for item in value if isinstance(item, list) and item]
+
+
+# ---- evidence of a failed test, kept before the module's cluster is removed ----
+
+def evidence_root() -> Path:
+    """Where failed tests keep their evidence, one folder each: $SPLITMQ_EVIDENCE_DIR (a CI
+    artifact folder), else a new folder under /tmp named by the UTC time."""
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    return Path(os.environ.get("SPLITMQ_EVIDENCE_DIR") or f"/tmp/splitmq-cluster-evidence-{stamp}")
+
+
+def queue_names(cluster: Cluster) -> set[str] | None:
+    """Every queue's name now (management API: milliseconds, so passing tests pay nothing), or None."""
+    try:
+        return {str(q["name"]) for q in cluster.api("/queues?columns=name")}
+    except (AssertionError, OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+class Evidence:
+    """A folder of evidence: commands' output and copied files. Each command runs under `timeout`,
+    all of them within EVIDENCE_BUDGET_S; an error is logged and listed in errors.txt, never raised."""
+
+    def __init__(self, dest: Path) -> None:
+        self.dest = dest
+        self.deadline = time.monotonic() + EVIDENCE_BUDGET_S
+        dest.mkdir(parents=True, exist_ok=True)
+
+    def error(self, what: str) -> None:
+        log.warning("cluster evidence: %s", what)
+        try:
+            with open(self.dest / "errors.txt", "a") as f:
+                f.write(what + "\n")
+        except OSError:
+            pass  # logged above; the folder itself is what failed
+
+    def run(self, name: str, *argv: str) -> str:
+        """``argv``'s stdout, also written to ``name`` (and the command to commands.txt); "" if it
+        failed or time ran out."""
+        cmd = " ".join(argv)
+        if time.monotonic() > self.deadline:
+            self.error(f"{cmd}: skipped, past the {EVIDENCE_BUDGET_S:.0f}s budget")
+            return ""
+        try:
+            done = subprocess.run(["timeout", "-k", "5", str(EVIDENCE_CMD_S), *argv], capture_output=True,
+                                  text=True, timeout=EVIDENCE_CMD_S + 15, check=False)
+            (self.dest / name).write_text(done.stdout)
+            with open(self.dest / "commands.txt", "a") as f:
+                f.write(f"{name}: {cmd} (exit {done.returncode})\n")
+        except (OSError, subprocess.SubprocessError) as exc:
+            self.error(f"{cmd}: {exc!r}")
+            return ""
+        if done.returncode != 0:  # 124: killed by `timeout`
+            self.error(f"{cmd}: exit {done.returncode} after at most {EVIDENCE_CMD_S}s: {done.stderr[-500:]}")
+        return done.stdout
+
+    def copy(self, src: Path, name: str) -> None:
+        try:
+            if src.is_dir():
+                shutil.copytree(src, self.dest / name, dirs_exist_ok=True)
+            else:
+                (self.dest / name).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(src, self.dest / name)
+        except OSError as exc:
+            self.error(f"copying {src}: {exc!r}")
+
+
+def collect_evidence(cluster: Cluster, dest: Path, before: set[str] | None = None,
+                     party_logs: Path | None = None) -> Path:
+    """Keep under ``dest`` (returned) what a failed test leaves on the cluster: each node's RabbitMQ
+    logs; from each running node, `cluster_status` and `list_queues` (leader, members, online,
+    messages); `quorum_status` of the quorum queues, those not in ``before`` (the test's own) first;
+    and the parties' logs under ``party_logs``. Never raises for a command or copy that fails."""
+    ev = Evidence(dest)
+    for i in cluster.nodes:
+        ev.copy(STATE_ROOT / f"broker-{PREFIX}{i}" / "log", f"node{i}-log")
+    up = [i for i in cluster.nodes if cluster.up(i)]
+    listing = ""
+    for i in up:
+        ev.run(f"node{i}-cluster_status.txt", "rabbitmqctl", "-n", cluster.name(i), "cluster_status")
+        out = ev.run(f"node{i}-list_queues.json", "rabbitmqctl", "-q", "-n", cluster.name(i), "list_queues", "name",
+                     "type", "leader", "members", "online", "messages", "--formatter", "json")
+        listing = listing or out
+    for q in quorum_queues(listing, before)[:EVIDENCE_QUEUES]:
+        ev.run(f"quorum_status-{re.sub(r'[^A-Za-z0-9._-]', '_', q)}.json", "rabbitmq-queues", "-n",
+               cluster.name(up[0]), "quorum_status", q, "--vhost", "/", "--formatter", "json")
+    if not up:
+        ev.error("no node answers: no cluster_status, list_queues or quorum_status")
+    if party_logs is not None:
+        for f in sorted(party_logs.rglob("*.log")):
+            ev.copy(f, f"parties/{f.relative_to(party_logs)}")
+    return dest
+
+
+def quorum_queues(listing: str, before: set[str] | None) -> list[str]:
+    """The quorum queues in a `list_queues --formatter json`, those not in ``before`` first."""
+    try:
+        rows = json.loads(listing or "[]")
+        names = [str(r["name"]) for r in rows if r.get("type") == "quorum"]
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return []
+    return sorted(names, key=lambda n: (before is not None and n in before, n))

@@ -7,7 +7,7 @@ import os
 import subprocess
 import uuid
 from pathlib import Path
-from typing import Iterator
+from typing import Generator, Iterator
 
 import pika
 import pytest
@@ -70,3 +70,12 @@ def parties() -> Iterator[list["Party"]]:
     for p in started:
         p.close()
 
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+    """Keep each phase's report on its test (``item.rep_setup``, ``rep_call``, ``rep_teardown``), so
+    that a fixture's teardown can tell whether its test failed: tests/test_cluster.py then keeps
+    the cluster's logs and queue state before anything else touches them."""
+    report = yield
+    setattr(item, f"rep_{report.when}", report)
+    return report

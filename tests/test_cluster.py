@@ -14,24 +14,30 @@ they run.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
+import sys
 import time
 import uuid
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import pytest
 
 from splitmq.bench import shards as shard_bench
 from splitmq.shared import amqp, topology
 from splitmq.shared.config import BottomSync, JobConfig
-from tests.cluster import Cluster
-from tests.helpers import Party, job_file, server_party, state, wait_for, worker_party
+from tests.cluster import Cluster, collect_evidence, evidence_root, queue_names
+from tests.helpers import DEADLINE_S, Party, job_file, server_party, state, wait_for, worker_party
 from tests.test_crash_recovery import assert_equal_to_local, assert_exactly_once
 
 #: Training must go on within this long after the node every party uses is killed.
 FAILOVER_S = 10.0
+#: Lines of an exited party's log that an assertion message carries.
+TAIL_LINES = 40
+
+log = logging.getLogger(__name__)
 
 
 @pytest.fixture
@@ -56,10 +62,25 @@ def cluster() -> Iterator[Cluster]:
 
 
 @pytest.fixture
-def nodes(cluster: Cluster) -> Iterator[Cluster]:
-    """The cluster with every node up at the start of a test (an earlier test may have killed one)."""
+def nodes(cluster: Cluster, request: pytest.FixtureRequest,
+          record_property: Callable[[str, object], None]) -> Iterator[Cluster]:
+    """The cluster with every node up at the start of a test (an earlier test may have killed one).
+    If the test fails, its evidence (collect_evidence) is kept at once, while the nodes still run:
+    the module's cluster is removed, logs and all, at its end."""
     cluster.ensure_all_up()
+    before = queue_names(cluster)
     yield cluster
+    report = getattr(request.node, "rep_call", None)  # kept by tests/conftest.py's pytest_runtest_makereport
+    if report is None or not report.failed:
+        return
+    dest = evidence_root() / request.node.name
+    try:
+        collect_evidence(cluster, dest, before, request.node.funcargs.get("tmp_path"))
+    except Exception:  # keeping evidence must never turn into the failure being reported
+        log.exception("keeping the cluster's evidence in %s failed", dest)
+    record_property("cluster_evidence", str(dest))
+    log.error("cluster evidence of the failed test %s: %s", request.node.name, dest)
+    print(f"\ncluster evidence of the failed test {request.node.name}: {dest}", file=sys.stderr)
 
 
 def new_job(prefix: str) -> str:
@@ -79,6 +100,18 @@ def started(p: Party) -> Party:
         if p.alive or "Address already in use" not in p.tail(5):
             return p
     return p
+
+
+def exited(ps: list[Party]) -> str:
+    """Each party of ``ps`` that has exited, with its exit code and last log lines."""
+    return "\n".join(f"--- {p.log} exited ({p.proc.returncode if p.proc else None}); its last {TAIL_LINES} lines:\n"
+                     f"{p.tail(TAIL_LINES)}" for p in ps if not p.alive)
+
+
+def wait_while_all_run(condition: Callable[[], bool], what: str, ps: list[Party], timeout: float = DEADLINE_S) -> None:
+    """Wait for ``condition``; stop at once, saying who exited and why, if any of ``ps`` exits."""
+    wait_for(lambda: condition() or not all(p.alive for p in ps), what, timeout)
+    assert all(p.alive for p in ps), f"a party exited while waiting for {what}:\n{exited(ps)}"
 
 
 def pause(ps: list[Party], signum: int) -> None:
@@ -108,16 +141,16 @@ def test_killing_the_node_every_party_is_on_three_times_mid_epoch_stops_no_party
     parties += [started(p) for p in everyone]
     failovers: list[float] = []
     for kill, target in enumerate((1, 2, 3)):
-        wait_for(lambda: all(t.applied("trainer") >= 10 * (kill + 1) for t in trainers), f"progress before kill {kill}")
+        wait_while_all_run(lambda: all(t.applied("trainer") >= 10 * (kill + 1) for t in trainers),
+                           f"progress before kill {kill}", everyone)
         # When every party is on node `target` (the others drained, then revived) and it is SIGKILLed mid-epoch
         nodes.herd(target, {"top": 2, "client-0": 2, "client-1": 1})
         before = [t.applied("trainer") for t in trainers]
         killed_at = nodes.kill(target)
         # Then both trainers apply batches again within seconds, through the surviving nodes, and nobody exits
         for t, b in zip(trainers, before):
-            wait_for(lambda: t.applied("trainer") > b, f"{t.name} to train again after kill {kill}", 60)
+            wait_while_all_run(lambda: t.applied("trainer") > b, f"{t.log} to train again after kill {kill}", everyone, 60)
             failovers.append(time.monotonic() - killed_at)
-        assert all(p.alive for p in everyone), [p.tail() for p in everyone if not p.alive]
         pause(everyone, signal.SIGSTOP)
         try:
             nodes.restart(target)
@@ -242,3 +275,28 @@ def test_eight_owners_over_two_trainers_reach_the_accuracy_of_one_trainer(nodes:
     assert len(two["trainer_cpu_seconds"]) == 2 and min(two["trainer_cpu_seconds"]) > 0
     if os.environ.get("SPLITMQ_SHARDS_OUT"):  # for docs/scaling.md: the same numbers, kept
         Path(os.environ["SPLITMQ_SHARDS_OUT"]).write_text(json.dumps(result, indent=1) + "\n")
+
+
+def test_a_failed_tests_evidence_holds_every_nodes_log_and_the_quorum_status_of_its_queues(
+        nodes: Cluster, tmp_path: Path) -> None:
+    # Given a job's queues declared on the cluster, and a party log a test left
+    before = queue_names(nodes)
+    cfg = JobConfig(job_id=new_job("evid"))
+    amqp.declare(nodes.url(), topology.job_layout(cfg.job_id, parties=("client-0",)))
+    (tmp_path / "run" / "k4").mkdir(parents=True)
+    (tmp_path / "run" / "k4" / "client-0.log").write_text("broker_unavailable\n")
+    # When the evidence of a failed test is collected, as the `nodes` fixture does on a failure
+    dest = collect_evidence(nodes, tmp_path / "evidence", before, tmp_path / "run")
+    # Then it holds each node's RabbitMQ log, view of the cluster and of the queues
+    for i in nodes.nodes:
+        logs = list((dest / f"node{i}-log").glob("*.log"))
+        assert any(f.stat().st_size > 0 for f in logs), sorted(p.name for p in dest.iterdir())
+        assert nodes.name(1) in (dest / f"node{i}-cluster_status.txt").read_text()
+        assert topology.forward_queue(cfg.job_id) in (dest / f"node{i}-list_queues.json").read_text()
+    # And the quorum status of the job's queues, naming every member node
+    status = (dest / f"quorum_status-{topology.forward_queue(cfg.job_id)}.json").read_text()
+    assert all(nodes.name(i) in status for i in nodes.nodes) and '"Raft State":"leader"' in status, status
+    assert (dest / f"quorum_status-{topology.dead_letter_queue(cfg.job_id)}.json").exists()
+    # And the party's log, and no error
+    assert (dest / "parties" / "k4" / "client-0.log").read_text() == "broker_unavailable\n"
+    assert not (dest / "errors.txt").exists(), (dest / "errors.txt").read_text()

@@ -58,9 +58,8 @@ def admit_all(delivery: Delivery, inbound: Inbound, rules: GateRules) -> Iterato
         return
     limit = inbound.limit()
     _check_size(delivery, inbound.queue, limit * rules.coalesce)
-    msg = _decode(delivery.body)
+    msg = _decode(delivery.body) if len(delivery.body) <= limit else _bundle_or_too_big(delivery, inbound.queue, limit)
     if not isinstance(msg, wire.Bundle):
-        _check_size(delivery, inbound.queue, limit)
         yield delivery, _envelope(delivery, msg, inbound, rules)
         return
     if not 1 <= len(msg.parts) <= rules.coalesce or msg.job_id != rules.job_id:
@@ -79,9 +78,25 @@ def admit_all(delivery: Delivery, inbound: Inbound, rules: GateRules) -> Iterato
         yield part, inc
 
 
+def _bundle_or_too_big(delivery: Delivery, queue: str, limit: int) -> wire.Bundle:
+    """A body over one message's limit is read only as a bundle: anything else, undecodable
+    included, is refused as too big (what its sender must change), as without coalescing."""
+    try:
+        msg = wire.decode(delivery.body)
+    except DecodeError:
+        msg = None
+    if not isinstance(msg, wire.Bundle):
+        raise _too_big(delivery, queue, limit)
+    return msg
+
+
 def _check_size(delivery: Delivery, queue: str, limit: int) -> None:
     if len(delivery.body) > limit:
-        raise RejectedMessage("size", f"body of {len(delivery.body)} bytes; {queue} takes at most {limit}")
+        raise _too_big(delivery, queue, limit)
+
+
+def _too_big(delivery: Delivery, queue: str, limit: int) -> RejectedMessage:
+    return RejectedMessage("size", f"body of {len(delivery.body)} bytes; {queue} takes at most {limit}")
 
 
 def _decode(body: bytes) -> wire.AnyMessage:

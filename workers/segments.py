@@ -90,7 +90,7 @@ def adopt(stage: Stage, index: int, cfg: JobConfig, party: str, run_dir: str | P
     if differences(cfg.agreed(), saved["config"]):
         log.warning("%s: not serving %s: it was written for another job", party, path)
         return False
-    stage.segment.load_state_dict(saved["segments"][index]["state_dict"])
+    stage.load_weights(saved["segments"][index]["state_dict"])
     stage.version = int(saved["segments"][index]["version"])
     log.info("%s: serving the segment of a finished run from %s", party, path)
     return True

@@ -1,6 +1,7 @@
-"""The benchmark suite's CI smoke test: ``splitmq bench --quick`` runs every part briefly on
-the real broker (the CPU-per-sample part included) and writes its files. It asserts the files'
-shape, never a timing."""
+"""The benchmark suite's CI smoke tests: ``splitmq bench --quick`` runs every part briefly on
+the real broker (the CPU-per-sample part included) and writes its files; ``splitmq bench
+coalesce --quick`` writes its own section and JSON file. They assert the files' shape, never a
+timing."""
 from __future__ import annotations
 
 import json
@@ -47,6 +48,32 @@ def test_quick_bench_writes_a_report_and_strict_json_with_every_part(amqp_url: s
     assert {(c["mode"], c["in_flight"]) for c in cpu["ceiling"]} == {("durable", 1), ("durable", 4), ("transient", 4)}
     assert [s["in_flight"] for s in cpu["splitmq"]] == [4]
     assert {"local", "bottom", "bottom_stash", "top", "validation"} <= set(cpu["references"])
+
+
+def test_quick_coalesce_bench_writes_its_own_section_and_json_and_keeps_the_rest_of_the_page(
+        amqp_url: str, tmp_path: Path) -> None:
+    # Given a broker and a page that already has the suite's tables
+    out_md, out_json = tmp_path / "b.md", tmp_path / "b.json"
+    out_md.write_text("# Benchmarks\n\nthe suite's tables\n")
+    env = {**os.environ, "AMQP_URL": amqp_url}
+
+    # When the coalescing part runs on its own in quick mode
+    proc = subprocess.run(
+        [sys.executable, "-m", "splitmq", "--log-level", "WARNING", "bench", "coalesce", "--quick",
+         "--out-md", str(out_md), "--out-json", str(out_json)],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+
+    # Then the page keeps its tables and gains the coalescing section once, naming the command
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = out_md.read_text()
+    assert report.startswith("# Benchmarks\n\nthe suite's tables\n") and report.count("<!-- coalesce:start -->") == 1
+    assert "## Coalescing (`splitmq bench coalesce`)" in report and "QUICK smoke mode" in report
+    # And its raw results are strict JSON of its own beside --out-json, one row per setting, coalesced fewer messages
+    assert not out_json.exists()
+    result = json.loads((tmp_path / "b-coalesce.json").read_text(), parse_constant=lambda c: _refuse_constant(c))
+    assert result["quick"] is True and result["command"].startswith("splitmq bench coalesce --quick")
+    rows = {row["coalesce"]: row for row in result["rows"]}
+    assert set(rows) == {1, 4} and rows[4]["messages_per_sample"] < rows[1]["messages_per_sample"]
 
 
 def _refuse_constant(name: str) -> None:

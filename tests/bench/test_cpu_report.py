@@ -21,8 +21,9 @@ def _ceiling(mode: str, k: int, driver: float, echo: float, broker: float) -> di
                         echo={"total": echo, "main": echo, "pika": 0.0, "other": 0.0}, broker={"total": broker})}
 
 
-def _splitmq(k: int, worker: float, trainer: float, broker: float) -> dict[str, Any]:
-    return {"in_flight": k, "samples_per_second": 4000.0, "bytes_per_sample": 5144.0, "accuracy": 0.85,
+def _splitmq(k: int, worker: float, trainer: float, broker: float, coalesce: int = cpu.DEFAULT_COALESCE
+             ) -> dict[str, Any]:
+    return {"in_flight": k, "coalesce": coalesce, "samples_per_second": 4000.0, "bytes_per_sample": 5144.0, "accuracy": 0.85,
             "cpu": _cpu(worker={"total": worker, "main": worker - 20, "pika": 15.0, "other": 5.0},
                         trainer={"total": trainer, "main": trainer - 20, "pika": 15.0, "other": 5.0},
                         broker={"total": broker})}
@@ -96,16 +97,17 @@ def test_the_section_shows_every_contender_by_party_and_survives_the_suite_regen
     assert (tmp_path / "benchmarks-cpu.json").exists()
 
 
-def test_the_coalesced_job_gets_its_own_row_and_ratios_without_replacing_the_defaults() -> None:
-    # Given a run that also measured K=4 with coalesce = 4 (listed after the defaults)
+def test_the_one_batch_per_message_job_gets_its_own_row_and_ratios_without_replacing_the_defaults() -> None:
+    # Given a run that also measured K=4 with coalesce = 1 (listed after the defaults, which coalesce)
     r = result()
-    r["splitmq"].append({**_splitmq(4, 60, 40, 18), "coalesce": 4})
+    r["splitmq"].append(_splitmq(4, 60, 40, 18, coalesce=1))
     # When the ratios are derived and the section rendered
     q = cpu.ratios(r)
     text = cpu.markdown({**r, "ratios": q}, "splitmq bench cpu")
-    # Then T1-T4 still judge the defaults, and the coalesced job has its own ratios and row
+    # Then T1-T4 still judge the defaults, and the one-per-message job has its own ratios and row
     assert q["t1"] == pytest.approx(165 / (25 + 14 + 14 + 35))
-    assert q["k4_coalesce4"]["t1"] == pytest.approx(118 / (25 + 14 + 14 + 35))
-    assert q["k4_coalesce4"]["t4"] == pytest.approx(18 / 35)
-    assert "| splitmq K=4, coalesce 4 (main / pika) | 60 (40 / 15) | 40 (20 / 15) | 18 | 118 | 4,000 |" in text
-    assert "At K=4 with `coalesce = 4`" in text
+    assert q["k4_coalesce1"]["t1"] == pytest.approx(118 / (25 + 14 + 14 + 35))
+    assert q["k4_coalesce1"]["t4"] == pytest.approx(18 / 35)
+    assert "| splitmq K=4, coalesce 1 (main / pika) | 60 (40 / 15) | 40 (20 / 15) | 18 | 118 | 4,000 |" in text
+    assert "| splitmq K=4 (main / pika) | 78 (58 / 15) |" in text
+    assert "At K=4 with `coalesce = 1`" in text

@@ -28,7 +28,7 @@ DEFAULT_SPEC: dict[str, Any] = {
     "optimizer": "SGD", "lr": 0.03, "optimizer_args": [], "lr_schedule": "cosine", "batch_size": 64, "epochs": 5,
     "seed": 0, "num_clients": 1, "bottom_sync": "average", "sync_every": 1, "label_source": "batch",
     "vertical_parts": 0, "combine": "concat", "align": "none", "privacy": "off", "bottleneck": 0, "shards": 1,
-    "compress_activations": "none", "compress_gradients": "none", "coalesce": 1,
+    "compress_activations": "none", "compress_gradients": "none", "coalesce": 4,
 }
 #: §4 dtype names -> numpy dtypes, little-endian on the wire.
 DTYPES = {"float32": "<f4", "float16": "<f2", "float64": "<f8", "int64": "<i8", "int32": "<i4", "int8": "i1",

@@ -42,6 +42,24 @@ def test_a_stashed_gradient_is_computed_at_the_weights_that_made_the_batch() -> 
         torch.testing.assert_close(p, q)
 
 
+def test_batches_of_one_version_share_one_stash_and_new_weights_loaded_between_them_are_used() -> None:
+    # Given a stashing stage that forwarded batch A
+    stage = Stage(_segment(), optimizer=SGD, stash_weights=True, input_grad=False)
+    x = torch.randn(5, 4)
+    stage.forward("a", x)
+    # When batch B follows at the same version, and C after the weights were replaced (an average)
+    out_b = stage.forward("b", x)
+    replaced = {k: v + 1.0 for k, v in stage.segment.state_dict().items()}
+    stage.load_weights(replaced)
+    out_c = stage.forward("c", x)
+    # Then A and B were computed from one copy (one clone per version), C from the new weights
+    pa, pb, pc = (stage._pending[k].params for k in "abc")
+    assert pa is pb and pc is not pa
+    with torch.no_grad():
+        torch.testing.assert_close(out_c, stage.segment(x))
+        assert not torch.allclose(out_b, out_c)
+
+
 @pytest.mark.parametrize("name", ["Adam", "AdamW", "RMSprop"])
 def test_any_torch_optimizer_drives_a_stage_and_its_state_survives_a_checkpoint(name: str) -> None:
     # Given a stage with an adaptive optimizer that has taken a step

@@ -11,8 +11,8 @@ import pytest
 from splitmq.shared.errors import ConfigError
 from splitmq.workers import audit, cli
 
-#: Small enough for a test: 2 epochs, short decoders, 200 held-out targets, no shadow attacker.
-SMALL = ["--epochs", "2", "--decoder-steps", "300", "--targets", "200", "--no-shadow"]
+#: Small enough for a test: 2 epochs (the label task too), short decoders, 200 held-out targets, no shadow attacker.
+SMALL = ["--epochs", "2", "--label-epochs", "2", "--decoder-steps", "300", "--targets", "200", "--no-shadow"]
 
 
 def test_an_undefended_job_leaks_its_inputs_and_its_labels_to_the_audit(tmp_path: Path) -> None:
@@ -77,11 +77,12 @@ def test_label_protection_given_for_the_label_audit_is_left_out_of_a_multi_class
 
 
 def test_the_standard_preset_hides_the_binary_labels_from_every_label_attack_at_a_small_cost() -> None:
-    # Given the label audit's binary task (digit 0 against the rest, labels at the top), the default
-    # 5 epochs, undefended and with the standard preset (bottleneck and Marvell label protection)
+    # Given the label audit's binary task (digit 0 against the rest, labels at the top) trained for
+    # the audit's epochs, undefended and with the standard preset (bottleneck and Marvell label protection)
     from splitmq.shared import config
-    off = audit.label_attacks(config.load(None, audit.BINARY))
-    standard = audit.label_attacks(config.load(None, {**audit.BINARY, "privacy": "standard"}))
+    task = {**audit.BINARY, "epochs": audit.LABEL_EPOCHS}
+    off = audit.label_attacks(config.load(None, task))
+    standard = audit.label_attacks(config.load(None, {**task, "privacy": "standard"}))
     # Then undefended the gradients give the labels away; with the preset no attack gets much
     # beyond chance, the no-label direction attack included, and the test AUC hardly moves
     assert off["direction"] > 0.95 and off["cosine"] > 0.95

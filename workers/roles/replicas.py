@@ -136,7 +136,7 @@ class Replicas(Role, RoundEnd):
         weights = [int(p["n"]) for p in parts]
         bottom = aggregate.weighted_average([p["bottom"] for p in parts], weights)
         top = merged_top([p["base"] for p in parts], [p["top"] for p in parts])
-        self.stage.segment.load_state_dict(top)
+        self.stage.load_weights(top)
         self.base = _copy(top)
         self.rounds.results[epoch] = bottom  # an owner reporting late gets the trainers' average too
         self.done = (self.done + [epoch])[-_REMEMBERED:]
