@@ -16,7 +16,7 @@ from tests.test_crash_recovery import BATCHES, EPOCHS, assert_exactly_once, soak
 def test_four_in_flight_coalesced_four_to_a_message_trains_as_well_in_under_half_the_messages(
         amqp_url: str, job_id: str) -> None:
     # Given the same one-owner job with four batches in flight: one batch per message, then up to four
-    plain = JobConfig(job_id=job_id, epochs=3, max_in_flight=4, bottom_sync=BottomSync.INDEPENDENT)
+    plain = JobConfig(job_id=job_id, epochs=3, max_in_flight=4, bottom_sync=BottomSync.INDEPENDENT, coalesce=1)
     packed = plain.replace(job_id=job_id + "c", coalesce=4)
     # When both are trained through RabbitMQ for the same epochs
     try:
