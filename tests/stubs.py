@@ -112,6 +112,15 @@ class Client:
         return answer[0]
 
 
+def joined(cfg: JobConfig) -> tuple[StubBroker, Running, Client]:
+    """A stub trainer serving ``cfg`` and a hand-driven owner that has joined it."""
+    hub = StubBroker()
+    srv = start_server(hub, cfg, serve_forever=True)
+    client = Client(hub, cfg)
+    assert client.hello(owner_spec(cfg)).error == ""
+    return hub, srv, client
+
+
 def owner_spec(cfg: JobConfig) -> dict[str, Any]:
     """A built-in MLP owner's join spec (what a real worker would send)."""
     from splitmq.workers import assemble

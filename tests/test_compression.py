@@ -15,7 +15,7 @@ from splitmq.shared.config import BottomSync, Compression, JobConfig
 from splitmq.shared.transport import StubBroker
 from tests.conftest import delete_job
 from tests.helpers import train_in_threads, wait_for
-from tests.stubs import Client, forward, owner_spec, start_server
+from tests.stubs import Client, forward, joined, owner_spec, start_server
 
 INT8_FP16 = {"compress_activations": Compression.INT8, "compress_gradients": Compression.FP16}
 STUB = JobConfig(job_id="stubjob", epochs=1, data="synthetic", **INT8_FP16)  # type: ignore[arg-type]
@@ -23,10 +23,7 @@ STUB = JobConfig(job_id="stubjob", epochs=1, data="synthetic", **INT8_FP16)  # t
 
 def test_the_trainer_answers_in_the_agreed_dtype_and_refuses_activations_that_do_not_travel_as_agreed() -> None:
     # Given a stub trainer of a job with int8 activations and fp16 gradients, and an owner that joined
-    hub = StubBroker()
-    srv = start_server(hub, STUB, serve_forever=True)
-    client = Client(hub, STUB)
-    assert client.hello(owner_spec(STUB)).error == ""
+    _, srv, client = joined(STUB)
     cut = codec.CutCodec.for_spec(STUB.agreed())
     # When the owner sends batch 0 as agreed (int8 + scale), then batch 1 as plain float32
     client.send(cut.outgoing(forward(STUB, 0)), topology.batch_id("client-0", 0))

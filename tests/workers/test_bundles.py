@@ -17,7 +17,7 @@ from splitmq.workers.exits import ExitReason
 from splitmq.workers.outbox import Outbox
 from splitmq.workers.roles.base import Send, ToParty, ToStage
 from splitmq.workers.stats import Stats
-from tests.stubs import Client, forward, owner_spec, start_server, start_worker, wait_for
+from tests.stubs import forward, joined, start_server, start_worker, wait_for
 
 CFG = JobConfig(job_id="stubjob", epochs=1, data="synthetic", max_in_flight=4, coalesce=4)
 
@@ -117,10 +117,7 @@ def test_a_bundle_is_acked_only_once_every_part_is_settled() -> None:
 
 def test_a_redelivered_bundle_applies_only_its_parts_not_applied_before_and_is_answered_in_one_message() -> None:
     # Given a stub trainer of a coalescing job that applied batch 0 (sent alone)
-    hub = StubBroker()
-    srv = start_server(hub, CFG, serve_forever=True)
-    client = Client(hub, CFG)
-    assert client.hello(owner_spec(CFG)).error == ""
+    _, srv, client = joined(CFG)
     client.send(forward(CFG, 0), topology.batch_id("client-0", 0))
     wait_for(lambda: srv.roles[1].ledger.count("client-0") == 1, "batch 0 applied")
     wait_for(client.replies, "batch 0's answer")
@@ -140,10 +137,7 @@ def test_a_redelivered_bundle_applies_only_its_parts_not_applied_before_and_is_a
 
 def test_a_bundle_of_four_full_batches_passes_the_gate_though_it_is_bigger_than_one_batch_may_be() -> None:
     # Given a stub trainer of a job coalescing four batches of 64 samples
-    hub = StubBroker()
-    srv = start_server(hub, CFG, serve_forever=True)
-    client = Client(hub, CFG)
-    assert client.hello(owner_spec(CFG)).error == ""
+    _, srv, client = joined(CFG)
     bundle = bundle_of(CFG, [forward(CFG, s, batch=64) for s in range(4)])
     assert len(bundle.encode()) > srv.roles[1].inbound()[0].limit()
     # When the bundle arrives
@@ -156,10 +150,7 @@ def test_a_bundle_of_four_full_batches_passes_the_gate_though_it_is_bigger_than_
 
 def test_a_bundle_with_one_bad_part_or_more_batches_than_agreed_is_dead_lettered_whole_with_its_reason() -> None:
     # Given a stub trainer of a job coalescing up to four batches
-    hub = StubBroker()
-    srv = start_server(hub, CFG, serve_forever=True)
-    client = Client(hub, CFG)
-    assert client.hello(owner_spec(CFG)).error == ""
+    hub, srv, client = joined(CFG)
     # When a bundle carries another owner's batch, and another bundle five batches
     mixed = bundle_of(CFG, [forward(CFG, 0), forward(CFG, 1, client="client-1")])
     client.send(mixed, topology.batch_id("client-0", 0))
@@ -182,10 +173,7 @@ def test_a_bundle_with_one_bad_part_or_more_batches_than_agreed_is_dead_lettered
 def test_a_job_that_does_not_coalesce_refuses_a_bundle_as_a_kind_it_does_not_take() -> None:
     # Given a stub trainer of a job with coalesce = 1
     cfg = CFG.replace(coalesce=1)
-    hub = StubBroker()
-    srv = start_server(hub, cfg, serve_forever=True)
-    client = Client(hub, cfg)
-    assert client.hello(owner_spec(cfg)).error == ""
+    _, srv, client = joined(cfg)
     # When a bundle of two batches arrives
     client.send(bundle_of(cfg, [forward(cfg, 0), forward(cfg, 1)]), topology.batch_id("client-0", 0))
     answer = wait_for(client.replies, "the refusal")

@@ -17,7 +17,7 @@ from splitmq.shared.transport import StubBroker
 from splitmq.workers.exits import ExitReason
 from splitmq.workers.roles.owner_waits import OwnerTimeouts
 
-from tests.stubs import Client, forward, owner_spec, start_server, start_worker, wait_for
+from tests.stubs import Client, forward, joined, owner_spec, start_server, start_worker, wait_for
 
 CFG = JobConfig(job_id="stubjob", epochs=1, data="synthetic")
 
@@ -90,10 +90,7 @@ def test_an_owner_whose_state_is_older_than_what_it_acknowledged_is_told_so_with
 
 def test_a_repeated_batch_is_always_answered() -> None:
     # Given an owner that joined and had batch 0 applied
-    hub = StubBroker()
-    srv = start_server(hub, CFG, serve_forever=True)
-    client = Client(hub, CFG)
-    assert client.hello(owner_spec(CFG)).error == ""
+    _, srv, client = joined(CFG)
     client.send(forward(CFG, 0), topology.batch_id("client-0", 0))
     first = wait_for(client.replies, "batch 0's gradient")[0]
     # When it sends batch 0 again (its gradient was lost on its side, say)

@@ -272,9 +272,11 @@ def test_a_standby_waits_while_the_active_trainer_runs_and_resumes_from_what_it_
     written = {k: v.clone() for k, v in first.roles[1].stage.segment.state_dict().items()}
     # Then the standby takes over with the top the active one wrote last, not the one there when it started
     wait_for(lambda: standby.transport.connected, "the standby to take over")
-    wait_for(lambda: standby.roles[1].ledger.count("client-0") > 0, "the standby to restore the ledger")
-    top = standby.roles[1].stage.segment.state_dict()
-    assert all(torch.equal(top[k], written[k]) for k in top)
+    # (waited on, not read once: the loop restores the ledger, then the top, on its own thread)
+    def restored() -> bool:
+        top = standby.roles[1].stage.segment.state_dict()
+        return standby.roles[1].ledger.count("client-0") > 0 and all(torch.equal(top[k], written[k]) for k in top)
+    wait_for(restored, "the standby to restore the ledger and the top the active one wrote last")
     standby.finish()
 
 

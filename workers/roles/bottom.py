@@ -210,7 +210,7 @@ class BottomRole(Role):
         return Step(durable=False)
 
     def _adopt(self, msg: wire.Weights) -> None:
-        self.stage.load_weights({k: v.clone() for k, v in msg.tensors.items()})
+        self.stage.load_weights(dict(msg.tensors))  # copied into the live parameters
 
     def _evaluated(self, inc: Incoming, msg: wire.Backward) -> Step:
         if self.eval is not None:
