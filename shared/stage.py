@@ -6,36 +6,66 @@ last stage also owns the loss. Bottom, middle and top segments, U-shaped heads a
 parties of a vertical split are all Stages; the roles around them only move messages.
 
 With several batches in flight a stage applies each gradient against the weights that
-produced its batch (weight stashing, as in PipeDream): ``forward`` keeps a copy of the
-parameters, ``backward`` differentiates through that copy and hands the result, corrected
-for staleness, to the optimizer of the live weights. Any optimizer works this way: the
-stash changes which gradient is computed, not how it is applied. Batches forwarded between
-two updates share one stash (with coalescing, a bundle's batches usually are), so a copy is
-paid per weight version, not per batch.
+produced its batch (weight stashing, as in PipeDream), copy-on-write: ``forward`` runs the
+live module and notes which weights autograd kept for the backward (``_Snapshot``); only when
+an update (or a load) is about to overwrite weights that a batch still in flight needs are
+they copied, once per weight version, and that batch's backward reads the copy. ``backward``
+differentiates with the weights that made the batch and hands the result, corrected for
+staleness, to the optimizer of the live weights. Any optimizer works this way: the stash
+changes which gradient is computed, not how it is applied. Batches forwarded between two
+updates share one copy (with coalescing, a bundle's batches usually are); a batch answered
+before the next update (K=1) costs no copy; and only what autograd or the correction reads is
+copied (delay compensation reads every weight; the first layer's weight is otherwise unused).
+Weights must change in place (every torch optimizer and ``load_state_dict`` do).
 
 Tensors cross the stage boundary on the CPU; a stage on a GPU moves each batch's input
 there once and its output (or input gradient) back once.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any, Callable, Hashable
 
 import torch
 from torch import nn
-from torch.func import functional_call
 
 from splitmq.shared.losses import Loss
 from splitmq.shared.optim import OptimizerSpec
 from splitmq.shared.staleness import NoCorrection, StalenessCorrection
 
 
+class _Snapshot:
+    """One weight version as the batches forwarded at it need it: which weights' storages their
+    graphs hold (``saved``), and the copies of them taken before an update overwrote them."""
+
+    __slots__ = ("version", "pending", "saved", "copies")
+
+    def __init__(self, version: int) -> None:
+        self.version = version
+        self.pending = 0                                   # batches of this version still awaiting a gradient
+        self.saved: set[int] = set()                       # data_ptr of live storages the graphs hold
+        self.copies: dict[int, torch.UntypedStorage] = {}  # data_ptr of a live storage -> its copy
+
+    def storage(self, live: torch.UntypedStorage) -> torch.UntypedStorage:
+        """This version's bytes of a live storage: its copy if taken, else the live (unchanged) one."""
+        return self.copies.get(live.data_ptr(), live)
+
+
 @dataclass
 class _Pending:
     inputs: torch.Tensor                       # leaf; requires grad when the stage returns input grads
     output: torch.Tensor                       # carries the autograd graph
-    params: dict[str, torch.Tensor] | None     # stashed parameter copies (None: the live weights)
+    snapshot: _Snapshot | None                 # the weights that made it (None: no stashing)
     version: int                               # optimizer updates applied before this forward
+
+
+def _view(storage: torch.UntypedStorage, like: torch.Tensor | tuple[torch.dtype, torch.Size, tuple[int, ...], int]
+          ) -> torch.Tensor:
+    """A tensor over ``storage`` with the dtype, shape, strides and offset of ``like``."""
+    dtype, size, stride, offset = (like.dtype, like.size(), like.stride(), like.storage_offset()) \
+        if isinstance(like, torch.Tensor) else like
+    return torch.empty(0, dtype=dtype, device=storage.device).set_(storage, offset, size, stride)
 
 
 @dataclass(frozen=True)
@@ -69,7 +99,13 @@ class Stage:
         self.version = 0
         self._pending: dict[Hashable, _Pending] = {}
         self._params = dict(self.segment.named_parameters())  # walked once: the tree is fixed
-        self._stash: tuple[int, dict[str, torch.Tensor]] | None = None  # (version, copies) last stashed
+        #: The parameters' storages by address (updated in place, so fixed), for the stash's hooks.
+        self._storages = {p.untyped_storage().data_ptr(): p.untyped_storage()
+                          for p in self._params.values() if p.numel()}
+        #: Buffers the forward itself updates in place (batch norm's running statistics): a training
+        #: backward does not read them, so their change is not an error (autograd's own check says it is).
+        self._buffers = {b.untyped_storage().data_ptr() for b in self.segment.buffers() if b.numel()}
+        self._snapshot: _Snapshot | None = None  # the current version's, once a batch was forwarded at it
 
     @property
     def pending(self) -> int:
@@ -81,20 +117,52 @@ class Stage:
     def forward(self, key: Hashable, x: torch.Tensor) -> torch.Tensor:
         """Training forward pass; the result is detached (on the CPU), the graph kept under ``key``."""
         inputs = self._in(x).detach().requires_grad_(self.input_grad)
-        params = None
+        snapshot = None
         if self.stash_weights:
-            params = self._stashed()
-            output: torch.Tensor = functional_call(self.segment, params, (inputs,))
+            if self._snapshot is None:
+                self._snapshot = _Snapshot(self.version)
+            snapshot = self._snapshot
+            with torch.autograd.graph.saved_tensors_hooks(functools.partial(self._pack, snapshot), self._unpack):
+                output: torch.Tensor = self.segment(inputs)
+            snapshot.pending += 1
         else:
             output = self.segment(inputs)
-        self._pending[key] = _Pending(inputs, output, params, self.version)
+        self._pending[key] = _Pending(inputs, output, snapshot, self.version)
         return output.detach().cpu()
 
-    def _stashed(self) -> dict[str, torch.Tensor]:
-        """Copies of the weights at this version, made once and shared by its batches (read-only)."""
-        if self._stash is None or self._stash[0] != self.version:
-            self._stash = (self.version, {n: p.detach().clone().requires_grad_() for n, p in self._params.items()})
-        return self._stash[1]
+    def _pack(self, snapshot: _Snapshot, t: torch.Tensor) -> Any:
+        """Autograd keeps ``t`` for the backward: a live weight (or a view of one) is kept as where
+        it lies, to be read from ``snapshot``'s copy if an update overwrites it meanwhile."""
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in self._storages:
+            return t, t._version
+        snapshot.saved.add(ptr)
+        return snapshot, ptr, (t.dtype, t.size(), t.stride(), t.storage_offset())
+
+    def _unpack(self, packed: Any) -> torch.Tensor:
+        """Raises:
+            RuntimeError: a kept tensor other than a weight or a buffer was changed in place since
+                the forward (what autograd's own check raises; the hooks replace that check)."""
+        if len(packed) == 2:
+            t, version = packed
+            if t._version != version and t.untyped_storage().data_ptr() not in self._buffers:
+                raise RuntimeError(f"a tensor of shape {tuple(t.shape)} kept for the backward was modified in "
+                                   f"place since the forward (version {t._version}, expected {version})")
+            return t  # type: ignore[no-any-return]
+        snapshot, ptr, layout = packed
+        return _view(snapshot.storage(self._storages[ptr]), layout)
+
+    def _preserve(self) -> None:
+        """Before the live weights change: copy what the current version's batches in flight still need."""
+        snapshot, self._snapshot = self._snapshot, None
+        if snapshot is None or snapshot.pending == 0:
+            return
+        needed = self._storages if self.correction.reads_old_weights else snapshot.saved
+        snapshot.copies = {ptr: self._storages[ptr].clone() for ptr in needed}  # type: ignore[no-untyped-call]
+
+    def _done(self, pending: _Pending) -> None:
+        if pending.snapshot is not None:
+            pending.snapshot.pending -= 1
 
     def backward(self, key: Hashable, grad_output: torch.Tensor) -> tuple[torch.Tensor | None, int]:
         """Backprop ``grad_output`` through batch ``key``'s forward and apply the update.
@@ -106,9 +174,10 @@ class Stage:
             KeyError: no pending forward for ``key``.
         """
         pending = self._pending.pop(key)
+        self._done(pending)
         staleness = self.version - pending.version
         live = self._params
-        wrt = list(pending.params.values()) if pending.params is not None else list(live.values())
+        wrt: list[torch.Tensor] = list(live.values())
         if self.input_grad:
             wrt = [pending.inputs, *wrt]
         outputs, grads_out = [pending.output], [self._in(grad_output)]
@@ -118,9 +187,11 @@ class Stage:
         grads = torch.autograd.grad(outputs, wrt, grads_out, allow_unused=True)
         grad_input = grads[0] if self.input_grad else None
         param_grads = grads[1:] if self.input_grad else grads
-        for (name, p), g in zip(live.items(), param_grads):
-            if g is not None and pending.params is not None:
-                g = self.correction.correct(g, p.detach(), pending.params[name].detach(), staleness)
+        snapshot = pending.snapshot
+        for p, g in zip(live.values(), param_grads):
+            if g is not None and snapshot is not None and staleness:
+                old = _view(snapshot.storage(p.untyped_storage()), p)
+                g = self.correction.correct(g, p.detach(), old, staleness)
             p.grad = g
         self._step()
         return (grad_input.cpu() if grad_input is not None else None), staleness
@@ -160,21 +231,24 @@ class Stage:
 
     def discard(self, key: Hashable) -> None:
         """Forget a batch whose gradient will never come (e.g. a skipped vertical batch)."""
-        self._pending.pop(key, None)
+        pending = self._pending.pop(key, None)
+        if pending is not None:
+            self._done(pending)
 
     def _step(self) -> None:
         if self.schedule is not None:
             factor = self.schedule(self.version)
             for group, base in zip(self.optimizer.param_groups, self._base_lrs):
                 group["lr"] = base * factor
+        self._preserve()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.version += 1
 
     def load_weights(self, weights: dict[str, torch.Tensor]) -> None:
-        """Replace the weights in place (an average, a merged replica); later batches stash the new ones."""
+        """Replace the weights in place (an average, a merged replica); batches in flight keep the old ones."""
+        self._preserve()
         self.segment.load_state_dict(weights)
-        self._stash = None
 
     def state(self) -> dict[str, Any]:
         """Weights, optimizer state and version, for a checkpoint (weights_only-loadable)."""
@@ -186,4 +260,4 @@ class Stage:
         self.optimizer.load_state_dict(state["optimizer"])
         self.version = int(state["version"])
         self._pending.clear()
-        self._stash = None
+        self._snapshot = None

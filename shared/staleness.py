@@ -19,9 +19,13 @@ import torch
 class StalenessCorrection(ABC):
     """One decision: what gradient to apply, given how stale it is."""
 
+    #: Whether ``correct`` reads ``w_old``: if not, a stage copies only the weights its backward needs.
+    reads_old_weights = False
+
     @abstractmethod
     def correct(self, grad: torch.Tensor, w_now: torch.Tensor, w_old: torch.Tensor, staleness: int) -> torch.Tensor:
-        """Return the gradient to hand the optimizer for one parameter tensor."""
+        """Return the gradient to hand the optimizer for one parameter tensor (``grad`` is the
+        caller's own fresh tensor: a correction may write into it)."""
 
 
 class NoCorrection(StalenessCorrection):
@@ -30,6 +34,8 @@ class NoCorrection(StalenessCorrection):
 
 
 class DelayCompensation(StalenessCorrection):
+    reads_old_weights = True
+
     def __init__(self, *, lam: float) -> None:
         if lam < 0:
             raise ValueError(f"dc lambda must be >= 0, got {lam}")
@@ -38,8 +44,8 @@ class DelayCompensation(StalenessCorrection):
     def correct(self, grad: torch.Tensor, w_now: torch.Tensor, w_old: torch.Tensor, staleness: int) -> torch.Tensor:
         if staleness == 0:
             return grad
-        drift = torch.sub(w_now, w_old).mul_(grad)  # two passes, one allocation: the loop's hot path
-        return torch.addcmul(grad, drift, grad, value=self.lam)
+        drift = torch.sub(w_now, w_old).mul_(grad)  # three passes, one allocation: the loop's hot path
+        return grad.addcmul_(drift, grad, value=self.lam)
 
 
 class StalenessScaledStep(StalenessCorrection):

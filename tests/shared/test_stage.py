@@ -52,12 +52,77 @@ def test_batches_of_one_version_share_one_stash_and_new_weights_loaded_between_t
     replaced = {k: v + 1.0 for k, v in stage.segment.state_dict().items()}
     stage.load_weights(replaced)
     out_c = stage.forward("c", x)
-    # Then A and B were computed from one copy (one clone per version), C from the new weights
-    pa, pb, pc = (stage._pending[k].params for k in "abc")
-    assert pa is pb and pc is not pa
+    # Then A and B share one snapshot, copied when the load overwrote its weights; C uses the new weights
+    sa, sb, sc = (stage._pending[k].snapshot for k in "abc")
+    assert sa is sb and sc is not sa and sa is not None and sa.copies and sc is not None and not sc.copies
     with torch.no_grad():
         torch.testing.assert_close(out_c, stage.segment(x))
         assert not torch.allclose(out_b, out_c)
+
+
+def test_weights_are_copied_only_when_an_update_overwrites_what_a_batch_in_flight_still_needs() -> None:
+    # Given a stashing stage without a correction, on a segment whose first layer's weight its backward never reads
+    stage = Stage(_segment(), optimizer=SGD, stash_weights=True, input_grad=False)
+    x, g = torch.randn(5, 4), torch.randn(5, 2)
+    # When a batch is answered before the next update (as at K=1)
+    stage.forward(0, x)
+    first = stage._pending[0].snapshot
+    stage.backward(0, g)
+    # Then nothing was copied
+    assert first is not None and not first.copies
+    # When two batches are out and the first one's update lands while the second still waits
+    stage.forward(1, x)
+    stage.forward(2, x)
+    stage.backward(1, g)
+    # Then only what the second one's backward reads was copied: the second layer's weight, not the first's
+    second = stage._pending[2].snapshot
+    assert second is not None
+    w1, w2 = stage.segment[0].weight, stage.segment[2].weight
+    assert w2.untyped_storage().data_ptr() in second.copies
+    assert w1.untyped_storage().data_ptr() not in second.copies
+    # And delay compensation, which reads every old weight, has all of them copied
+    dc = Stage(_segment(), optimizer=SGD, correction=staleness.make("dc"), stash_weights=True, input_grad=False)
+    dc.forward(1, x)
+    dc.forward(2, x)
+    dc.backward(1, g)
+    snapshot = dc._pending[2].snapshot
+    assert snapshot is not None and len(snapshot.copies) == len(list(dc.segment.parameters()))
+
+
+def test_a_segment_with_batch_norm_trains_with_several_batches_in_flight() -> None:
+    # Given a stashing stage whose forward updates batch norm's running statistics in place
+    torch.manual_seed(0)
+    stage = Stage(nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3), nn.ReLU()), optimizer=SGD,
+                  stash_weights=True, input_grad=False)
+    reference = copy.deepcopy(stage.segment)
+    xa, xb, g = torch.randn(5, 4), torch.randn(5, 4), torch.randn(5, 3)
+    # When batch B's forward and update land between batch A's forward and its gradient
+    stage.forward("a", xa)
+    stage.forward("b", xb)
+    stage.backward("b", g)
+    stage.backward("a", g)
+    # Then A's gradient was computed at the weights that made A (autograd's own check refused this
+    # before: the running statistics it keeps had changed, though a training backward never reads them)
+    grads_a = torch.autograd.grad(reference(xa), list(reference.parameters()), g)
+    grads_b = torch.autograd.grad(reference(xb), list(reference.parameters()), g)
+    with torch.no_grad():
+        for p, ga, gb in zip(reference.parameters(), grads_a, grads_b):
+            p -= 0.1 * gb
+            p -= 0.1 * ga
+    assert stage.version == 2
+    for p, q in zip(stage.segment.parameters(), reference.parameters()):
+        torch.testing.assert_close(p, q)
+
+
+def test_a_kept_activation_changed_in_place_before_its_gradient_is_refused() -> None:
+    # Given a stashing stage that handed out a batch's activations (its ReLU keeps them for the backward)
+    stage = Stage(nn.Sequential(nn.Linear(4, 3), nn.ReLU()), optimizer=SGD, stash_weights=True, input_grad=False)
+    out = stage.forward("a", torch.randn(5, 4))
+    # When someone writes into them before the gradient comes
+    out.add_(1.0)
+    # Then the backward refuses, as autograd would, instead of using the changed values
+    with pytest.raises(RuntimeError, match="modified in place"):
+        stage.backward("a", torch.randn(5, 3))
 
 
 @pytest.mark.parametrize("name", ["Adam", "AdamW", "RMSprop"])
@@ -105,7 +170,7 @@ def test_a_local_loss_on_the_stage_changes_its_update_but_not_what_it_sends() ->
 def test_delay_compensation_adds_the_diagonal_hessian_term_only_when_stale() -> None:
     dc = staleness.make("dc", dc_lambda=2.0)
     g, now, old = torch.tensor([1.0, -2.0]), torch.tensor([0.5, 0.5]), torch.tensor([0.0, 1.0])
-    torch.testing.assert_close(dc.correct(g, now, old, 1), g + 2.0 * g * g * (now - old))
+    torch.testing.assert_close(dc.correct(g.clone(), now, old, 1), g + 2.0 * g * g * (now - old))
     assert torch.equal(dc.correct(g, now, old, 0), g)
     torch.testing.assert_close(staleness.make("lr").correct(g, now, old, 3), g / 4)
     with pytest.raises(ValueError):
