@@ -28,7 +28,8 @@ START, END = sections.markers("compression")
 SETTINGS: tuple[tuple[str, str, int], ...] = (
     ("none", "none", io_tuning.RECV_BYTES), ("int8", "fp16", io_tuning.RECV_BYTES),
     ("int8", "int8", io_tuning.RECV_BYTES), ("fp16", "fp16", io_tuning.RECV_BYTES),
-    ("bf16", "bf16", io_tuning.RECV_BYTES), ("none", "none", 4096))
+    ("bf16", "bf16", io_tuning.RECV_BYTES), ("topk", "none", io_tuning.RECV_BYTES),
+    ("topk", "int8", io_tuning.RECV_BYTES), ("none", "none", 4096))
 
 
 def run(*, quick: bool, workdir: Path, in_flight: int = 4, log: Callable[[str], None] = print) -> dict[str, Any]:

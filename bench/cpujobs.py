@@ -19,8 +19,8 @@ import torch
 
 from splitmq.bench import cputime, jobs
 from splitmq.bench.common import dataset
-from splitmq.shared import checkpoint
-from splitmq.shared.config import BottomSync, JobConfig
+from splitmq.shared import checkpoint, codec
+from splitmq.shared.config import BottomSync, Compression, JobConfig
 from splitmq.workers import assemble
 
 
@@ -77,7 +77,8 @@ def party_cells(parties: dict[str, dict[str, float]]) -> str:
 
 
 def accuracy(spec: jobs.JobSpec, run_dir: Path) -> float | None:
-    """Test accuracy of the trained bottom (client-0's) and top chained, on client-0's test split."""
+    """Test accuracy of the trained bottom (client-0's) and top chained, on client-0's test split, the
+    activations crossing the cut as the job sends them (its ``--compress-activations``, as when served)."""
     bottom, top = run_dir / "segments-client-0.pt", run_dir / "segments-top.pt"
     if not bottom.exists() or not top.exists():
         return None
@@ -92,6 +93,10 @@ def accuracy(spec: jobs.JobSpec, run_dir: Path) -> float | None:
         assert saved is not None
         seg.load_state_dict(saved["segments"][index]["state_dict"])
         seg.eval()
+    settings = dict(zip(spec.options[::2], spec.options[1::2]))
+    cut = codec.codec_for(Compression(settings.get("--compress-activations", "none")),
+                          topk_fraction=float(settings.get("--topk-fraction", JobConfig.topk_fraction)))
     with torch.no_grad():
-        out = segs[1](segs[0](data.test.x))                     # (N, classes)
+        payload, extras = cut.encode(segs[0](data.test.x))      # what travels at evaluation (no feedback)
+        out = segs[1](cut.decode(payload, extras, "activations"))  # (N, classes)
     return float((out.argmax(dim=1) == data.test.y).float().mean())

@@ -73,6 +73,7 @@ class Compression(str, Enum):
     FP16 = "fp16"   # float16: half the bytes; values beyond +-65504 become Inf and are refused
     BF16 = "bf16"   # bfloat16: half the bytes, float32's range, 8 bits of mantissa
     INT8 = "int8"   # int8 with one float32 scale per row (sample): about a quarter of the bytes
+    TOPK = "topk"   # each sample's largest values (topk_fraction of them) and their positions
 
 
 class Privacy(str, Enum):
@@ -141,9 +142,12 @@ class JobConfig:
     shards: int = _f(1, "trainers sharing the data owners, owner i served by trainer i mod shards (`splitmq server "
                      "--shard K`); their tops are averaged every round (docs/scaling.md)")
     compress_activations: Compression = _f(Compression.NONE, "how activations cross the cut: none (float32), "
-                                           "fp16, bf16, or int8 (one scale per sample)")
+                                           "fp16, bf16, int8 (one scale per sample), or topk")
     compress_gradients: Compression = _f(Compression.NONE, "how gradients cross the cut: none (float32), fp16, "
-                                         "bf16, or int8 (one scale per sample)")
+                                         "bf16, int8 (one scale per sample), or topk")
+    topk_fraction: float = _f(0.1, "share of each sample's values that compress = topk sends (0 < f <= 1)")
+    topk_feedback: bool = _f(False, "with compress_activations = topk, add what a sample's last send left out to "
+                                    "its next (error feedback; measured 1-3 points worse here: docs/benchmarks.md)")
     coalesce: int = _f(4, "most batches (or their answers) travelling in one message when several are ready at "
                        "once (1: one per message; with one batch in flight there is never more than one)")
 
@@ -248,6 +252,8 @@ def _check(cfg: JobConfig) -> None:
         raise ConfigError(f"cuts {list(cfg.cuts)} must name one cut per stage after the bottom ({len(cfg.stages)})")
     if not 0 < cfg.test_fraction < 1:
         raise ConfigError(f"test_fraction must be between 0 and 1, got {cfg.test_fraction}")
+    if not 0 < cfg.topk_fraction <= 1:
+        raise ConfigError(f"topk_fraction must be in (0, 1], got {cfg.topk_fraction}")
     if not math.isfinite(cfg.lr) or cfg.lr <= 0 or cfg.dc_lambda < 0:
         raise ConfigError(f"need lr > 0 and dc_lambda >= 0 (lr {cfg.lr}, dc_lambda {cfg.dc_lambda})")
     try:

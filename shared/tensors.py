@@ -24,6 +24,7 @@ DTYPES: Mapping[str, tuple[torch.dtype, int]] = {
     "float64": (torch.float64, 8),
     "int64": (torch.int64, 8),
     "int32": (torch.int32, 4),
+    "int16": (torch.int16, 2),
     "int8": (torch.int8, 1),
     "uint8": (torch.uint8, 1),
 }

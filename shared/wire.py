@@ -114,12 +114,15 @@ class Forward(Message):
     ``train`` is False for evaluation batches, whose ``seq`` is the batch's index within
     an evaluation pass of ``eval_batches`` batches; no gradient comes back for those.
     ``attempt`` counts re-sends of the same batch (0 for the first). ``activations_scale`` is
-    set only on the wire of a job with ``compress_activations = int8`` (``shared.codec``).
+    set only on the wire of a job with ``compress_activations = int8``, ``activations_index`` and
+    ``activations_shape`` only with ``topk`` (``shared.codec``).
     """
 
     kind: ClassVar[Kind] = Kind.FORWARD
-    _tensor_fields: ClassVar[tuple[str, ...]] = ("activations", "labels", "sample_ids", "activations_scale")
-    _optional_tensors: ClassVar[tuple[str, ...]] = ("labels", "sample_ids", "activations_scale")
+    _tensor_fields: ClassVar[tuple[str, ...]] = ("activations", "labels", "sample_ids", "activations_scale",
+                                                 "activations_index", "activations_shape")
+    _optional_tensors: ClassVar[tuple[str, ...]] = ("labels", "sample_ids", "activations_scale",
+                                                    "activations_index", "activations_shape")
 
     activations: torch.Tensor = field(default_factory=lambda: torch.empty(0))
     labels: torch.Tensor | None = None
@@ -129,6 +132,8 @@ class Forward(Message):
     eval_batches: int = 0
     attempt: int = 0
     activations_scale: torch.Tensor | None = None
+    activations_index: torch.Tensor | None = None
+    activations_shape: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -138,12 +143,13 @@ class Backward(Message):
     ``loss`` is the batch loss when the sender computed it and may share it (else None).
     ``metrics`` carries task metrics: a training batch's (e.g. ``correct``), or, in the
     answer that completes an evaluation pass, the pass's results (e.g. ``accuracy``).
-    ``grad_scale`` is set only on the wire of a job with ``compress_gradients = int8``.
+    ``grad_scale`` is set only on the wire of a job with ``compress_gradients = int8``,
+    ``grad_index`` and ``grad_shape`` only with ``topk``.
     """
 
     kind: ClassVar[Kind] = Kind.BACKWARD
-    _tensor_fields: ClassVar[tuple[str, ...]] = ("grad", "grad_scale")
-    _optional_tensors: ClassVar[tuple[str, ...]] = ("grad", "grad_scale")
+    _tensor_fields: ClassVar[tuple[str, ...]] = ("grad", "grad_scale", "grad_index", "grad_shape")
+    _optional_tensors: ClassVar[tuple[str, ...]] = ("grad", "grad_scale", "grad_index", "grad_shape")
 
     grad: torch.Tensor | None = None
     outcome: str = Outcome.APPLIED.value
@@ -151,6 +157,8 @@ class Backward(Message):
     metrics: Mapping[str, float] = field(default_factory=dict)
     error: str = ""
     grad_scale: torch.Tensor | None = None
+    grad_index: torch.Tensor | None = None
+    grad_shape: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)

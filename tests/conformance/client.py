@@ -28,10 +28,11 @@ DEFAULT_SPEC: dict[str, Any] = {
     "optimizer": "SGD", "lr": 0.03, "optimizer_args": [], "lr_schedule": "cosine", "batch_size": 64, "epochs": 5,
     "seed": 0, "num_clients": 1, "bottom_sync": "average", "sync_every": 1, "label_source": "batch",
     "vertical_parts": 0, "combine": "concat", "align": "none", "privacy": "off", "bottleneck": 0, "shards": 1,
-    "compress_activations": "none", "compress_gradients": "none", "coalesce": 4,
+    "compress_activations": "none", "compress_gradients": "none", "topk_fraction": 0.1, "topk_feedback": False,
+    "coalesce": 4,
 }
 #: §4 dtype names -> numpy dtypes, little-endian on the wire.
-DTYPES = {"float32": "<f4", "float16": "<f2", "float64": "<f8", "int64": "<i8", "int32": "<i4", "int8": "i1",
+DTYPES = {"float32": "<f4", "float16": "<f2", "float64": "<f8", "int64": "<i8", "int32": "<i4", "int16": "<i2", "int8": "i1",
           "uint8": "u1"}
 #: §6 and §5: when to send a batch again, when to give up, how long a "duplicate" may wait.
 RESEND_AFTER_S, PEER_TIMEOUT_S, DUPLICATE_WAIT_S, JOIN_RETRY_S, JOIN_TIMEOUT_S = 120.0, 300.0, 20.0, 2.0, 600.0

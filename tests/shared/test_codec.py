@@ -134,3 +134,86 @@ def test_the_settings_are_part_of_the_agreed_spec_so_a_join_lists_a_mismatch() -
     assert differences(mine, theirs) == ["compress_gradients: here 'fp16', peer 'none'"]
     older = {k: v for k, v in theirs.items() if not k.startswith("compress_")}
     assert differences(theirs, older) == [] and not codec.CutCodec.for_spec(older).active
+
+
+def test_topk_keeps_each_rows_largest_values_where_they_were_and_zero_elsewhere() -> None:
+    # Given a batch of 3-d samples and top-k keeping a quarter of each sample's values
+    torch.manual_seed(0)
+    x = torch.randn(5, 4, 8)
+    c = cut(activations="topk")
+    c_quarter = codec.CutCodec(codec.TopK(0.25, feedback=False), codec.Plain())
+    # When it travels (encoded, through msgpack, decoded)
+    sent = c_quarter.outgoing(forward(x))
+    back = c_quarter.incoming(wire.decode(sent.encode()))
+    # Then the wire carries 8 of 32 values per row with increasing int16 positions and the row shape
+    assert isinstance(sent, wire.Forward) and sent.activations.shape == (5, 8)
+    assert sent.activations_index is not None and sent.activations_index.dtype == torch.int16
+    assert bool((sent.activations_index[:, 1:] > sent.activations_index[:, :-1]).all())
+    assert sent.activations_shape is not None and sent.activations_shape.tolist() == [4, 8]
+    # And the decoded tensor is float32 of x's shape: x's 8 largest magnitudes per row, zero elsewhere
+    assert isinstance(back, wire.Forward) and back.activations.shape == x.shape and back.activations_index is None
+    rows, got = x.reshape(5, -1), back.activations.reshape(5, -1)
+    kept = got != 0
+    assert bool((kept.sum(dim=1) == 8).all()) and torch.equal(got[kept], rows[kept])
+    assert bool((rows.abs()[kept].reshape(5, 8).amin(dim=1) >= rows.abs().masked_fill(kept, 0).amax(dim=1)).all())
+    # And the job's default (10%) sends ceil(0.1 x 32) = 4 values a row
+    assert c.outgoing(forward(x)).activations.shape == (5, 4)  # type: ignore[attr-defined]
+    # And a row too long for int16 positions gets int32 ones
+    wide = c.outgoing(forward(torch.randn(2, 40000)))
+    assert isinstance(wide, wire.Forward) and wide.activations_index is not None
+    assert wide.activations_index.dtype == torch.int32 and c.incoming(wire.decode(wide.encode())).activations.shape == (2, 40000)  # type: ignore[union-attr]
+
+
+def test_topk_error_feedback_sends_what_it_left_out_the_next_time_the_sample_goes() -> None:
+    # Given an owner sending the same two samples every epoch with top-k activations (10%, error feedback)
+    torch.manual_seed(1)
+    x = torch.randn(2, 50)
+    ids = torch.tensor([7, 9])
+    spec = JobConfig(compress_activations=Compression.TOPK, topk_feedback=True).agreed()
+    c = codec.CutCodec.for_spec(spec)
+
+    def send(seq: int, train: bool = True) -> torch.Tensor:
+        msg = wire.Forward(job_id="j", client_id="client-0", seq=seq, activations=x, sample_ids=ids, train=train)
+        back = c.incoming(wire.decode(c.outgoing(msg).encode()))
+        assert isinstance(back, wire.Forward)
+        return back.activations
+
+    first = send(0)
+    # When the batch is sent again under the same seq (a re-send), and an evaluation batch goes between
+    assert torch.equal(send(0), first)
+    send(99, train=False)
+    # Then over 40 epochs what arrives averages to the samples themselves (nothing is dropped for good),
+    # though each send carries only 5 of 50 values a row
+    total = first + sum(send(seq) for seq in range(1, 40))
+    assert bool(((first != 0).sum(dim=1) == 5).all())
+    assert torch.allclose(total / 40, x, atol=x.abs().max().item() / 10)
+    # While without error feedback (the default) the same 5 values arrive every time
+    plain = cut(activations="topk")
+    once = plain.incoming(wire.decode(plain.outgoing(forward(x)).encode()))
+    assert isinstance(once, wire.Forward) and not torch.allclose(once.activations, x, atol=x.abs().max().item() / 10)
+
+
+@pytest.mark.parametrize("change, reason", [
+    ({"activations_index": torch.tensor([[0, 40], [1, 2]], dtype=torch.int32)}, "shape"),   # past the row
+    ({"activations_index": torch.tensor([[3, 1], [1, 2]], dtype=torch.int32)}, "shape"),    # not increasing
+    ({"activations_index": torch.tensor([[1, 1], [1, 2]], dtype=torch.int32)}, "shape"),    # repeated
+    ({"activations_index": torch.tensor([[0, 1], [1, 2]], dtype=torch.int64)}, "shape"),    # wrong dtype
+    ({"activations_index": torch.tensor([[-1, 1], [1, 2]], dtype=torch.int16)}, "shape"),   # negative
+    ({"activations_shape": None}, "shape"),                                                   # no row shape
+    ({"activations_shape": torch.tensor([10**9], dtype=torch.int64)}, "shape"),               # a memory bomb
+    ({"activations": torch.ones(2, 2, dtype=torch.float16)}, "dtype"),
+    ({"activations_scale": torch.ones(2)}, "shape"),                                          # not this codec's
+])
+def test_topk_activations_that_do_not_travel_as_agreed_are_refused_with_a_reason(
+        change: dict[str, object], reason: str) -> None:
+    # Given a well-formed top-k forward (2 of 4 values per row)
+    c = cut(activations="topk")
+    good = wire.Forward(job_id="j", client_id="client-0", seq=3, activations=torch.ones(2, 2),
+                        activations_index=torch.tensor([[0, 1], [1, 3]], dtype=torch.int32),
+                        activations_shape=torch.tensor([4], dtype=torch.int64))
+    assert c.incoming(good).activations.shape == (2, 4)  # type: ignore[union-attr]
+    # When one part of it is malformed
+    # Then the receiver refuses it with the reason a peer is told
+    with pytest.raises(RejectedMessage) as info:
+        c.incoming(good.copy(**change))
+    assert info.value.reason == reason
