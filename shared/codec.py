@@ -28,6 +28,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any, Mapping, TypeVar
 
+import numpy
 import torch
 
 from splitmq.shared import wire
@@ -225,8 +226,12 @@ def sparsify_rows(x: torch.Tensor, fraction: float) -> tuple[torch.Tensor, torch
     they fit, else int32). A NaN counts as the largest, so it travels and the receiver refuses it."""
     n = x.shape[1]
     k = min(n, max(1, math.ceil(fraction * n))) if n else 0
-    index = x.abs().topk(k, dim=1, sorted=False).indices.sort(dim=1).values  # (B, k)
-    return x.gather(1, index), index.to(torch.int16 if n <= _INT16_MAX + 1 else torch.int32)
+    rows = x.detach().contiguous().numpy()
+    # numpy's introselect: 250 µs for (64, 640) where torch.topk takes 400 on this build (docs/benchmarks.md)
+    index = numpy.argpartition(numpy.abs(rows), n - k, axis=1)[:, n - k:] if n else numpy.zeros((len(rows), 0), int)
+    index.sort(axis=1)  # (B, k), increasing: the receiver checks order instead of sorting
+    values = torch.from_numpy(numpy.take_along_axis(rows, index, axis=1))
+    return values, torch.from_numpy(index.astype(numpy.int16 if n <= _INT16_MAX + 1 else numpy.int32))
 
 
 def densify_rows(values: torch.Tensor, index: torch.Tensor | None, shape: torch.Tensor | None,
