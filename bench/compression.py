@@ -69,7 +69,9 @@ def markdown(r: dict[str, Any], command: str) -> str:
              "down, envelope and labels included). CPU: utime+stime from `/proc` per process over the 20%-80% "
              "window of the samples (worker and trainer split into the loop's main thread and pika's I/O "
              "thread; broker = `beam.smp`). Accuracy: the trained segments on the owner's test split (1,000 "
-             "samples: one sample is 0.1 points). Raw results: `docs/benchmarks-compression.json`.", "",
+             "samples: one sample is 0.1 points), the activations passed through the job's activation codec as "
+             "when served. `topk`: the default `topk_fraction` (10%), no error feedback; splitmq's defaults "
+             "otherwise (`coalesce = 4`). Raw results: `docs/benchmarks-compression.json`.", "",
              "| activations / gradients | bytes per sample | fewer bytes | test accuracy | Δ points | "
              "worker µs (main / pika) | trainer µs (main / pika) | broker µs | total µs/sample | CPU vs float32 "
              "| samples/s |",
