@@ -36,13 +36,13 @@ from splitmq.shared.staleness import NoCorrection, StalenessCorrection
 
 
 class _Snapshot:
-    """One weight version as the batches forwarded at it need it: which weights' storages their
-    graphs hold (``saved``), and the copies of them taken before an update overwrote them."""
+    """One weight version as the batches forwarded at it need it: how many still await a gradient,
+    which weights' storages their graphs hold (``saved``), and the copies of them taken before an
+    update overwrote them."""
 
-    __slots__ = ("version", "pending", "saved", "copies")
+    __slots__ = ("pending", "saved", "copies")
 
-    def __init__(self, version: int) -> None:
-        self.version = version
+    def __init__(self) -> None:
         self.pending = 0                                   # batches of this version still awaiting a gradient
         self.saved: set[int] = set()                       # data_ptr of live storages the graphs hold
         self.copies: dict[int, torch.UntypedStorage] = {}  # data_ptr of a live storage -> its copy
@@ -120,7 +120,7 @@ class Stage:
         snapshot = None
         if self.stash_weights:
             if self._snapshot is None:
-                self._snapshot = _Snapshot(self.version)
+                self._snapshot = _Snapshot()
             snapshot = self._snapshot
             with torch.autograd.graph.saved_tensors_hooks(functools.partial(self._pack, snapshot), self._unpack):
                 output: torch.Tensor = self.segment(inputs)
