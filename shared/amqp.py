@@ -71,17 +71,23 @@ def short(exc: BaseException) -> str:
 
 
 def _blocking(urls: str | Sequence[str], tls: Mapping[str, str] | None = None) -> pika.BlockingConnection:
-    """A blocking connection to the first broker address that answers, tried in a random order."""
-    errors = []
+    """A blocking connection to the first broker address that answers, tried in a random order.
+
+    A login refused by one address is tried on the others (a cluster node still booting or
+    rejoining refuses users the rest accept); refused by every address, it is final.
+    """
+    errors, refused = [], []
     listed = addresses(urls)
     for url in random.sample(listed, len(listed)):
         try:
             return pika.BlockingConnection(connection_parameters(url, name="splitmq-admin", tls=tls))
         except pika.exceptions.ProbableAuthenticationError as exc:
-            raise AccessRefused(f"the broker refused the login: {exc}") from exc
+            refused.append(f"{url.split('@')[-1]}: {short(exc)}")
         except pika.exceptions.AMQPError as exc:
             errors.append(f"{url.split('@')[-1]}: {short(exc)}")
-    raise BrokerError("cannot connect to the broker (" + "; ".join(errors) + ")")
+    if refused and not errors:
+        raise AccessRefused("the broker refused the login (" + "; ".join(refused) + ")")
+    raise BrokerError("cannot connect to the broker (" + "; ".join(refused + errors) + ")")
 
 
 def declare(urls: str | Sequence[str], layout: topology.Layout, tls: Mapping[str, str] | None = None) -> None:
@@ -183,11 +189,14 @@ def get_messages(urls: str | Sequence[str], queue: str, limit: int = 1000,
 
 def fatal_connect_error(exc: BaseException, params: pika.URLParameters, *, only_chance: bool) -> BrokerError | None:
     """Why a failed connection attempt should end the party (a reason no retry fixes), or None to retry.
+    A refused login (``AccessRefused``) is final for the caller only once every address refused it;
+    a handshake the node dropped (pika calls it a probable authentication error too) is retried.
 
     ``only_chance``: the first attempt ever, with one address: a name that does not resolve then
     is a typo far more often than a DNS outage.
     """
-    if isinstance(exc, (pika.exceptions.ProbableAuthenticationError, pika.exceptions.ProbableAccessDeniedError)):
+    if isinstance(exc, (pika.exceptions.ProbableAuthenticationError, pika.exceptions.ProbableAccessDeniedError)) \
+            and "ConnectionClosedByBroker" in repr(exc):  # else the node dropped the handshake (still booting)
         return AccessRefused(f"the broker refused the login of {params.credentials.username!r}: "
                              "check the user name and password in --amqp-url")
     if "CERTIFICATE_VERIFY_FAILED" in repr(exc):  # pika wraps it in AMQPConnectionWorkflowFailed

@@ -68,18 +68,16 @@ class Broker:
         self._conn: pika.SelectConnection | None = None
         self._chan: Any = None
         self._publishing: Any = None  # the channel once set up (lease held, consumers started)
-        self._generation = 0
-        self._attempt = 0
+        self._generation, self._attempt, self._next_tag = 0, 0, 1
         self._consumers: list[tuple[str, Handler]] = []
         self._unconfirmed: collections.OrderedDict[int, _Outgoing] = collections.OrderedDict()
         self._backlog: collections.deque[_Outgoing] = collections.deque()
         self._returned: set[str] = set()
         self._unsettled: set[int] = set()  # delivery tags of the current channel not yet acked or rejected
-        self._next_tag = 1
+        self._login_refused: set[int] = set()  # ids of the addresses that refused our login since we were ready
         self._ready = threading.Event()
         self._fatal: BrokerError | None = None
-        self._closing = False
-        self._last_error = ""
+        self._closing, self._last_error = False, ""
         self._lease_refused: str | None = None
         self.connected_once = False
         self._opened_at = 0.0  # when the channel was last ready (monotonic)
@@ -213,6 +211,9 @@ class Broker:
 
     def _on_open_error(self, _conn: Any, exc: BaseException) -> None:
         fatal = fatal_connect_error(exc, self._current, only_chance=not self.connected_once and len(self._params) == 1)
+        if isinstance(fatal, AccessRefused):  # final once every address refused: a cluster node still booting
+            self._login_refused.add(id(self._current))  # refuses users the others accept
+            fatal = fatal if len(self._login_refused) == len(self._params) else None
         if fatal is not None:
             self._fail(fatal)
             return
@@ -282,8 +283,8 @@ class Broker:
         self.connected_once = True
         self._ready_once_this_round = True
         self._opened_at = time.monotonic()
-        self._attempt = 0
-        self._last_error = ""
+        self._attempt, self._last_error = 0, ""
+        self._login_refused.clear()
         self._publishing = chan
         backlog, self._backlog = self._backlog, collections.deque()
         for out in backlog:

@@ -7,6 +7,7 @@ compression on (inside coalesced messages) is tests/test_coalesce.py's soak.
 """
 from __future__ import annotations
 
+from typing import Any
 
 import torch
 
@@ -58,17 +59,21 @@ def wait_one(client: Client) -> wire.AnyMessage:
     return replies[0]
 
 
+def float32_and(amqp_url: str, job_id: str, epochs: int, **compression: Any) -> list[tuple[dict[str, Any], ...]]:
+    """The same one-owner job trained through RabbitMQ twice: float32 at the cut, then ``compression``;
+    each run's (owner summary, trainer summary)."""
+    plain = JobConfig(job_id=job_id, epochs=epochs, bottom_sync=BottomSync.INDEPENDENT)
+    try:
+        return [train_in_threads(cfg, amqp_url) for cfg in (plain, plain.replace(job_id=job_id + "c", **compression))]
+    finally:
+        delete_job(job_id + "c")
+
+
 def test_int8_activations_and_fp16_gradients_train_as_well_as_float32_on_under_a_third_of_the_bytes(
         amqp_url: str, job_id: str) -> None:
     # Given the same one-owner job twice: float32 at the cut, then int8 activations + fp16 gradients
-    plain = JobConfig(job_id=job_id, epochs=3, bottom_sync=BottomSync.INDEPENDENT)
-    compressed = plain.replace(job_id=job_id + "c", **INT8_FP16)
     # When both are trained through RabbitMQ for the same epochs
-    try:
-        runs = [train_in_threads(cfg, amqp_url) for cfg in (plain, compressed)]
-    finally:
-        delete_job(job_id + "c")
-    (owner32, top32), (owner8, top8) = runs
+    (owner32, top32), (owner8, top8) = float32_and(amqp_url, job_id, 3, **INT8_FP16)
     # Then the test accuracy is within 0.3 points of float32's
     acc32, acc8 = owner32["test_scores"]["accuracy"], owner8["test_scores"]["accuracy"]
     assert abs(acc8 - acc32) <= 0.003, (acc32, acc8)
@@ -81,14 +86,8 @@ def test_int8_activations_and_fp16_gradients_train_as_well_as_float32_on_under_a
 def test_top_ten_percent_activations_cost_under_two_points_on_a_sixth_of_the_bytes(
         amqp_url: str, job_id: str) -> None:
     # Given the same one-owner job twice: float32 at the cut, then top-10% activations (the default fraction)
-    plain = JobConfig(job_id=job_id, epochs=5, bottom_sync=BottomSync.INDEPENDENT)
-    sparse = plain.replace(job_id=job_id + "k", compress_activations=Compression.TOPK)
     # When both are trained through RabbitMQ for the same epochs
-    try:
-        runs = [train_in_threads(cfg, amqp_url) for cfg in (plain, sparse)]
-    finally:
-        delete_job(job_id + "k")
-    (owner32, _), (owner_k, _) = runs
+    (owner32, _), (owner_k, _) = float32_and(amqp_url, job_id, 5, compress_activations=Compression.TOPK)
     # Then the test accuracy (evaluated through top-k, as it is served) is within 2 points of float32's
     # (simulated over 3 seeds: 0.3-1.4 points lower; docs/benchmarks.md)
     acc32, acc_k = owner32["test_scores"]["accuracy"], owner_k["test_scores"]["accuracy"]
