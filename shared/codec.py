@@ -181,9 +181,10 @@ class TopK(TensorCodec):
 class _Feedback:
     """Error feedback by sample: what top-k left out of each sample's last send (``residual``).
 
-    A batch sent again under the same seq (a re-send, or after a restart without this memory)
-    starts from the residual it started from the first time (``before``), so a re-send does not
-    count what it leaves out twice. Memory: two float32 rows per sample the owner holds.
+    A batch sent again under the same seq (a re-send) starts from the residual it started from the
+    first time (``before``), so a re-send does not count what it leaves out twice. The memory is
+    not checkpointed: after a restart every sample starts from nothing left over. It holds two
+    float32 rows per sample the owner holds.
     """
 
     def __init__(self) -> None:
