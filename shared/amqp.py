@@ -73,18 +73,17 @@ def short(exc: BaseException) -> str:
 def _blocking(urls: str | Sequence[str], tls: Mapping[str, str] | None = None) -> pika.BlockingConnection:
     """A blocking connection to the first broker address that answers, tried in a random order.
 
-    A login refused by one address is tried on the others (a cluster node still booting or
-    rejoining refuses users the rest accept); refused by every address, it is final.
+    A login refused by one address is tried on the others; refused by every address, it is final
+    (``AccessRefused``). A handshake a node dropped is a failed connect, not a refusal.
     """
-    errors, refused = [], []
+    errors: list[str] = []
+    refused: list[str] = []
     listed = addresses(urls)
     for url in random.sample(listed, len(listed)):
         try:
             return pika.BlockingConnection(connection_parameters(url, name="splitmq-admin", tls=tls))
-        except pika.exceptions.ProbableAuthenticationError as exc:
-            refused.append(f"{url.split('@')[-1]}: {short(exc)}")
         except pika.exceptions.AMQPError as exc:
-            errors.append(f"{url.split('@')[-1]}: {short(exc)}")
+            (refused if login_refused(exc) else errors).append(f"{url.split('@')[-1]}: {short(exc)}")
     if refused and not errors:
         raise AccessRefused("the broker refused the login (" + "; ".join(refused) + ")")
     raise BrokerError("cannot connect to the broker (" + "; ".join(refused + errors) + ")")
@@ -187,6 +186,17 @@ def get_messages(urls: str | Sequence[str], queue: str, limit: int = 1000,
     return out
 
 
+def login_refused(exc: BaseException) -> bool:
+    """The broker refused our login or vhost (it said so: 403 ``ACCESS_REFUSED``, 530 ``NOT_ALLOWED``).
+
+    pika reports a connection dropped during the handshake as a probable authentication error
+    too; without the broker's own close it is a node that could not finish the handshake (in CI,
+    one still booting after a kill closed it on ``handshake_timeout``): a failed connect.
+    """
+    return isinstance(exc, (pika.exceptions.ProbableAuthenticationError, pika.exceptions.ProbableAccessDeniedError)) \
+        and "ConnectionClosedByBroker" in repr(exc)
+
+
 def fatal_connect_error(exc: BaseException, params: pika.URLParameters, *, only_chance: bool) -> BrokerError | None:
     """Why a failed connection attempt should end the party (a reason no retry fixes), or None to retry.
     A refused login (``AccessRefused``) is final for the caller only once every address refused it;
@@ -195,8 +205,7 @@ def fatal_connect_error(exc: BaseException, params: pika.URLParameters, *, only_
     ``only_chance``: the first attempt ever, with one address: a name that does not resolve then
     is a typo far more often than a DNS outage.
     """
-    if isinstance(exc, (pika.exceptions.ProbableAuthenticationError, pika.exceptions.ProbableAccessDeniedError)) \
-            and "ConnectionClosedByBroker" in repr(exc):  # else the node dropped the handshake (still booting)
+    if login_refused(exc):
         return AccessRefused(f"the broker refused the login of {params.credentials.username!r}: "
                              "check the user name and password in --amqp-url")
     if "CERTIFICATE_VERIFY_FAILED" in repr(exc):  # pika wraps it in AMQPConnectionWorkflowFailed
