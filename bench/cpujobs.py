@@ -93,10 +93,15 @@ def accuracy(spec: jobs.JobSpec, run_dir: Path) -> float | None:
         assert saved is not None
         seg.load_state_dict(saved["segments"][index]["state_dict"])
         seg.eval()
-    settings = dict(zip(spec.options[::2], spec.options[1::2]))
-    cut = codec.codec_for(Compression(settings.get("--compress-activations", "none")),
-                          topk_fraction=float(settings.get("--topk-fraction", JobConfig.topk_fraction)))
+    cut = codec.codec_for(Compression(_option(spec, "--compress-activations", "none")),
+                          topk_fraction=float(_option(spec, "--topk-fraction", str(JobConfig.topk_fraction))))
     with torch.no_grad():
         payload, extras = cut.encode(segs[0](data.test.x))      # what travels at evaluation (no feedback)
         out = segs[1](cut.decode(payload, extras, "activations"))  # (N, classes)
     return float((out.argmax(dim=1) == data.test.y).float().mean())
+
+
+def _option(spec: jobs.JobSpec, flag: str, default: str) -> str:
+    """The value given to ``flag`` in the job's extra options (``default`` if not given)."""
+    options = list(spec.options)
+    return options[options.index(flag) + 1] if flag in options[:-1] else default

@@ -41,6 +41,8 @@ def test_an_optimizer_table_gives_the_name_the_peak_rate_and_its_other_arguments
     ("optimizer = {name = 'SGD', momentum = 0.9}\nmax_in_flight = 4\n", "momentum > 0 needs max_in_flight = 1"),
     ("stages = ['@head', 'top']\n", "must be the last of stages"),
     ("cuts = ['a', 'b']\n", "one cut per stage"),
+    ("compress_activations = 'topk'\ntopk_fraction = 0\n", "topk_fraction must be in"),
+    ("topk_fraction = 1.5\n", "topk_fraction must be in"),
     ("[job\n", "cannot read config"),
 ])
 def test_bad_configuration_is_refused_with_a_message_naming_the_problem(tmp_path: Path, text: str, words: str) -> None:
