@@ -167,11 +167,12 @@ class TopK(TensorCodec):
         if t.dim() == 0:
             raise ValueError("topk compression needs a tensor with rows (at least one dimension)")
         rows = t.detach().float().reshape(t.shape[0], -1)  # (B, values per sample)
+        slots = None
         if self.feedback is not None and batch is not None:
-            rows = self.feedback.add(rows, *batch)
+            rows, slots = self.feedback.add(rows, *batch)
         values, index = sparsify_rows(rows, self.fraction)
-        if self.feedback is not None and batch is not None:
-            self.feedback.keep(rows, index)
+        if self.feedback is not None and slots is not None:
+            self.feedback.keep(slots, rows, index)
         return values, {"index": index, "shape": torch.tensor(t.shape[1:], dtype=torch.int64)}
 
     def decode(self, payload: torch.Tensor, extras: Extras, what: str) -> torch.Tensor:
@@ -192,22 +193,21 @@ class _Feedback:
         self.residual = torch.zeros(0, 0)
         self.before = torch.zeros(0, 0)
         self.seq = torch.zeros(0, dtype=torch.int64)
-        self._rows = torch.zeros(0, dtype=torch.int64)  # slots of the batch being encoded
 
-    def add(self, x: torch.Tensor, ids: torch.Tensor, seq: int) -> torch.Tensor:
-        """``x`` (B, n) plus what each of its samples still owes."""
+    def add(self, x: torch.Tensor, ids: torch.Tensor, seq: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``x`` (B, n) plus what each of its samples still owes, and the samples' slots (for ``keep``)."""
         slots = [self.slots.setdefault(int(i), len(self.slots)) for i in ids.tolist()]
         self._grow(len(self.slots), x.shape[1])
-        rows = self._rows = torch.tensor(slots, dtype=torch.int64)
+        rows = torch.tensor(slots, dtype=torch.int64)
         again = (self.seq[rows] == seq).unsqueeze(1)
         start = torch.where(again, self.before[rows], self.residual[rows])
         self.before[rows] = start
         self.seq[rows] = seq
-        return x + start
+        return x + start, rows
 
-    def keep(self, x: torch.Tensor, index: torch.Tensor) -> None:
+    def keep(self, slots: torch.Tensor, x: torch.Tensor, index: torch.Tensor) -> None:
         """Remember what the send of ``x`` left out: ``x`` with the values sent (at ``index``) zeroed."""
-        self.residual[self._rows] = x.scatter(1, index.long(), 0.0)
+        self.residual[slots] = x.scatter(1, index.long(), 0.0)
 
     def _grow(self, samples: int, width: int) -> None:
         if self.residual.shape[1] not in (0, width):
