@@ -155,6 +155,15 @@ def queue_depth(urls: str | Sequence[str], queue: str, tls: Mapping[str, str] | 
             conn.close()
 
 
+def queue_exists(urls: str | Sequence[str], queue: str, tls: Mapping[str, str] | None = None) -> bool:
+    """Whether ``queue`` exists (False too when the broker is unreachable)."""
+    try:
+        queue_depth(urls, queue, tls)
+    except BrokerError:
+        return False
+    return True
+
+
 def delete_queues(urls: str | Sequence[str], queues: list[str], tls: Mapping[str, str] | None = None) -> None:
     """Delete queues if they exist (tests and ``splitmq job delete``)."""
     conn = _blocking(urls, tls)

@@ -7,10 +7,10 @@ resolves on the broker's confirm. Unconfirmed publishes survive a lost connectio
 outbox) and are sent again, with the same message id, after the reconnect; a nacked one is
 sent again after a short backoff (a quorum queue nacks for ~0.3 s after its leader node
 dies) until ``NACK_RETRY_S`` of refusals make it final. The connection is made, and remade,
-with capped, jittered backoff over every broker address given (a cluster), in a shuffled
-order, with a log line per attempt. A ``lease`` (an exclusive, auto-deleted queue held by
-this connection) makes sure only one party of a name runs at a time. pika exceptions stay
-in this module and ``shared.amqp``: callers see ``shared.errors``.
+over every broker address given (``shared.rotation``), with capped, jittered backoff and a log
+line per attempt. A ``lease`` (an exclusive, auto-deleted queue held by this connection) makes
+sure only one party of a name runs at a time. A resource alarm that blocks our publishes is
+told (``blocked``). pika exceptions stay here and in ``shared.amqp``: callers see ``shared.errors``.
 """
 from __future__ import annotations
 
@@ -27,8 +27,9 @@ import pika
 import pika.exceptions
 from pika.adapters.select_connection import IOLoop
 from splitmq.shared import defaults, io_tuning, topology
-from splitmq.shared.amqp import addresses, connection_parameters, declare, fatal_connect_error, queue_depth, short
+from splitmq.shared.amqp import addresses, connection_parameters, declare, fatal_connect_error, queue_exists, short
 from splitmq.shared.errors import AccessRefused, BrokerError, PublishNacked, Unroutable
+from splitmq.shared.rotation import Rotation
 from splitmq.shared.transport import Delivery, Handler, ack_plan
 
 log = logging.getLogger(__name__)
@@ -58,10 +59,7 @@ class Broker:
         if prefetch < 1:
             raise ValueError(f"prefetch must be >= 1, got {prefetch}")
         self._urls, self._tls = addresses(urls), dict(tls or {})
-        self._params = [connection_parameters(u, name=name, tls=tls) for u in self._urls]
-        self._order: list[pika.URLParameters] = []  # this round's addresses not yet tried
-        self._current = self._params[0]
-        self._ready_once_this_round = False
+        self._nodes = Rotation([connection_parameters(u, name=name, tls=tls) for u in self._urls])
         self._name, self._prefetch, self._lease, self._on_reconnect = name, prefetch, lease, on_reconnect
         self._ioloop = IOLoop()
         self._thread = threading.Thread(target=self._run, name=f"pika-{name}", daemon=True)
@@ -74,13 +72,13 @@ class Broker:
         self._backlog: collections.deque[_Outgoing] = collections.deque()
         self._returned: set[str] = set()
         self._unsettled: set[int] = set()  # delivery tags of the current channel not yet acked or rejected
-        self._login_refused: set[int] = set()  # ids of the addresses that refused our login since we were ready
         self._ready = threading.Event()
         self._fatal: BrokerError | None = None
         self._closing, self._last_error = False, ""
         self._lease_refused: str | None = None
         self.connected_once = False
         self._opened_at = 0.0  # when the channel was last ready (monotonic)
+        self._blocked: str | None = None  # the broker's reason while it blocks our publishes
 
     # ---- public, thread-safe -------------------------------------------------------------
 
@@ -105,7 +103,7 @@ class Broker:
         return self._ready.is_set() and self._fatal is None
 
     def status(self) -> str:
-        where = f"{self._current.host}:{self._current.port}"
+        where = _where(self._nodes.current)
         if self.is_connected:
             return f"connected to {where}"
         if self._lease_refused:
@@ -114,6 +112,9 @@ class Broker:
 
     def lease_refused(self) -> str | None:
         return self._lease_refused
+
+    def blocked(self) -> str | None:
+        return self._blocked
 
     def check(self) -> None:
         """Raise the fatal error that stopped this connection, if any."""
@@ -159,20 +160,13 @@ class Broker:
         declare(self._urls, layout, self._tls)
 
     def queue_exists(self, queue: str) -> bool:
-        try:
-            queue_depth(self._urls, queue, self._tls)
-        except BrokerError:
-            return False
-        return True
+        return queue_exists(self._urls, queue, self._tls)
 
     def close(self) -> None:
         """Close the connection and stop the I/O thread (unconfirmed publishes are failed)."""
         def stop() -> None:
             self._closing = True
-            if self._conn is not None and self._conn.is_open:
-                self._conn.close()
-            else:
-                self._ioloop.stop()
+            (self._conn.close if self._conn is not None and self._conn.is_open else self._ioloop.stop)()
         if self._thread.is_alive():
             self._ioloop.add_callback_threadsafe(stop)
             self._thread.join(10)
@@ -199,47 +193,48 @@ class Broker:
                     out.future.set_exception(err)
 
     def _connect(self) -> None:
-        if not self._order:
-            self._new_round(avoid=None)
-        self._current = self._order.pop()
         self._conn = pika.SelectConnection(
-            self._current, on_open_callback=self._on_open, on_open_error_callback=self._on_open_error,
+            self._nodes.next(), on_open_callback=self._on_open, on_open_error_callback=self._on_open_error,
             on_close_callback=self._on_closed, custom_ioloop=self._ioloop)
 
     def _on_open(self, conn: pika.SelectConnection) -> None:
+        conn.add_on_connection_blocked_callback(self._on_blocked)
+        conn.add_on_connection_unblocked_callback(self._on_unblocked)
         conn.channel(on_open_callback=self._on_channel_open)
 
+    def _on_blocked(self, _conn: Any, frame: Any) -> None:
+        """A resource alarm: no publish of ours is read until it clears (told, or seen in a confirm)."""
+        self._blocked = f"{getattr(frame.method, 'reason', '') or 'a resource alarm'} on a node"
+        log.warning("%s: the broker blocks our publishes: %s; waiting for it to clear", self._name, self._blocked)
+
+    def _on_unblocked(self, _conn: Any, _frame: Any) -> None:
+        log.warning("%s: the broker takes our publishes again (%s cleared)", self._name, self._blocked)
+        self._blocked = None
+
     def _on_open_error(self, _conn: Any, exc: BaseException) -> None:
-        fatal = fatal_connect_error(exc, self._current, only_chance=not self.connected_once and len(self._params) == 1)
-        if isinstance(fatal, AccessRefused):  # final once every address refused: a cluster node still booting
-            self._login_refused.add(id(self._current))  # refuses users the others accept
-            fatal = fatal if len(self._login_refused) == len(self._params) else None
+        fatal = fatal_connect_error(exc, self._nodes.current,
+                                    only_chance=not self.connected_once and len(self._nodes.addresses) == 1)
+        if isinstance(fatal, AccessRefused) and not self._nodes.login_refused():
+            fatal = None  # a cluster node still booting refuses users the others accept
         if fatal is not None:
             self._fail(fatal)
             return
-        self._schedule_reconnect(f"cannot connect to {self._current.host}:{self._current.port}: {short(exc)}")
+        self._schedule_reconnect(f"cannot connect to {_where(self._nodes.current)}: {short(exc)}")
 
     def _on_closed(self, _conn: Any, exc: BaseException) -> None:
         self._lost()
         if self._closing or self._fatal is not None:
             self._ioloop.stop()
             return
-        if self._ready_once_this_round:  # we were serving: a new round, the node we lost tried last
-            self._new_round(avoid=self._current)
-        self._schedule_reconnect(f"connection to {self._current.host}:{self._current.port} lost: {short(exc)}")
-
-    def _new_round(self, avoid: pika.URLParameters | None) -> None:
-        """Every address once, in a fresh random order (``pop`` takes from the end); ``avoid`` last."""
-        others = [p for p in self._params if p is not avoid]
-        self._order = ([avoid] if avoid is not None else []) + random.sample(others, len(others))
-        self._ready_once_this_round = False
+        self._nodes.lost()
+        self._schedule_reconnect(f"connection to {_where(self._nodes.current)} lost: {short(exc)}")
 
     def _schedule_reconnect(self, why: str) -> None:
         """The next address of this round at once; after a whole round failed, capped, jittered backoff."""
         self._last_error = why
-        if self._order:
-            nxt = self._order[-1]
-            log.warning("%s: %s; trying %s:%s", self._name, why, nxt.host, nxt.port)
+        nxt = self._nodes.peek()
+        if nxt is not None:
+            log.warning("%s: %s; trying %s", self._name, why, _where(nxt))
             self._ioloop.call_later(defaults.NEXT_ADDRESS_S, self._connect)
             return
         delay = min(defaults.RECONNECT_CAP_S, defaults.RECONNECT_BASE_S * 2 ** self._attempt) * random.uniform(0.5, 1)
@@ -276,15 +271,14 @@ class Broker:
         for queue, handler in self._consumers:
             self._start_consumer(queue, handler)
         if self.connected_once:
-            log.warning("%s: reconnected to %s:%s; re-sending %d unconfirmed messages", self._name,
-                        self._current.host, self._current.port, len(self._backlog))
+            log.warning("%s: reconnected to %s; re-sending %d unconfirmed messages", self._name,
+                        _where(self._nodes.current), len(self._backlog))
             if self._on_reconnect:
                 self._on_reconnect()
         self.connected_once = True
-        self._ready_once_this_round = True
+        self._nodes.ready()
         self._opened_at = time.monotonic()
         self._attempt, self._last_error = 0, ""
-        self._login_refused.clear()
         self._publishing = chan
         backlog, self._backlog = self._backlog, collections.deque()
         for out in backlog:
@@ -364,6 +358,7 @@ class Broker:
                 out.future.set_exception(Unroutable(f"no queue for {out.exchange!r} / {out.routing_key!r}"))
             else:
                 out.future.set_result(None)
+                self._blocked = None  # publishes get through: whatever blocked them has cleared
 
     def _nacked(self, out: _Outgoing) -> None:
         """A nack is a reason to publish again (a queue's leader moving), until it has lasted too long."""
@@ -378,8 +373,8 @@ class Broker:
         self._ioloop.call_later(random.uniform(0.1, 0.3), lambda: self._send(out))
         if now - max(out.first_nack, self._opened_at) > defaults.NACK_MOVE_S and self._conn is not None \
                 and self._conn.is_open:
-            log.warning("%s: %s nacked for %.0fs through %s:%s; moving to another node", self._name,
-                        out.properties.message_id, now - out.first_nack, self._current.host, self._current.port)
+            log.warning("%s: %s nacked for %.0fs through %s; moving to another node", self._name,
+                        out.properties.message_id, now - out.first_nack, _where(self._nodes.current))
             self._opened_at = now  # once per connection
             self._conn.close(reply_text="publishes refused for long: moving to another node")
 
@@ -398,3 +393,7 @@ class Broker:
             for tag in singles:
                 self._chan.basic_ack(tag)
             self._unsettled -= tags
+
+
+def _where(params: pika.URLParameters) -> str:
+    return f"{params.host}:{params.port}"

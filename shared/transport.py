@@ -60,6 +60,9 @@ class Transport(Protocol):
     def lease_refused(self) -> str | None:
         """Why this connection cannot take its lease (another party of its name holds it), or None."""
 
+    def blocked(self) -> str | None:
+        """Why the broker blocks our publishes (a resource alarm: memory or disk on a node), or None."""
+
     def consume(self, queue: str, handler: Handler) -> None:
         """Deliver ``queue``'s messages to ``handler`` (on the transport's thread: keep it short)."""
 
@@ -202,6 +205,8 @@ class StubTransport:
         self._refused: str | None = None
         #: Set to make every later publish fail with this error (a broker nack, say).
         self.fail_publishes: Exception | None = None
+        #: Set to what the broker says while it blocks our publishes (a resource alarm).
+        self.blocked_by: str | None = None
 
     @property
     def is_connected(self) -> bool:
@@ -229,6 +234,9 @@ class StubTransport:
         with self.broker.lock:
             self.broker.queues[queue].consumers.append((self, handler))
             self.broker.pump(queue)
+
+    def blocked(self) -> str | None:
+        return self.blocked_by
 
     def lease_refused(self) -> str | None:
         if not self.connected and self._refused:

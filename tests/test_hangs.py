@@ -6,6 +6,7 @@ the ones here need processes, leases, a broker that is down, or broker users.
 from __future__ import annotations
 
 import json
+import subprocess
 import uuid
 from pathlib import Path
 from typing import Any
@@ -19,8 +20,9 @@ from splitmq.shared.broker import Broker
 from splitmq.shared.config import BottomSync, JobConfig
 from splitmq.workers import cli
 from splitmq.workers.exits import ExitReason
-from tests.conftest import node
+from tests.conftest import RESTART_NODE, delete_job, node
 from tests.helpers import Party, assert_segments_equal, consumers, in_thread, job_file, server_party, wait_for, worker_party
+from tests.test_crash_recovery import assert_equal_to_local, assert_exactly_once
 
 
 def test_a_transient_handler_error_with_four_in_flight_still_applies_every_batch_exactly_once(
@@ -140,6 +142,39 @@ def test_parties_started_while_the_broker_is_down_train_once_it_comes_up(
         owner.close()
         top.close()
         node("start")
+
+
+def disk_alarm(on: bool) -> None:
+    """Raise (or clear, back to the shipped 1GB limit) a free-disk alarm on our own node."""
+    subprocess.run(["rabbitmqctl", "-n", f"{RESTART_NODE['NODE']}@localhost", "set_disk_free_limit",
+                    "1000000GB" if on else "1GB"], check=True, timeout=120, stdout=subprocess.DEVNULL)
+
+
+def test_a_disk_alarm_mid_run_is_named_by_the_parties_it_blocks_and_training_resumes_exactly_once(
+        restart_node: str, tmp_path: Path, parties: list[Party]) -> None:
+    # Given a synchronous job training on a broker node of our own, both sides checkpointing
+    cfg = JobConfig(job_id="alarm" + uuid.uuid4().hex[:8], epochs=3, bottom_sync=BottomSync.INDEPENDENT)
+    jobf = job_file(cfg, tmp_path)
+    top, owner = server_party(tmp_path, jobf, restart_node), worker_party(tmp_path, jobf, restart_node, 0, "--no-eval")
+    parties += [top.start(), owner.start()]
+    wait_for(lambda: owner.applied("worker") >= 10, "the owner's progress")
+    # When the node's free disk falls below its limit (a disk alarm: RabbitMQ blocks every publisher)
+    disk_alarm(True)
+    try:
+        # Then the owner (whose next batch the broker does not take) says that the broker blocks it
+        # and why, and waits on the broker, not on its trainer
+        wait_for(lambda: "the broker blocks our publishes: low on disk" in owner.log.read_text(), "the owner's word")
+        wait_for(lambda: "waiting for the broker to take our messages again: it blocks them (low on disk"
+                 in owner.log.read_text(), "the owner's wait line")
+        assert "waiting for the answer" not in owner.log.read_text(), owner.tail()
+    finally:
+        disk_alarm(False)
+    # And once the alarm clears, both finish by themselves, each batch applied exactly once, bit-identical
+    assert owner.wait() == 0 and top.wait() == 0, owner.tail() + top.tail()
+    assert "the broker takes our publishes again" in owner.log.read_text()
+    top_state, bottom = assert_exactly_once(tmp_path, 63 * cfg.epochs)
+    assert_equal_to_local(cfg, top_state, bottom)
+    delete_job(cfg.job_id, "http://guest:guest@localhost:15691")
 
 
 def test_least_privilege_users_train_with_the_default_averaging(

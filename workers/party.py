@@ -26,7 +26,7 @@ from splitmq.shared.errors import AccessRefused, BrokerError, RejectedMessage
 from splitmq.shared.transport import Delivery, Transport
 from splitmq.workers import gate
 from splitmq.workers.acks import Acks
-from splitmq.workers.exits import ExitReason, PartyExit, Wait, WaitLog
+from splitmq.workers.exits import ExitReason, Outages, PartyExit, Wait, WaitLog
 from splitmq.workers.held import Retries, Unjoined
 from splitmq.workers.outbox import Outbox
 from splitmq.workers.roles.base import Incoming, Role, Send, Source, Step, ToParty, batch_key, routing
@@ -90,7 +90,7 @@ class Party:
         self._last_checkpoint = clock()
         self._checkpoint_asked = False
         self._started = clock()
-        self._lost_since: float | None = None
+        self.outages = Outages(opts.broker_timeout_s)
         self._restored = False
         self._cpu_serving = time.process_time()  # CPU (all threads) from when the party serves: summary's cpu_seconds
 
@@ -224,7 +224,8 @@ class Party:
             for role in self.roles:
                 self._apply(role.tick(now), None, role)
             self.transport.check()
-            self.waits.watch([w for r in self.roles for w in r.waits(now)] + self._own_waits(now), now)
+            self.waits.watch(self._own_waits(now) or self.outages.discount([w for r in self.roles
+                                                                             for w in r.waits(now)], now), now)
             self.outbox.flush()
             self.transport.ack_many(self.acks.ready())
             self._maybe_checkpoint(now, idle=delivery is None)
@@ -234,12 +235,14 @@ class Party:
                     raise done
 
     def _own_waits(self, now: float) -> list[Wait]:
-        if self.transport.is_connected:
-            self._lost_since = None
-            return []
-        since = self._lost_since = self._lost_since or now
-        return [Wait(f"the broker to come back ({self.transport.status()})", since, self.opts.broker_timeout_s,
-                     ExitReason.BROKER_UNAVAILABLE, "the party resumes where it was when restarted")]
+        """The broker's wait while it cannot take our messages (then the only wait: the others wait on it)."""
+        blocked = self.transport.blocked() if self.transport.is_connected else None
+        if blocked is not None:
+            return self.outages.waits(f"the broker to take our messages again: it blocks them ({blocked})",
+                                      "free memory or disk on the broker node (`rabbitmq-diagnostics alarms` "
+                                      "names it); the party resumes where it was when restarted", now)
+        problem = None if self.transport.is_connected else f"the broker to come back ({self.transport.status()})"
+        return self.outages.waits(problem, "the party resumes where it was when restarted", now)
 
     # ---- receiving --------------------------------------------------------------------------
 

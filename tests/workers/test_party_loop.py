@@ -5,6 +5,7 @@ the named outcome that replaced it. Process- and broker-level cases are in test_
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from typing import Any
@@ -14,10 +15,12 @@ import torch
 from splitmq.shared import defaults, topology, wire
 from splitmq.shared.config import JobConfig
 from splitmq.shared.transport import StubBroker
-from splitmq.workers.exits import ExitReason
+from splitmq.workers import worker
+from splitmq.workers.exits import ExitReason, Outages, Wait
 from splitmq.workers.roles.owner_waits import OwnerTimeouts
 
-from tests.stubs import Client, forward, joined, owner_spec, start_server, start_worker, wait_for
+from splitmq.workers.stats import Stats
+from tests.stubs import Client, Running, forward, joined, owner_spec, start_server, start_worker, wait_for
 
 CFG = JobConfig(job_id="stubjob", epochs=1, data="synthetic")
 
@@ -187,6 +190,42 @@ def test_a_party_waiting_logs_what_for_and_since_when_then_exits_by_name(
     assert outcome.reason is ExitReason.PEER_SILENT and outcome.reason.exit_code == 75
     assert "top's answer to our hello" in outcome.detail and "splitmq server" in outcome.detail
     assert any("waiting for top's answer to our hello since" in r.message for r in caplog.records)
+
+
+def test_a_party_whose_publishes_the_broker_blocks_waits_on_the_broker_not_its_peer_and_exits_naming_it(
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    # Given an owner with no trainer (a 1 s join deadline), whose broker blocks its publishes (a disk alarm)
+    monkeypatch.setattr(defaults, "WAIT_LOG_S", 0.2)
+    hub = StubBroker()
+    caplog.set_level(logging.INFO)
+    stats = Stats()
+    roles, loop = worker.build(CFG, worker.WorkerOptions(timeouts=OwnerTimeouts(join_s=1.0)), stats)
+    transport = hub.connect("client-0", topology.lease_queue(CFG.job_id, "client-0"))
+    transport.blocked_by = "low on disk on a node"
+    # When it waits past the join deadline, up to the broker's (3 s)
+    outcome = Running(roles, transport, dataclasses.replace(loop, broker_timeout_s=3.0), stats).start().wait()
+    # Then it blamed the broker's block, not the silent peer, in its log and its exit
+    assert outcome.reason is ExitReason.BROKER_UNAVAILABLE, outcome
+    assert "blocks them (low on disk on a node)" in outcome.detail and "rabbitmq-diagnostics alarms" in outcome.detail
+    waited = [r.message for r in caplog.records if "waiting for" in r.message]
+    assert any("blocks them (low on disk" in m for m in waited) and not any("hello" in m for m in waited), waited
+
+
+def test_the_time_the_broker_was_away_does_not_count_against_a_wait_on_a_peer() -> None:
+    # Given a wait on a peer since t=0, and the broker away from t=2 to t=5
+    outages = Outages(timeout_s=900)
+    peer = Wait("the answer to batch 3 from top", 0.0, 4.0)
+    assert outages.waits(None, "", 1.0) == []
+    away = outages.waits("the broker to come back", "", 2.0)
+    assert [w.since for w in outages.waits("the broker to come back", "", 4.0)] == [2.0] == [w.since for w in away]
+    # Then while the broker is away, the peer's wait ages only by the time before the outage
+    assert outages.discount([peer], 4.5)[0].overdue(4.5) is False and outages.discount([peer], 4.5)[0].since == 2.5
+    # And once it is back (t=5), by the time outside it: 3 s at t=6, overdue after t=7
+    assert outages.waits(None, "", 5.0) == []
+    assert outages.discount([peer], 6.0)[0].since == 3.0
+    assert not outages.discount([peer], 6.9)[0].overdue(6.9) and outages.discount([peer], 7.1)[0].overdue(7.1)
+    # And an outage before the wait began does not count for it
+    assert outages.discount([Wait("later", 5.5, 4.0)], 6.0)[0].since == 5.5
 
 
 def test_a_second_party_of_the_same_name_is_refused() -> None:
