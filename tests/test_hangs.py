@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
 import uuid
 from pathlib import Path
 from typing import Any
@@ -150,6 +151,13 @@ def disk_alarm(on: bool) -> None:
                     "1000000GB" if on else "1GB"], check=True, timeout=120, stdout=subprocess.DEVNULL)
 
 
+def status_alarms(job: str) -> list[str]:
+    out = subprocess.run([sys.executable, "-m", "splitmq", "status", "--job-id", job, "--json", "--management-url",
+                          "http://guest:guest@localhost:15691", "--trainer-metrics", "http://127.0.0.1:1/metrics"],
+                         capture_output=True, text=True, timeout=60)
+    return list(json.loads(out.stdout)["alarms"] or [])
+
+
 def test_a_disk_alarm_mid_run_is_named_by_the_parties_it_blocks_and_training_resumes_exactly_once(
         restart_node: str, tmp_path: Path, parties: list[Party]) -> None:
     # Given a synchronous job training on a broker node of our own, both sides checkpointing
@@ -167,6 +175,8 @@ def test_a_disk_alarm_mid_run_is_named_by_the_parties_it_blocks_and_training_res
         wait_for(lambda: "waiting for the broker to take our messages again: it blocks them (low on disk"
                  in owner.log.read_text(), "the owner's wait line")
         assert "waiting for the answer" not in owner.log.read_text(), owner.tail()
+        # And `splitmq status` names the alarm
+        wait_for(lambda: "low on disk" in " ".join(status_alarms(cfg.job_id)), "splitmq status to show the alarm")
     finally:
         disk_alarm(False)
     # And once the alarm clears, both finish by themselves, each batch applied exactly once, bit-identical

@@ -205,9 +205,17 @@ def current_rates(before: list[Party], after: list[Party], seconds: float) -> di
             for p in after if (p.source, p.role) in old and seconds > 0}
 
 
+def node_alarms(nodes: Iterable[Mapping[str, Any]]) -> list[str]:
+    """The resource alarms of a management API ``/api/nodes`` answer, one per node and resource.
+    Any of them blocks every publisher of the cluster: training stops until it clears."""
+    return [f"{n.get('name', '?')}: low on {what}" for n in nodes
+            for what, key in (("memory", "mem_alarm"), ("disk", "disk_free_alarm")) if n.get(key)]
+
+
 def render(parties: list[Party], queues: list[QueueRow], errors: list[str], *, job: str, now: float,
-           rates: Mapping[tuple[str, str], float] | None = None) -> str:
-    """The status view as text; ``rates`` (from ``current_rates``) fills the now/s column."""
+           rates: Mapping[tuple[str, str], float] | None = None, alarms: list[str] | None = None) -> str:
+    """The status view as text; ``rates`` (from ``current_rates``) fills the now/s column; ``alarms``
+    (from ``node_alarms``; None when unknown) are the broker's."""
     rates = rates or {}
     lines = [f"splitmq job {job} at {time.strftime('%H:%M:%S', time.localtime(now))}", ""]
     lines.append(f"{'party':<24} {'role':<8} {'epoch':>5} {'samples':>9} {'avg/s':>7} {'now/s':>7} {'loss':>8} "
@@ -235,6 +243,9 @@ def render(parties: list[Party], queues: list[QueueRow], errors: list[str], *, j
     dead = sum(q.ready + q.unacked for q in queues if q.kind == "dlq")
     rejected = sum(p.rejected for p in parties)
     lines += ["", f"dead letters: {dead} in the dead-letter queue; {rejected:.0f} rejected by the parties above"]
+    if alarms is not None:
+        lines.append("broker alarms: " + ("; ".join(alarms) + " (every publisher is blocked until it clears)"
+                                          if alarms else "none"))
     lines += [f"unreachable: {e}" for e in errors]
     return "\n".join(lines) + "\n"
 
@@ -244,6 +255,7 @@ class Snapshot:
     parties: list[Party]
     queues: list[QueueRow]
     errors: list[str]
+    alarms: list[str] | None = None  # None: the management API did not say
 
 
 def collect(args: argparse.Namespace) -> Snapshot:
@@ -259,17 +271,24 @@ def collect(args: argparse.Namespace) -> Snapshot:
         except (OSError, ValueError) as exc:
             errors.append(f"{url} ({exc})")
     queues, failed = management_queues(args.management_url, args.vhost, args.job_id)
-    return Snapshot(parties, queues, errors + failed)
+    nodes, failed_nodes = _first_answer(args.management_url, "/api/nodes")
+    return Snapshot(parties, queues, errors + failed, node_alarms(nodes) if not failed_nodes else None)
 
 
 def management_queues(urls: str, vhost: str, job: str) -> tuple[list[QueueRow], list[str]]:
     """The job's queues from the first node that answers (a cluster's nodes listed, comma-separated),
     and what did not answer if none did."""
+    answer, failed = _first_answer(urls, f"/api/queues/{quote(vhost, safe='')}")
+    return (queue_rows(answer, job) if not failed else []), failed
+
+
+def _first_answer(urls: str, path: str) -> tuple[Any, list[str]]:
+    """The JSON at ``path`` of the first management API that answers, and what did not if none did."""
     failed: list[str] = []
     for base in urls.replace(",", " ").split():
-        api = f"{base.rstrip('/')}/api/queues/{quote(vhost, safe='')}"
+        api = base.rstrip("/") + path
         try:
-            return queue_rows(json.loads(fetch(api)), job), []
+            return json.loads(fetch(api)), []
         except (OSError, ValueError) as exc:
             failed.append(f"{_redact(api)} ({exc})")
     return [], failed
@@ -289,12 +308,13 @@ def main(args: argparse.Namespace) -> int:
         previous = (now, snap.parties)
         if args.json:
             print(json.dumps({"job": args.job_id, "parties": [asdict(p) for p in snap.parties],
-                              "queues": [asdict(q) for q in snap.queues], "errors": snap.errors}), flush=True)
+                              "queues": [asdict(q) for q in snap.queues], "errors": snap.errors,
+                              "alarms": snap.alarms}), flush=True)
         else:
             if args.watch:
                 print("\033[2J\033[H", end="")  # clear the terminal between refreshes
-            print(render(snap.parties, snap.queues, snap.errors, job=args.job_id, now=now, rates=rates), end="",
-                  flush=True)
+            print(render(snap.parties, snap.queues, snap.errors, job=args.job_id, now=now, rates=rates,
+                         alarms=snap.alarms), end="", flush=True)
         if not args.watch:
             # Nothing answered: say so in the exit status too, for scripts.
             return 1 if not snap.parties and not snap.queues and snap.errors else 0

@@ -141,6 +141,21 @@ def test_status_reads_a_live_trainer_endpoint_and_the_real_brokers_management_ap
     assert [p["samples"] for p in out["parties"]] == [320]
     assert sorted(q["owner"] for q in out["queues"] if q["kind"] == "reply") == ["client-0", "client-1"]
     assert out["errors"] == []
+    # And the broker's (absent) resource alarms, read from its nodes
+    assert out["alarms"] == []
+
+
+def test_a_broker_alarm_is_shown_as_blocking_every_publisher_and_an_unknown_one_is_not_claimed_absent() -> None:
+    # Given a cluster's /api/nodes answer with a disk alarm on one node
+    nodes = [{"name": "rabbit@a", "mem_alarm": False, "disk_free_alarm": True},
+             {"name": "rabbit@b", "mem_alarm": False, "disk_free_alarm": False}]
+    alarms = status.node_alarms(nodes)
+    assert alarms == ["rabbit@a: low on disk"]
+    # Then the view names it and what it does; with no answer, it says nothing rather than "none"
+    assert "broker alarms: rabbit@a: low on disk (every publisher is blocked" in status.render(
+        [], [], [], job="j", now=0.0, alarms=alarms)
+    assert "broker alarms: none" in status.render([], [], [], job="j", now=0.0, alarms=[])
+    assert "broker alarms" not in status.render([], [], [], job="j", now=0.0, alarms=None)
 
 
 def test_status_exits_non_zero_when_nothing_answers(capsys: pytest.CaptureFixture[str]) -> None:
