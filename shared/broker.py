@@ -7,10 +7,9 @@ resolves on the broker's confirm. Unconfirmed publishes survive a lost connectio
 outbox) and are sent again, with the same message id, after the reconnect; a nacked one is
 sent again after a short backoff (a quorum queue nacks for ~0.3 s after its leader node
 dies) until ``NACK_RETRY_S`` of refusals make it final. The connection is made, and remade,
-over every broker address given (``shared.rotation``), with capped, jittered backoff and a log
-line per attempt. A ``lease`` (an exclusive, auto-deleted queue held by this connection) makes
-sure only one party of a name runs at a time. A resource alarm that blocks our publishes is
-told (``blocked``). pika exceptions stay here and in ``shared.amqp``: callers see ``shared.errors``.
+over every address given (``shared.rotation``), with capped, jittered backoff, logged. A
+``lease`` (an exclusive, auto-deleted queue) makes sure only one party of a name runs at a time.
+A resource alarm blocking our publishes is told (``blocked``). Callers see ``shared.errors``, not pika's.
 """
 from __future__ import annotations
 
@@ -208,7 +207,8 @@ class Broker:
         log.warning("%s: the broker blocks our publishes: %s; waiting for it to clear", self._name, self._blocked)
 
     def _on_unblocked(self, _conn: Any, _frame: Any) -> None:
-        log.warning("%s: the broker takes our publishes again (%s cleared)", self._name, self._blocked)
+        if self._blocked is not None:
+            log.warning("%s: the broker takes our publishes again (%s cleared)", self._name, self._blocked)
         self._blocked = None
 
     def _on_open_error(self, _conn: Any, exc: BaseException) -> None:
@@ -358,7 +358,8 @@ class Broker:
                 out.future.set_exception(Unroutable(f"no queue for {out.exchange!r} / {out.routing_key!r}"))
             else:
                 out.future.set_result(None)
-                self._blocked = None  # publishes get through: whatever blocked them has cleared
+                if self._blocked is not None:  # publishes get through: whatever blocked them has cleared
+                    self._on_unblocked(None, None)
 
     def _nacked(self, out: _Outgoing) -> None:
         """A nack is a reason to publish again (a queue's leader moving), until it has lasted too long."""
