@@ -143,7 +143,10 @@ class Outages:
         return [Wait(problem, self._since, self.timeout_s, ExitReason.BROKER_UNAVAILABLE, hint)]
 
     def discount(self, waits: list[Wait], now: float) -> list[Wait]:
-        """``waits`` with the outages since each began left out of its age."""
+        """``waits`` with the outages since each began left out of its age (per loop turn: free without one)."""
         spans = self._spans + ([(self._since, now)] if self._since is not None else [])
+        oldest = min((w.since for w in waits), default=now)
+        if not any(end > oldest for _start, end in spans):
+            return waits
         return [dataclasses.replace(w, since=w.since + sum(max(0.0, end - max(start, w.since))
                                                              for start, end in spans)) for w in waits]
