@@ -3,7 +3,8 @@
 The nodes have their own names (``splitmq-test1..3@localhost``), ports (AMQP 5831-5833,
 management 15831-15833) and state directories, apart from the shared node on 5672 and the
 restart node on 5690. A node is killed the hard way (SIGKILL to its Erlang VM) and started
-again with deploy/broker.sh, which brings it back into the cluster with its data.
+again with deploy/broker.sh, which brings it back into the cluster with its data; or cut off from
+the others (a network partition, made with Erlang cookies) and healed.
 """
 from __future__ import annotations
 
@@ -140,6 +141,20 @@ class Cluster:
     def take_clients(self, i: int) -> None:
         self._ctl(i, "eval", "rabbit_maintenance:resume_all_client_listeners().")
 
+    def cut_off(self, i: int) -> None:
+        """Partition node ``i`` from the other nodes: it now presents them a cookie they refuse, and
+        they present it theirs, which it refuses for them, so no side can reconnect until ``heal``.
+        The CLI still reaches every node (its own connection keeps the shared cookie)."""
+        self._ctl(i, "eval", f"[begin erlang:set_cookie(N, splitmq_cut_off), erlang:disconnect_node(N) end "
+                             f"|| N <- {self._others(i)}], ok.")
+
+    def heal(self, i: int) -> None:
+        """End ``cut_off(i)``: node ``i`` presents the shared cookie to the others again."""
+        self._ctl(i, "eval", f"C = erlang:get_cookie(), [erlang:set_cookie(N, C) || N <- {self._others(i)}], ok.")
+
+    def _others(self, i: int) -> str:
+        return "[" + ", ".join(f"list_to_atom(\"{self.name(j)}\")" for j in self.nodes if j != i) + "]"
+
     # ---- the management API ----------------------------------------------------------------------
 
     def api(self, path: str) -> Any:
@@ -172,8 +187,10 @@ class Cluster:
         except AssertionError:
             return 0
 
-    def leader(self, queue: str) -> int:
-        return self.index(self.api(f"/queues/%2F/{urllib.request.quote(queue, safe='')}")["leader"])
+    def leader(self, queue: str) -> int | None:
+        """The node leading ``queue``, or None while the management API shows no leader (mid-election)."""
+        name = self.api(f"/queues/%2F/{urllib.request.quote(queue, safe='')}").get("leader")
+        return None if name is None else self.index(name)
 
     def herd(self, target: int, parties: dict[str, int]) -> None:
         """Bring every party onto node ``target``: the other nodes refuse clients and close their

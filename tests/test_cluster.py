@@ -2,7 +2,8 @@
 
 One cluster (tests/cluster.py, formed by deploy/cluster.sh) serves every test here. The node
 every party is connected to is killed the hard way (SIGKILL to its Erlang VM) three times in a
-run; the node leading the forward queue is killed while the owners publish; an active trainer
+run; the node leading a job's forward queue is cut off from the others by a network partition;
+the node leading the forward queue is killed while the owners publish; an active trainer
 is killed with a standby waiting; eight owners train over two sharded trainers. Every run must
 finish with each batch applied exactly once and nothing dead-lettered; a synchronous one must
 end bit-identical to uninterrupted local training.
@@ -175,6 +176,49 @@ def test_killing_the_node_every_party_is_on_three_times_mid_epoch_stops_no_party
     assert dead_letters(nodes, sync_cfg.job_id) == 0 and dead_letters(nodes, k4_cfg.job_id) == 0
 
 
+def test_a_node_cut_off_from_the_others_pauses_and_its_parties_train_on_through_the_majority(
+        nodes: Cluster, tmp_path: Path, parties: list[Party]) -> None:
+    # Given a synchronous job whose parties are all on the node that leads its forward queue
+    cfg = JobConfig(job_id=new_job("fpart"), epochs=10, bottom_sync=BottomSync.INDEPENDENT)
+    jobf = job_file(cfg, tmp_path)
+    trainer = server_party(tmp_path, jobf, nodes.url(), "--idle-timeout", "600")
+    owner = worker_party(tmp_path, jobf, nodes.url(), 0, "--no-eval")
+    everyone = [trainer, owner]
+    parties += [started(p) for p in everyone]
+    wait_while_all_run(lambda: trainer.applied("trainer") >= 10, "progress before the partition", everyone)
+    forward = topology.forward_queue(cfg.job_id)
+    target = nodes.leader(forward)
+    assert target is not None, "the forward queue has no leader"
+    nodes.herd(target, {"top": 1, "client-0": 1})
+    before = trainer.applied("trainer")
+    # When a network partition cuts that node off from the other two, mid-epoch
+    cut_at = time.monotonic()
+    nodes.cut_off(target)
+    try:
+        # Then it pauses (pause_minority: it closes its clients' connections and takes no new ones),
+        # the majority elects a new leader, and training goes on through it within seconds
+        wait_while_all_run(lambda: trainer.applied("trainer") > before, "training again after the partition",
+                           everyone, 60)
+        failover = time.monotonic() - cut_at
+        print(f"\ntraining again {failover:.2f}s after the partition")
+        assert failover < FAILOVER_S, failover
+        wait_while_all_run(lambda: not nodes.up(target), f"node {target}, in a minority of one, to stop taking "
+                           "clients", everyone, 60)
+        wait_while_all_run(lambda: nodes.leader(forward) not in (None, target),
+                           "the majority's management API to show the forward queue's new leader", everyone, 60)
+    finally:
+        # And once the partition heals, the node rejoins by itself
+        nodes.heal(target)
+    wait_while_all_run(lambda: nodes.up(target) and nodes.name(target) in nodes.running(),
+                       f"node {target} to rejoin after the partition healed", everyone)
+    # And both parties finish by themselves, each batch applied once, bit-identical to local training
+    for p in everyone:
+        assert p.wait() == 0, p.tail()
+    top, bottom = assert_exactly_once(tmp_path, 63 * cfg.epochs)
+    assert_equal_to_local(cfg, top, bottom)
+    assert dead_letters(nodes, cfg.job_id) == 0
+
+
 def test_killing_the_forward_queues_leader_while_owners_publish_makes_no_party_exit(
         nodes: Cluster, tmp_path: Path, parties: list[Party]) -> None:
     # Given a job whose queues are declared on the cluster, and its forward queue's leader node
@@ -183,6 +227,7 @@ def test_killing_the_forward_queues_leader_while_owners_publish_makes_no_party_e
     stage_queue = topology.forward_queue(cfg.job_id)
     amqp.declare(nodes.url(), topology.job_layout(cfg.job_id, parties=("client-0", "client-1")))
     leader = nodes.leader(stage_queue)
+    assert leader is not None, "the forward queue has no leader"
     # And every party connected to the other two nodes (their address list), two owners keeping 8 batches out
     url = nodes.url(i for i in nodes.nodes if i != leader)
     job = job_file(cfg, tmp_path)
