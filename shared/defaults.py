@@ -76,3 +76,10 @@ CHECKPOINT_INTERVAL_S = 5.0
 #: A checkpoint waits this long for the broker to confirm the replies it covers, then exits:
 #: a checkpoint must never cover a reply the broker does not hold.
 CONFIRM_TIMEOUT_S = 900.0
+
+# ---- compute ----------------------------------------------------------------------------------
+#: Torch threads a party computes with (``--torch-threads``): small devices, predictable timing.
+#: Local training (the baseline) uses the same count: on some CPUs (AVX-512 ones) a matrix
+#: product's last bits depend on the thread count, and a synchronous split run must equal local
+#: training step by step.
+TORCH_THREADS = 1

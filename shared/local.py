@@ -7,15 +7,27 @@ job's bottoms each see their own party's features and are joined as the top join
 """
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 from torch import nn
 
-from splitmq.shared import data, losses, models, schedule, scores
+from splitmq.shared import data, defaults, losses, models, schedule, scores
 from splitmq.shared.config import Combine, JobConfig
+
+
+@contextlib.contextmanager
+def torch_threads(count: int) -> Iterator[None]:
+    """Compute with ``count`` torch threads inside, and the caller's count again after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 @dataclass(frozen=True)
@@ -72,15 +84,22 @@ def evaluate(model: nn.Module, test: data.SampleSet, task: str, loss_fn: losses.
 
 
 def train_local(cfg: JobConfig, samples: data.Data | None = None, *, client_index: int = 0,
-                num_clients: int = 1, parties: Sequence[data.Data] | None = None) -> LocalResult:
+                num_clients: int = 1, parties: Sequence[data.Data] | None = None,
+                threads: int = defaults.TORCH_THREADS) -> LocalResult:
     """Train the unsplit model on owner ``client_index``'s data (of ``num_clients``; default all)
-    with the batch order that owner uses, the job's optimizer, loss and schedule.
+    with the batch order that owner uses, the job's optimizer, loss and schedule, on ``threads``
+    torch threads (default: as many as a party uses, so the sums run in the same order).
 
     A vertical job takes each party's data (``parties``; default: built from the job) and the
     label holder's (``samples``; default: the job's ``data``).
     """
-    if cfg.vertical_parts:
-        return _train_vertical(cfg, parties, samples)
+    with torch_threads(threads):
+        if cfg.vertical_parts:
+            return _train_vertical(cfg, parties, samples)
+        return _train(cfg, samples, client_index, num_clients)
+
+
+def _train(cfg: JobConfig, samples: data.Data | None, client_index: int, num_clients: int) -> LocalResult:
     samples = samples or data.load(cfg.data, data_dir=cfg.data_dir, test_fraction=cfg.test_fraction,
                                    client_index=client_index, num_clients=num_clients)
     segments = models.build_segments(cfg.model, cfg.cuts, cfg.seed, count=cfg.segment_count)

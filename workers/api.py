@@ -18,7 +18,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Mapping
 
-from splitmq.shared import config, data, local, topology
+from splitmq.shared import config, data, defaults, local, topology
 from splitmq.shared.broker import Broker
 from splitmq.shared.loader import register
 from splitmq.shared.metrics import Metrics, serve
@@ -99,13 +99,15 @@ def run_server(cfg: config.JobConfig, *, stage: str = "", data: Any = None,
     return _run(Party(roles, transport, loop, stats=stats, stop=stop or (lambda: False)), metrics_port, stats)
 
 
-def train_local(cfg: config.JobConfig, *, data: Any = None, parties: Any = None) -> local.LocalResult:
-    """The unsplit baseline: the same model, data order, loss and optimizer in this process.
+def train_local(cfg: config.JobConfig, *, data: Any = None, parties: Any = None,
+                threads: int = defaults.TORCH_THREADS) -> local.LocalResult:
+    """The unsplit baseline: the same model, data order, loss and optimizer in this process, on as
+    many torch threads as a party uses (the caller's count is restored after).
 
     A vertical job takes each party's data as ``parties`` and the label holder's as ``data``.
     """
     return local.train_local(cfg, as_data(data) if data is not None else None,
-                             parties=[as_data(p) for p in parties] if parties is not None else None)
+                             parties=[as_data(p) for p in parties] if parties is not None else None, threads=threads)
 
 
 def _registry() -> Any:
@@ -119,7 +121,7 @@ def _run(party: Party, metrics_port: int | None, stats: Stats) -> Outcome:
     return party.run()
 
 
-def configure(threads: int = 1, device: str = "cpu") -> None:
+def configure(threads: int = defaults.TORCH_THREADS, device: str = "cpu") -> None:
     """Torch threads for this process's segment (and a clear error for a device it lacks)."""
     assemble.configure_torch(threads, device)
 

@@ -68,8 +68,9 @@ def add_party_options(p: argparse.ArgumentParser) -> None:
                    help="after a clean finish, keep /metrics up this long so Prometheus sees it finished "
                         "(no alert for an endpoint that went away after a clean run); set your scrape interval")
     g.add_argument("--device", default="cpu", help="torch device for this party's segment: cpu, cuda, cuda:N")
-    g.add_argument("--torch-threads", type=int, default=1,
-                   help="CPU threads for this party's segment (default 1: small devices, predictable timing)")
+    g.add_argument("--torch-threads", type=int, default=defaults.TORCH_THREADS,
+                   help=f"CPU threads for this party's segment (default {defaults.TORCH_THREADS}: small devices, "
+                        "predictable timing, and the sums local training makes)")
     g.add_argument("--lease-timeout", type=float, default=defaults.LEASE_TIMEOUT_S,
                    help="seconds to wait while another party of this name holds it (a standby trainer "
                         "sets this high to take over when the active one dies)")

@@ -39,7 +39,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     g.add_argument("--in-flight", type=int, default=4, help="requests outstanding at once (batch mode)")
     g.add_argument("--timeout", type=float, default=defaults.PREDICT_TIMEOUT_S, help="each request's deadline (s)")
     g.add_argument("--summary-json", help="write the run's summary here")
-    g.add_argument("--torch-threads", type=int, default=1, help="CPU threads for this owner's segments")
+    g.add_argument("--torch-threads", type=int, default=defaults.TORCH_THREADS,
+                   help="CPU threads for this owner's segments")
     p.set_defaults(func=main, needs_torch=True)
 
 

@@ -6,16 +6,14 @@ order, its bottom's initial weights) and to compute local training's losses for 
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import subprocess
 import sys
 from pathlib import Path
-from typing import Iterator
 
 import torch
 
-from splitmq.shared import amqp, data, local, models, topology
+from splitmq.shared import amqp, data, defaults, local, models, topology
 from splitmq.shared.config import JobConfig
 from tests.conformance import client
 from tests.helpers import Party
@@ -42,17 +40,6 @@ def test_the_conformance_client_imports_nothing_but_pika_msgpack_numpy_torch_and
     assert "importlib" not in imported and "__import__" not in CLIENT_SOURCE.read_text()
 
 
-@contextlib.contextmanager
-def single_threaded() -> Iterator[None]:
-    """One torch thread, as every party runs by default, so float sums run in the same order."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-
 def _owner_data(cfg: JobConfig) -> client.OwnerData:
     """What the page cannot specify: this owner's samples and its batch order (seed + index)."""
     samples = data.load(cfg.data, data_dir=cfg.data_dir, test_fraction=cfg.test_fraction, client_index=0,
@@ -68,8 +55,7 @@ def test_a_client_written_from_the_protocol_page_trains_two_epochs_exactly_like_
         amqp_url: str, job_id: str, tmp_path: Path, parties: list[Party]) -> None:
     # Given the default job for two epochs, trained locally for reference
     cfg = JobConfig(job_id=job_id, epochs=2)
-    with single_threaded():
-        reference = local.train_local(cfg)
+    reference = local.train_local(cfg)
     # And the client's data, batch order and initial bottom as plain tensors (the same as local's)
     initial = {k: v.clone() for k, v in models.build_segments(cfg.model, cfg.cuts, cfg.seed)[0].state_dict().items()}
     settings = client.Settings(amqp_url, {**client.DEFAULT_SPEC, "job_id": job_id, "epochs": 2})
@@ -79,7 +65,7 @@ def test_a_client_written_from_the_protocol_page_trains_two_epochs_exactly_like_
     parties.append(server.start())
 
     # When the client joins, trains, evaluates after each epoch and says bye
-    with single_threaded():
+    with local.torch_threads(defaults.TORCH_THREADS):  # the threads every party computes with
         result = client.Owner(settings, client.mlp_bottom(initial), _owner_data(cfg)).run()
 
     # Then the server finished by itself, rejected nothing, and left nothing in the dead-letter queue
