@@ -11,11 +11,20 @@ from typing import Generator, Iterator
 
 import pika
 import pytest
+import torch
 
+from splitmq.shared import defaults
 from splitmq.workers import job_admin
 from tests.helpers import Party
 
 AMQP_URL = os.environ.get("AMQP_URL", "amqp://guest:guest@localhost:5672/%2F")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def party_threads() -> None:
+    """This process computes on a party's torch thread count, as its in-process parties and the
+    local baseline must for their sums to run in the same order (bit-for-bit comparisons)."""
+    torch.set_num_threads(defaults.TORCH_THREADS)
 
 
 @pytest.fixture(scope="session")

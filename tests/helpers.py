@@ -196,15 +196,14 @@ def train_in_threads(cfg: JobConfig, url: str) -> tuple[dict[str, Any], dict[str
     return owner_end.summary, top_end.summary
 
 
-def assert_segments_equal(states: list[dict[str, torch.Tensor]], reference: list[torch.nn.Module],
-                          atol: float = 1e-5) -> None:
-    """Each party's final segment equals the same segment of the local baseline."""
+def assert_segments_equal(states: list[dict[str, torch.Tensor]], reference: list[torch.nn.Module]) -> None:
+    """Each party's final segment equals the same segment of the local baseline, bit for bit."""
     assert len(states) == len(reference)
     for got, want in zip(states, reference):
         want_state = want.state_dict()
         assert set(got) == set(want_state)
         for name, value in got.items():
-            torch.testing.assert_close(value, want_state[name], atol=atol, rtol=0)
+            torch.testing.assert_close(value, want_state[name], atol=0, rtol=0)
 
 
 def spy_queue(amqp_url: str, job: str, routing_keys: list[str]) -> str:
