@@ -87,4 +87,17 @@ def pytest_runtest_makereport(item: pytest.Item) -> Generator[None, pytest.TestR
     the cluster's logs and queue state before anything else touches them."""
     report = yield
     setattr(item, f"rep_{report.when}", report)
+    if report.failed and report.when == "call":
+        report.sections.append(("the shared broker when the test failed", _broker_state()))
     return report
+
+
+def _broker_state() -> str:
+    """Load average and the shared broker's last log lines: a test that failed on the broker (a
+    handshake that timed out, confirms that did not come) says what the broker saw."""
+    log = Path(os.environ.get("STATE_ROOT", "/var/lib/splitmq")) / "broker-splitmq" / "log" / "splitmq@localhost.log"
+    try:
+        lines = [line[:240] for line in log.read_text(errors="replace").splitlines()[-40:]]
+    except OSError as exc:
+        lines = [f"(no broker log: {exc})"]
+    return f"load average: {Path('/proc/loadavg').read_text().strip()}\n" + "\n".join(lines)
