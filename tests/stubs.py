@@ -36,10 +36,11 @@ def wait_for(condition: Callable[[], Any], what: str, timeout: float = DEADLINE_
 class Running:
     """A Party running in a thread of the test process on a stub transport."""
 
-    def __init__(self, roles: list[Role], transport: StubTransport, loop: LoopOptions, stats: Stats) -> None:
+    def __init__(self, roles: list[Role], transport: StubTransport, loop: LoopOptions, stats: Stats,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.stop = threading.Event()
         self.stats, self.roles, self.transport = stats, roles, transport
-        self.party = Party(roles, transport, loop, stats=stats, stop=self.stop.is_set)
+        self.party = Party(roles, transport, loop, stats=stats, stop=self.stop.is_set, clock=clock)
         self.outcome: Outcome | None = None
         self.thread = threading.Thread(target=self._run, daemon=True)
 

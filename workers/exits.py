@@ -8,7 +8,6 @@ itself (a round closing without absent owners), leaves it to the role.
 """
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
 from dataclasses import dataclass, field
@@ -117,36 +116,28 @@ class WaitLog:
                 self._logged[w.what] = now
 
 
-#: Ended broker outages remembered, to discount from the waits on peers that span them.
-_OUTAGES_KEPT = 32
-
-
 @dataclass
 class Outages:
     """When the broker could not take our messages: connection lost, or publishes blocked by a
     resource alarm. That is the one wait while it lasts (with the broker's deadline and exit),
-    and its spans do not count against the waits on peers: a peer cannot answer what never
-    reached it, and would otherwise be blamed (``peer_silent``) for the broker's outage."""
+    and it stops the roles' clock (``service``): a peer cannot answer what never reached it, and
+    no role deadline (a wait on a peer, a vertical batch's other parts, an averaging round, a
+    resend) counts the broker's outage against it (``peer_silent``, a skipped batch)."""
 
     timeout_s: float
     _since: float | None = None
-    _spans: list[tuple[float, float]] = field(default_factory=list)  # ended outages: (start, end)
+    _ended_s: float = 0.0  # the length of every outage that ended
 
     def waits(self, problem: str | None, hint: str, now: float) -> list[Wait]:
         """The broker's wait while there is a ``problem`` ("the broker to ..."), else none."""
         if problem is None:
             if self._since is not None:
-                self._spans = (self._spans + [(self._since, now)])[-_OUTAGES_KEPT:]
+                self._ended_s += now - self._since
                 self._since = None
             return []
         self._since = now if self._since is None else self._since
         return [Wait(problem, self._since, self.timeout_s, ExitReason.BROKER_UNAVAILABLE, hint)]
 
-    def discount(self, waits: list[Wait], now: float) -> list[Wait]:
-        """``waits`` with the outages since each began left out of its age (per loop turn: free without one)."""
-        spans = self._spans + ([(self._since, now)] if self._since is not None else [])
-        oldest = min((w.since for w in waits), default=now)
-        if not any(end > oldest for _start, end in spans):
-            return waits
-        return [dataclasses.replace(w, since=w.since + sum(max(0.0, end - max(start, w.since))
-                                                             for start, end in spans)) for w in waits]
+    def service(self, now: float) -> float:
+        """``now`` on the roles' clock: time less every outage so far (it stands still during one)."""
+        return (now if self._since is None else self._since) - self._ended_s

@@ -91,6 +91,8 @@ class Party:
         self._checkpoint_asked = False
         self._started = clock()
         self.outages = Outages(opts.broker_timeout_s)
+        for role in self.roles:  # no role deadline counts a broker outage (Outages)
+            role.use_clock(self.service_time)
         self._restored = False
         self._cpu_serving = time.process_time()  # CPU (all threads) from when the party serves: summary's cpu_seconds
 
@@ -107,7 +109,7 @@ class Party:
             self._restore()
             self._consume()
             self._cpu_serving = time.process_time()
-            now = self.clock()
+            now = self.service_time()
             for role in self.roles:
                 self._apply(role.start(now), None, role)
             self._loop()
@@ -203,6 +205,10 @@ class Party:
             self.waits.watch([Wait(what(), since, deadline_s, reason, hint)], self.clock())
             time.sleep(defaults.POLL_S)
 
+    def service_time(self) -> float:
+        """Now on the roles' clock: real time less every broker outage (it stands still during one)."""
+        return self.outages.service(self.clock())
+
     def wake(self) -> None:
         """From any thread: the roles tick at once (e.g. a prediction handed in from outside the loop)."""
         self.inbox.put(None)
@@ -222,10 +228,14 @@ class Party:
             now = self.clock()
             self._run_timers(now)
             for role in self.roles:
-                self._apply(role.tick(now), None, role)
+                self._apply(role.tick(self.service_time()), None, role)
             self.transport.check()
-            self.waits.watch(self._own_waits(now) or self.outages.discount([w for r in self.roles
-                                                                             for w in r.waits(now)], now), now)
+            broker = self._own_waits(now)  # while it lasts, the one wait; the roles' clock stands still meanwhile
+            if broker:
+                self.waits.watch(broker, now)
+            else:
+                served = self.service_time()
+                self.waits.watch([w for r in self.roles for w in r.waits(served)], served)
             self.outbox.flush()
             self.transport.ack_many(self.acks.ready())
             self._maybe_checkpoint(now, idle=delivery is None)
@@ -365,7 +375,7 @@ class Party:
     def _maybe_checkpoint(self, now: float, *, idle: bool) -> None:
         for send in self.outbox.take_told():
             for role in self.roles:
-                self._apply(role.on_unroutable(send, now), None, role)
+                self._apply(role.on_unroutable(send, self.service_time()), None, role)
         self.outbox.check()
         pending = self.acks.pending_checkpoint
         if self.opts.checkpoint_path is None:

@@ -17,6 +17,8 @@ from splitmq.shared.config import JobConfig
 from splitmq.shared.transport import StubBroker
 from splitmq.workers import worker
 from splitmq.workers.exits import ExitReason, Outages, Wait
+from splitmq.workers.party import LoopOptions
+from splitmq.workers.roles.base import Inbound, Incoming, Role, Step
 from splitmq.workers.roles.owner_waits import OwnerTimeouts
 
 from splitmq.workers.stats import Stats
@@ -211,21 +213,78 @@ def test_a_party_whose_publishes_the_broker_blocks_waits_on_the_broker_not_its_p
     assert any("blocks them (low on disk" in m for m in waited) and not any("hello" in m for m in waited), waited
 
 
-def test_the_time_the_broker_was_away_does_not_count_against_a_wait_on_a_peer() -> None:
-    # Given a wait on a peer since t=0, and the broker away from t=2 to t=5
+def test_the_roles_clock_stands_still_while_the_broker_is_away() -> None:
+    # Given a party whose broker is away from t=2 to t=5
     outages = Outages(timeout_s=900)
-    peer = Wait("the answer to batch 3 from top", 0.0, 4.0)
-    assert outages.waits(None, "", 1.0) == []
+    assert outages.waits(None, "", 1.0) == [] and outages.service(1.0) == 1.0
     away = outages.waits("the broker to come back", "", 2.0)
     assert [w.since for w in outages.waits("the broker to come back", "", 4.0)] == [2.0] == [w.since for w in away]
-    # Then while the broker is away, the peer's wait ages only by the time before the outage
-    assert outages.discount([peer], 4.5)[0].overdue(4.5) is False and outages.discount([peer], 4.5)[0].since == 2.5
-    # And once it is back (t=5), by the time outside it: 3 s at t=6, overdue after t=7
+    # Then while it is away the roles' clock stays where the outage began
+    assert outages.service(4.5) == 2.0
+    # And once it is back it runs again, less the outage: 3 s at t=6, 4 s at t=7
     assert outages.waits(None, "", 5.0) == []
-    assert outages.discount([peer], 6.0)[0].since == 3.0
-    assert not outages.discount([peer], 6.9)[0].overdue(6.9) and outages.discount([peer], 7.1)[0].overdue(7.1)
-    # And an outage before the wait began does not count for it
-    assert outages.discount([Wait("later", 5.5, 4.0)], 6.0)[0].since == 5.5
+    assert outages.service(6.0) == 3.0 and outages.service(7.0) == 4.0
+
+
+class _Deadline(Role):
+    """A role with deadlines of its own: ``late`` once 5 s passed on its clock since it started,
+    and a wait on a peer that ends the party 6 s after it started."""
+
+    name = "deadline"
+
+    def __init__(self) -> None:
+        self.began, self.ticks, self.late = 0.0, 0, False
+
+    def inbound(self) -> list[Inbound]:
+        return []
+
+    def handle(self, inc: Incoming) -> Step:
+        raise AssertionError("nothing comes in")
+
+    def start(self, now: float) -> Step:
+        self.began = now
+        return Step()
+
+    def tick(self, now: float) -> Step:
+        self.late, self.ticks = self.clock() - self.began > 5.0, self.ticks + 1
+        return Step()
+
+    def waits(self, now: float) -> list[Wait]:
+        return [Wait("the peer's answer", self.began, 6.0)]
+
+
+def test_a_broker_outage_counts_against_no_deadline_of_a_role() -> None:
+    # Given a party on a clock the test moves, with a role whose own deadline is 5 s and whose wait on a peer is 6 s
+    hub, t, role = StubBroker(), [0.0], _Deadline()
+    transport = hub.connect("top", topology.lease_queue(CFG.job_id, "top"))
+    party = Running([role], transport, LoopOptions(name="top", job_id=CFG.job_id), Stats(), clock=lambda: t[0]).start()
+
+    def turns(n: int = 2) -> None:  # the loop went round n more times with what the test set
+        seen = role.ticks
+        wait_for(lambda: role.ticks >= seen + n, f"{n} more loop turns")
+
+    turns()
+    # When the broker blocks our publishes at t=1 and 100 s pass before it takes them again
+    t[0] = 1.0
+    transport.blocked_by = "low on disk on a node"
+    turns()
+    t[0] = 101.0
+    turns()
+    # Then neither deadline ran meanwhile: the role's clock stood at 1 s
+    assert role.clock() == 1.0 and not role.late and party.outcome is None
+    transport.blocked_by = None
+    turns()
+    # And after it, they run on from there: 4 s at t=104, so neither deadline has passed yet
+    t[0] = 104.0
+    turns()
+    assert role.clock() == 4.0 and not role.late and party.outcome is None
+    # And they pass on the role's clock: 5.5 s at t=105.5 (its own), 7 s at t=107 (the peer's, ending the party)
+    t[0] = 105.5
+    turns()
+    assert role.late and party.outcome is None
+    t[0] = 107.0
+    outcome = party.wait()
+    assert outcome.reason is ExitReason.PEER_SILENT and "the peer's answer" in outcome.detail, outcome
 
 
 def test_a_second_party_of_the_same_name_is_refused() -> None:

@@ -9,6 +9,7 @@ they return. Roles are unit-tested by calling these methods directly.
 """
 from __future__ import annotations
 
+import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from enum import Enum
@@ -132,6 +133,13 @@ class Role(ABC):
     name: str = "role"
     #: The batches this role has applied; the loop answers a repeat from it and never applies it twice.
     ledger: Ledger | None = None
+    #: Monotonic seconds for this role's deadlines; the loop gives it its own (``use_clock``).
+    clock: Callable[[], float] = time.monotonic
+
+    def use_clock(self, clock: Callable[[], float]) -> None:
+        """Keep time on ``clock``: the loop's, which stands still while the broker cannot take our
+        messages, and gives ``start``, ``tick`` and ``waits`` their ``now``."""
+        self.clock = clock
 
     @abstractmethod
     def inbound(self) -> list[Inbound]:

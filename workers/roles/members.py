@@ -53,7 +53,8 @@ class Members:
         self.compare_models = compare_models    # False for a vertical split: each party's cut is its own
         self.accepts = accepts                 # does this stage's segment take that cut? "" or why not
         self.model: dict[str, Any] = {}        # the first member's model fingerprint
-        self.last_seen = 0.0                   # when a member's message last came (monotonic)
+        self.last_seen = 0.0                   # when a member's message last came (on ``clock``)
+        self.clock: Callable[[], float] = time.monotonic  # the join desk's (``JoinDesk.use_clock``)
         self.by_name: dict[str, Member] = {}
 
     def problems(self, name: str, spec: dict[str, Any], facts: dict[str, Any]) -> list[str]:
@@ -100,7 +101,7 @@ class Members:
         member = self.by_name.get(name)
         if member is None:
             raise RejectedMessage("not_joined", f"{name} has not joined this job (send hello first)")
-        self.last_seen = time.monotonic()  # every role asks for each member message: the stage is not idle
+        self.last_seen = self.clock()  # every role asks for each member message: the stage is not idle
         return member
 
     def model_of(self, name: str) -> dict[str, Any]:
@@ -152,6 +153,11 @@ class JoinDesk(Role):
         self.last_heard = clock()
         self.pending: dict[str, Incoming] = {}   # hellos passed on, by the correlation id we gave them
         self.fatal: PartyExit | None = None
+
+    def use_clock(self, clock: Callable[[], float]) -> None:
+        """The members' last message is timed on our clock too: the idle deadline compares the two."""
+        super().use_clock(clock)
+        self.members.clock = clock
 
     def inbound(self) -> list[Inbound]:
         kinds = frozenset({wire.Kind.HELLO, wire.Kind.BYE})

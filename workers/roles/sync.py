@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import math
-import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any
@@ -153,8 +152,7 @@ class Rounds:
     def state(self) -> dict[str, Any]:
         return {"open": {e: r.entries for e, r in self.open.items()}, "results": self.results}
 
-    def load_state(self, state: dict[str, Any]) -> None:
-        now = time.monotonic()
+    def load_state(self, state: dict[str, Any], now: float) -> None:
         self.open = {int(e): _Round(now, entries) for e, entries in state.get("open", {}).items()}
         self.results = {int(e): r for e, r in state.get("results", {}).items()}
 
@@ -243,7 +241,7 @@ class SyncDesk(Role):
             outs = self.rounds.contribute(epoch=msg.seq, index=member.index, client=member.name,
                                           correlation_id=inc.correlation_id, tensors=dict(msg.tensors),
                                           num_samples=msg.num_samples, expected=self.members.active_indexes(),
-                                          now=time.monotonic())
+                                          now=self.clock())
             if late:
                 return Step(sends=self.round_end.late(msg.seq, outs))
             return Step(sends=self._closed(msg.seq, outs) if outs else [])
@@ -253,7 +251,7 @@ class SyncDesk(Role):
             return Step()
         index, epoch = turn
         self.turns[index] = Outgoing("", "", epoch, {k: v.clone() for k, v in msg.tensors.items()})
-        return self.tick(time.monotonic())
+        return self.tick(self.clock())
 
     def _send(self, out: Outgoing) -> Send:
         return weights_send(self.job_id, out)
@@ -291,5 +289,5 @@ class SyncDesk(Role):
         return {"rounds": self.rounds.state(), "turns": {i: vars(o) for i, o in self.turns.items()}}
 
     def load_state(self, state: dict[str, Any]) -> None:
-        self.rounds.load_state(state.get("rounds", {}))
+        self.rounds.load_state(state.get("rounds", {}), self.clock())
         self.turns = {int(i): Outgoing(**o) for i, o in state.get("turns", {}).items()}
