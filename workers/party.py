@@ -20,11 +20,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from splitmq.shared import checkpoint, codec, defaults, topology, wire
-from splitmq.shared.config import differences
+from splitmq.shared import codec, defaults, topology, wire
 from splitmq.shared.errors import AccessRefused, BrokerError, RejectedMessage
 from splitmq.shared.transport import Delivery, Transport
-from splitmq.workers import gate
+from splitmq.workers import gate, role_state
 from splitmq.workers.acks import Acks
 from splitmq.workers.exits import ExitReason, Outages, PartyExit, Wait, WaitLog
 from splitmq.workers.held import Retries, Unjoined
@@ -148,21 +147,9 @@ class Party:
 
     def _restore(self) -> None:
         path = self.opts.checkpoint_path
-        state = checkpoint.load(path) if path else None
-        if state is None:
-            self._restored = True
-            return
-        diffs = differences(self.opts.spec, state["config"])
-        if diffs:
-            raise PartyExit(ExitReason.CONFIG, f"checkpoint {path} was written for another job: " + "; ".join(diffs)
-                            + " (use another --checkpoint-dir, or the job's own settings)")
-        for role in self.roles:
-            saved = state["roles"].get(role.name, {})
-            if role.ledger is not None:
-                role.ledger.load_state(saved.get("ledger", {}))
-            role.load_state(saved.get("role", {}))
+        if path is not None and role_state.restore(path, self.opts.spec, self.roles):
+            log.info("%s: resumed from %s", self.opts.name, path)
         self._restored = True
-        log.info("%s: resumed from %s", self.opts.name, path)
 
     def _take_lease(self) -> None:
         """Connect, holding this party's lease (a standby waits here, without a deadline, for its turn)."""
@@ -400,9 +387,7 @@ class Party:
             time.sleep(0.005)
         self.transport.ack_many(self.acks.ready())
         if path is not None:
-            checkpoint.save(path, {"config": self.opts.spec, "roles": {
-                r.name: {"role": r.state(), "ledger": r.ledger.state() if r.ledger is not None else {}}
-                for r in self.roles}})
+            role_state.save(path, self.opts.spec, self.roles)
         self.transport.ack_many(self.acks.checkpointed())
         self._last_checkpoint = self.clock()
 
