@@ -123,7 +123,7 @@ def _run(party: Party, metrics_port: int | None, stats: Stats) -> Outcome:
 
 def configure(threads: int = defaults.TORCH_THREADS, device: str = "cpu") -> None:
     """Torch threads for this process's segment (and a clear error for a device it lacks)."""
-    assemble.configure_torch(threads, device)
+    assemble.configure_process(threads, device)
 
 
 __all__ = ["job", "run_worker", "run_server", "train_local", "as_data", "configure"]

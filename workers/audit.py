@@ -110,7 +110,7 @@ def main(args: argparse.Namespace) -> int:
     from splitmq.shared import config
     from splitmq.workers import assemble
 
-    assemble.configure_torch(args.torch_threads, "cpu")
+    assemble.configure_process(args.torch_threads, "cpu")
     flags = {name: getattr(args, name, None) for name in config.FIELDS}
     plan = Plan(weak_pairs=args.weak_pairs, targets=args.targets, decoder_steps=args.decoder_steps,
                 shadow=not args.no_shadow, labels=not args.no_labels, label_epochs=args.label_epochs)

@@ -50,7 +50,7 @@ def main(args: argparse.Namespace) -> int:
     from splitmq.workers.roles.requests import PredictionError
 
     cfg = options.job_config(args)
-    assemble.configure_torch(args.torch_threads, "cpu")
+    assemble.configure_process(args.torch_threads, "cpu")
     opts = PredictOptions(client_id=args.client_id, client_index=args.client_index, run_dir=args.run_dir,
                           checkpoint_dir=args.checkpoint_dir, timeout_s=args.timeout)
     predictor = Predictor(cfg, opts, amqp_url=args.amqp_url, tls=options.tls_options(args), stop=cli.STOP)

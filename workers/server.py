@@ -241,7 +241,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 def main(args: argparse.Namespace) -> int:
     from splitmq.workers import cli
     cfg = options.job_config(args)
-    assemble.configure_torch(args.torch_threads, args.device)
+    assemble.configure_process(args.torch_threads, args.device)
     stage_name = args.stage or cfg.stages[0]
     if args.standby and not args.checkpoint_dir:
         raise ConfigError("--standby needs --checkpoint-dir (the active trainer's, on storage both reach): "

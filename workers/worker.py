@@ -144,7 +144,7 @@ def main(args: argparse.Namespace) -> int:
     cfg = options.job_config(args)
     index = args.client_index if args.client_index is not None else (topology.client_index(args.client_id) or 0)
     me, index = identity(args.client_id, index, cfg)
-    assemble.configure_torch(args.torch_threads, args.device)
+    assemble.configure_process(args.torch_threads, args.device)
     metrics = Metrics("worker", job_id=cfg.job_id)
     stats = Stats(metrics, history_path=runtime.history_path(args.run_dir, cfg.job_id, me), party=me)
     timeouts = OwnerTimeouts(peer_s=args.peer_timeout, join_s=args.join_timeout)
