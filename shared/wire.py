@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any, ClassVar, Mapping, TypeVar, Union, cast
+from typing import Any, ClassVar, TypeVar, Union, cast
 
 import msgpack
 import torch
