@@ -11,8 +11,8 @@ flight is what the broker itself allows, in two durability modes:
   It gives up crash safety: a broker restart loses the queues and every message in them.
 
 Both sides run with asynchronous confirms (``SelectConnection``), so publishes pipeline, and
-read their socket as splitmq's parties do (``shared.io_tuning``: 64 KB at a time), so the
-ceiling's CPU compares with theirs. The queues are the benchmark's own (unique names) and are
+read their socket and keep their freed heap as splitmq's parties do (``shared.io_tuning``: 64 KB
+at a time; buffers not faulted in again each message), so the ceiling's CPU compares with theirs. The queues are the benchmark's own (unique names) and are
 deleted afterwards.
 """
 from __future__ import annotations
@@ -165,6 +165,7 @@ def round_trips(url: str, *, mode: str, in_flight: int, request_bytes: int, repl
     driver's I/O loop takes over this thread (``bench.cpu`` starts its CPU sampler there).
     """
     io_tuning.tune_receive()
+    io_tuning.keep_freed_memory()
     tag = uuid.uuid4().hex[:10]
     requests, replies = f"bench.ceiling.{tag}.requests", f"bench.ceiling.{tag}.replies"
     _declare(url, [requests, replies], mode)
@@ -241,6 +242,7 @@ def _echo_main(argv: list[str]) -> int:
     p.add_argument("--reply-bytes", type=int, required=True)
     a = p.parse_args(argv)
     io_tuning.tune_receive()
+    io_tuning.keep_freed_memory()
     echo = _Echo(a.url, requests=a.requests, replies=a.replies, mode=a.mode, reply_bytes=a.reply_bytes)
     echo.conn.ioloop.start()
     return 0

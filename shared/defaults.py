@@ -83,7 +83,7 @@ CONFIRM_TIMEOUT_S = 900.0
 #: product's last bits depend on the thread count, and a synchronous split run must equal local
 #: training step by step.
 TORCH_THREADS = 1
-#: Freed heap a party keeps mapped for its next messages (``runtime.keep_freed_memory``); blocks
+#: Freed heap a party keeps mapped for its next messages (``io_tuning.keep_freed_memory``); blocks
 #: up to half this size come from that heap. RSS stays near the process's peak instead of
 #: dropping after each message: a few message sizes, not this figure, in practice.
 HEAP_KEEP_BYTES = 64 * 1024 * 1024

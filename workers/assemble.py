@@ -9,23 +9,22 @@ from typing import Any, Callable
 
 import torch
 
-from splitmq.shared import data, losses, models, privacy, schedule, staleness
+from splitmq.shared import data, io_tuning, losses, models, privacy, schedule, staleness
 from splitmq.shared.config import JobConfig, LabelSource
 from splitmq.shared.label_protection import GradientProtection, MarvellNoise, NoProtection
 from splitmq.shared.stage import Stage
-from splitmq.workers import runtime
 from splitmq.workers.roles.top import Labels
 
 
 def configure_process(threads: int, device: str) -> None:
     """How this process computes: its segment's threads, a heap kept for the next message
-    (``runtime.keep_freed_memory``), and a clear error for a device it does not have.
+    (``io_tuning.keep_freed_memory``), and a clear error for a device it does not have.
 
     Raises:
         ValueError: a CUDA device on a machine without one (or an index it does not have).
     """
     torch.set_num_threads(max(1, threads))
-    runtime.keep_freed_memory()
+    io_tuning.keep_freed_memory()
     dev = torch.device(device)
     if dev.type == "cuda" and (not torch.cuda.is_available() or (dev.index or 0) >= torch.cuda.device_count()):
         raise ValueError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s); "

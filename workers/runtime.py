@@ -5,7 +5,6 @@ runs the loop, writes the summary and turns the named exit into the process's ex
 """
 from __future__ import annotations
 
-import ctypes
 import json
 import logging
 import os
@@ -17,29 +16,7 @@ from types import FrameType
 from typing import Any, Mapping
 from urllib.parse import unquote, urlparse
 
-from splitmq.shared import defaults
-
 log = logging.getLogger(__name__)
-
-#: glibc's ``mallopt`` parameters (malloc.h).
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
-
-
-def keep_freed_memory() -> bool:
-    """Keep freed heap for the next message instead of handing it back to the kernel.
-
-    A party allocates and frees message-sized buffers every batch (a bundle of four MLP
-    gradients is 650 KB). glibc returns such memory to the kernel on free and faults it back in,
-    one 4 KB page at a time, on the next allocation: ~5,000 page faults a second on a trainer,
-    ~1.2 µs each on this machine. With these thresholds the buffers come from a heap that stays
-    mapped, up to ``defaults.HEAP_KEEP_BYTES`` of it idle. False (nothing changed) off glibc.
-    """
-    try:
-        mallopt = ctypes.CDLL("libc.so.6").mallopt
-    except (OSError, AttributeError):
-        return False
-    keep = defaults.HEAP_KEEP_BYTES
-    return bool(mallopt(_M_MMAP_THRESHOLD, keep // 2)) and bool(mallopt(_M_TRIM_THRESHOLD, keep))
 
 
 def broker_username(url: str) -> str:

@@ -1,4 +1,4 @@
-"""The process set-up every party shares (workers/runtime.py)."""
+"""What every party process sets up before it computes (``workers.assemble.configure_process``)."""
 from __future__ import annotations
 
 import platform
