@@ -272,8 +272,8 @@ def markdown(r: dict[str, Any], command: str) -> str:
              f"(`bench/ceiling.py`): a driver and an echo process moving bodies of the job's Forward and Backward "
              f"sizes ({r['references']['request_bytes']:,} / {r['references']['reply_bytes']:,} bytes), reading "
              "their sockets 64 KB at a time and keeping freed heap as splitmq does, "
-             f"for {r['seconds']:g} s per row; its driver's figure is its one I/O thread. Hot loops: the calling thread's CPU over "
-             f"{r['seconds']:g} s of the parties' own Stages, no transport.", ""]
+             f"for {r['seconds']:g} s per row; its driver's figure is its one I/O thread. Hot loops: the calling "
+             f"thread's CPU over {r['seconds']:g} s of the parties' own Stages, no transport.", ""]
     lines += table(r) + [""] + targets(r) + ["", "Validation per message, timed on the real functions "
                                              "(`workers/gate.py`, `shared/validate.py`) and a real message of "
                                              "the job's size (the gate's own checks: `gate.admit` with its "
