@@ -12,8 +12,8 @@ flight is what the broker itself allows, in two durability modes:
 
 Both sides run with asynchronous confirms (``SelectConnection``), so publishes pipeline, and
 read their socket and keep their freed heap as splitmq's parties do (``shared.io_tuning``: 64 KB
-at a time; buffers not faulted in again each message), so the ceiling's CPU compares with theirs. The queues are the benchmark's own (unique names) and are
-deleted afterwards.
+at a time; buffers not faulted in again each message), so the ceiling's CPU compares with
+theirs. The queues are the benchmark's own (unique names) and are deleted afterwards.
 """
 from __future__ import annotations
 
