@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import logging
 import os
 
@@ -40,21 +41,28 @@ _PR_SET_NAME = 15
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
 
 
-def keep_freed_memory() -> bool:
+def keep_freed_memory() -> None:
     """Keep freed heap for the next message instead of handing it back to the kernel.
 
     A party allocates and frees message-sized buffers every batch (a bundle of four MLP
     gradients is 650 KB). glibc returns such memory to the kernel on free and faults it back in,
     one 4 KB page at a time, on the next allocation: ~5,000 page faults a second on a trainer,
     ~1.2 µs each on this machine. With these thresholds the buffers come from a heap that stays
-    mapped, up to ``defaults.HEAP_KEEP_BYTES`` of it idle. False (nothing changed) off glibc.
+    mapped, up to ``defaults.HEAP_KEEP_BYTES`` of it idle. A no-op off glibc.
     """
     try:
-        mallopt = ctypes.CDLL("libc.so.6").mallopt
-    except (OSError, AttributeError):
-        return False
-    keep = defaults.HEAP_KEEP_BYTES
-    return bool(mallopt(_M_MMAP_THRESHOLD, keep // 2)) and bool(mallopt(_M_TRIM_THRESHOLD, keep))
+        mallopt = _libc().mallopt
+    except (OSError, AttributeError) as exc:  # not glibc: the allocator keeps its own ways
+        log.debug("cannot tune the allocator: %s", exc)
+        return
+    mallopt(_M_MMAP_THRESHOLD, defaults.HEAP_KEEP_BYTES // 2)
+    mallopt(_M_TRIM_THRESHOLD, defaults.HEAP_KEEP_BYTES)
+
+
+@functools.cache
+def _libc() -> ctypes.CDLL:
+    """The C library, loaded once (``OSError`` where there is none to load)."""
+    return ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
 
 
 def tune_receive(recv_bytes: int | None = None) -> int:
@@ -75,7 +83,6 @@ def tune_receive(recv_bytes: int | None = None) -> int:
 def name_thread(name: str) -> None:
     """Give the calling thread an OS-level name (15 bytes at most); a no-op where prctl is missing."""
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
-        libc.prctl(_PR_SET_NAME, name.encode()[:15], 0, 0, 0)
+        _libc().prctl(_PR_SET_NAME, name.encode()[:15], 0, 0, 0)
     except (OSError, AttributeError) as exc:  # not Linux: names are only a convenience
         log.debug("cannot name thread %s: %s", name, exc)
