@@ -214,14 +214,14 @@ class Party:
                 self._receive(delivery)
             now = self.clock()
             self._run_timers(now)
+            served = self.service_time()  # the roles' now for this turn
             for role in self.roles:
-                self._apply(role.tick(self.service_time()), None, role)
+                self._apply(role.tick(served), None, role)
             self.transport.check()
             broker = self._own_waits(now)  # while it lasts, the one wait; the roles' clock stands still meanwhile
             if broker:
                 self.waits.watch(broker, now)
             else:
-                served = self.service_time()
                 self.waits.watch([w for r in self.roles for w in r.waits(served)], served)
             self.outbox.flush()
             self.transport.ack_many(self.acks.ready())
