@@ -140,7 +140,7 @@ class JobConfig:
     replicas: int = _f(3, "replicas of each of the job's queues on a RabbitMQ cluster (x-quorum-initial-group-size; "
                        "a smaller cluster gives one per node)", local=True)
     shards: int = _f(1, "trainers sharing the data owners, owner i served by trainer i mod shards (`splitmq server "
-                     "--shard K`); their tops are averaged every round (docs/scaling.md)")
+                     "--shard K`); their tops are merged every round (docs/scaling.md)")
     compress_activations: Compression = _f(Compression.NONE, "how activations cross the cut: none (float32), "
                                            "fp16, bf16, int8 (one scale per sample), or topk")
     compress_gradients: Compression = _f(Compression.NONE, "how gradients cross the cut: none (float32), fp16, "

@@ -125,9 +125,11 @@ def test_killing_the_node_every_party_is_on_three_times_mid_epoch_stops_no_party
         nodes: Cluster, tmp_path: Path, parties: list[Party]) -> None:
     # Given two jobs on the cluster at once, every party given all three nodes' addresses:
     # a synchronous one (one owner) and one with four batches in flight (two owners), each long
-    # enough to be still training at the third kill (a kill and restart take ~30 s here)
-    sync_cfg = JobConfig(job_id=new_job("fsync"), epochs=40, bottom_sync=BottomSync.INDEPENDENT)
-    k4_cfg = JobConfig(job_id=new_job("fk4"), epochs=60, num_clients=2, max_in_flight=4,
+    # enough to be still training at the third kill (a kill and restart take ~30 s here, the parties
+    # paused meanwhile; at the third kill the jobs had done 15 of 40 and 25 of 60 epochs, so 30 and 45
+    # leave each half its epochs for after it)
+    sync_cfg = JobConfig(job_id=new_job("fsync"), epochs=30, bottom_sync=BottomSync.INDEPENDENT)
+    k4_cfg = JobConfig(job_id=new_job("fk4"), epochs=45, num_clients=2, max_in_flight=4,
                        bottom_sync=BottomSync.INDEPENDENT)
     url = nodes.url()
     sync_dir, k4_dir = tmp_path / "sync", tmp_path / "k4"
