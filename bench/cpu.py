@@ -6,7 +6,9 @@ so ``beam.smp``'s CPU is this run's alone), in this order:
 
 1. the in-process references (``bench.hotloops``): local training in one process; the bottom
    alone and the top alone in a hot loop (the parties' own Stages, no transport); validation of
-   one real Forward and Backward against a memcpy of it;
+   one real Forward and Backward against a memcpy of it; then the parties' loops in this process
+   over the in-memory broker (``bench.loopcost``: the real roles and loop, no sockets, pika or
+   RabbitMQ), K=1 and K=4;
 2. the raw pika ceiling (``bench.ceiling``: a driver and an echo process, no splitmq code) at
    the job's message sizes: quorum + persistent + confirms with 1 and 4 in flight, and
    transient with 4; CPU of driver, echo and broker;
@@ -27,7 +29,7 @@ import os
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from splitmq.bench import ceiling, cpujobs, cputime, hotloops, jobs, node, sections
+from splitmq.bench import ceiling, cpujobs, cputime, hotloops, jobs, loopcost, node, sections
 from splitmq.bench.common import AMQP_URL, BATCH_SIZE, DATASET, machine
 from splitmq.bench.suite import clean
 from splitmq.shared.config import JobConfig
@@ -76,6 +78,10 @@ def run(*, quick: bool, workdir: Path, log: Callable[[str], None] = print) -> di
     log("bench cpu: in-process references (local, bottom, top, validation)...")
     out["references"] = hotloops.run(MODEL, seconds, data, in_flight=WINDOWS[-1])
     refs = out["references"]
+    out["loops"] = []
+    for k in WINDOWS[-1:] if quick else WINDOWS:
+        log(f"bench cpu: the parties' loops in this process, no transport, K={k}...")
+        out["loops"].append(loopcost.run(MODEL, data, in_flight=k, epochs=3 if quick else loopcost.EPOCHS))
     with _broker(quick) as broker:
         out["broker_own_node"] = broker.pid is not None
         out["ceiling"] = []
@@ -131,6 +137,13 @@ def _us(row: dict[str, Any] | None, party: str, group: str = "total") -> float |
     """µs per sample of ``party`` (thread ``group``) in a row's steady-state window; None if not measured."""
     cpu = (row or {}).get("cpu") or {}
     value = cpu.get("us_per_sample", {}).get(party, {}).get(group)
+    return float(value) if value is not None else None
+
+
+def loop_us(r: dict[str, Any], k: int, party: str) -> float | None:
+    """µs per sample of ``party``'s loop in process (``bench.loopcost``) at K=``k``; None if not measured."""
+    row = next((x for x in r.get("loops", []) if x["in_flight"] == k), None)
+    value = ((row or {}).get("us_per_sample") or {}).get(party)
     return float(value) if value is not None else None
 
 
@@ -204,6 +217,12 @@ def table(r: dict[str, Any]) -> list[str]:
              f"{_n(bottom_us + top_us)} | |",
              f"| bottom alone, {k} in flight (weight stash + delay compensation, as the worker at K={k}) | "
              f"{_n(stash_us)} | | | | |"]
+    for n in WINDOWS:
+        w, t = loop_us(r, n, "worker"), loop_us(r, n, "trainer")
+        if w is not None or t is not None:
+            lines.append(f"| splitmq's loops in one process, K={n} (the real roles and loop over the in-memory "
+                         f"broker: no sockets, pika or RabbitMQ) | {_n(w)} | {_n(t)} | | "
+                         f"{_n(w + t if w is not None and t is not None else None)} | |")
     for mode, n in CEILINGS:
         row = ceiling_row(r, mode, n)
         p = parties(row, ceiling_row=True)
@@ -240,6 +259,22 @@ def targets(r: dict[str, Any]) -> list[str]:
     return lines
 
 
+def decomposition(r: dict[str, Any]) -> list[str]:
+    """Where each party's CPU goes at K=4: its Stage, the loop around it, and what the real process adds."""
+    k, refs = WINDOWS[-1], r["references"]
+    stage = {"worker": refs["bottom_stash"]["cpu_us_per_sample"], "trainer": refs["top"]["cpu_us_per_sample"]}
+    real = parties(splitmq_row(r, k), ceiling_row=False)
+    parts = []
+    for party in ("worker", "trainer"):
+        loop, whole = loop_us(r, k, party), real[party]
+        if loop is None or whole is None:
+            return []
+        parts.append(f"the {party} {_n(whole)} µs: its Stage {_n(stage[party])} (hot loop), the loop around it "
+                     f"{_n(loop - stage[party], '{:+.0f}')} (in process, no transport), the transport and the shared "
+                     f"cores {_n(whole - loop, '{:+.0f}')} (the real process less the loop in process)")
+    return [f"Where each party's CPU goes at K={k}, from the rows above: " + "; ".join(parts) + "."]
+
+
 def validation(r: dict[str, Any]) -> list[str]:
     v = r["references"]["validation"]
     lines = ["| party | message | bytes | gate's own checks µs | role's check µs | validation µs | memcpy µs | "
@@ -251,6 +286,14 @@ def validation(r: dict[str, Any]) -> list[str]:
                      f"{x['checks_us']:.1f} | {x['validation_us']:.1f} | {x['memcpy_us']:.1f} | "
                      f"{x['validation_over_memcpy']:.2f} | {x['gate_us']:.1f} | {x['decode_us']:.1f} |")
     return lines
+
+
+def _loops_text(r: dict[str, Any]) -> str:
+    if not r.get("loops"):
+        return ""
+    return (" Loops in one process (`bench/loopcost.py`): the roles and loop `splitmq worker` and `splitmq server` "
+            f"build, checkpoints on, training the same job for {r['loops'][0]['epochs']} epochs in two threads of "
+            "the bench over the in-memory broker; each thread's CPU over the same 20%-80% window.")
 
 
 def markdown(r: dict[str, Any], command: str) -> str:
@@ -273,12 +316,12 @@ def markdown(r: dict[str, Any], command: str) -> str:
              f"sizes ({r['references']['request_bytes']:,} / {r['references']['reply_bytes']:,} bytes), reading "
              "their sockets 64 KB at a time and keeping freed heap as splitmq does, "
              f"for {r['seconds']:g} s per row; its driver's figure is its one I/O thread. Hot loops: the calling "
-             f"thread's CPU over {r['seconds']:g} s of the parties' own Stages, no transport.", ""]
-    lines += table(r) + [""] + targets(r) + ["", "Validation per message, timed on the real functions "
-                                             "(`workers/gate.py`, `shared/validate.py`) and a real message of "
-                                             "the job's size (the gate's own checks: `gate.admit` with its "
-                                             "`wire.decode` handing back the decoded message; decoding is "
-                                             "the codec's cost, section 5):", ""]
+             f"thread's CPU over {r['seconds']:g} s of the parties' own Stages, no transport.{_loops_text(r)}", ""]
+    where_it_goes = decomposition(r)
+    lines += table(r) + [""] + (where_it_goes + [""] if where_it_goes else []) + targets(r)
+    lines += ["", "Validation per message, timed on the real functions (`workers/gate.py`, `shared/validate.py`) "
+              "and a real message of the job's size (the gate's own checks: `gate.admit` with its `wire.decode` "
+              "handing back the decoded message; decoding is the codec's cost, section 5):", ""]
     lines += validation(r) + ["", END]
     return "\n".join(lines) + "\n"
 

@@ -111,3 +111,22 @@ def test_the_one_batch_per_message_job_gets_its_own_row_and_ratios_without_repla
     assert "| splitmq K=4, coalesce 1 (main / pika) | 60 (40 / 15) | 40 (20 / 15) | 18 | 118 | 4,000 |" in text
     assert "| splitmq K=4 (main / pika) | 78 (58 / 15) |" in text
     assert "At K=4 with `coalesce = 1`" in text
+
+
+def test_the_loops_in_process_get_a_row_and_split_each_partys_cpu_into_stage_loop_and_transport() -> None:
+    # Given a run that also timed the parties' loops in process (K=4: worker 60, trainer 30 µs/sample)
+    r = result()
+    r["loops"] = [{"in_flight": 4, "epochs": 6, "samples": 24_000.0, "us_per_sample": {"worker": 60.0,
+                                                                                          "trainer": 30.0}}]
+    # When the section is rendered
+    text = cpu.markdown({**r, "ratios": cpu.ratios(r)}, "splitmq bench cpu")
+    # Then the loops have their row (K=1 was not timed: no row), and each party's figure at K=4 is split:
+    # Stage (hot loop with the stash: 45; the top: 11), loop around it, and the real process's rest
+    assert "| splitmq's loops in one process, K=4 (the real roles and loop over the in-memory broker: " \
+           "no sockets, pika or RabbitMQ) | 60 | 30 | | 90 | |" in text
+    assert "K=1 (the real roles" not in text
+    assert "the worker 78 µs: its Stage 45 (hot loop), the loop around it +15 (in process, no transport), " \
+           "the transport and the shared cores +18" in text
+    assert "the trainer 51 µs: its Stage 11 (hot loop), the loop around it +19" in text
+    # And a run without them (older JSON) renders without the row or the split
+    assert "Where each party's CPU goes" not in cpu.markdown({**result(), "ratios": cpu.ratios(result())}, "x")

@@ -1,0 +1,115 @@
+"""The party loop without a transport: what the worker's and the trainer's loops cost per sample.
+
+Between the hot loops (``bench.hotloops``: the parties' Stages alone) and the real processes
+(``bench.cpujobs``: the loop, pika's I/O thread and the broker, sharing the cores) sits the loop
+itself: gate, decode, validation, roles, ledger, outbox, encoding, metrics, checkpoints. Here the
+very roles and loop a ``splitmq worker`` and a ``splitmq server`` build (``worker.build``,
+``server.build``, ``Party``) train the job in two threads of this process over the in-memory broker
+(``shared.transport.StubBroker``): no sockets, no pika, no RabbitMQ. Each thread's CPU
+(its POSIX thread CPU clock) over the steady state (20%-80% of the samples, as
+``bench.cputime``) is that party's loop with its Stage; less the hot loop, the loop's own cost;
+the real process less this, what the transport and the shared cores add.
+
+Caveats, all small against the figures: the two threads share the GIL (waiting for it is not
+CPU); the in-memory broker hands each message to its consumer on the sender's thread (a queue
+put); its record of every publish is emptied as the run goes (kept, it would grow the heap by
+every message body, and fault it in anew page by page).
+"""
+from __future__ import annotations
+
+import tempfile
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any, cast
+
+from splitmq.bench.cputime import Snapshot, window
+from splitmq.shared import io_tuning, topology
+from splitmq.shared.config import JobConfig
+from splitmq.shared.transport import StubBroker, StubTransport
+from splitmq.workers import server, worker
+from splitmq.workers.party import Outcome, Party
+from splitmq.workers.stats import Stats
+
+#: Epochs of each run: long enough for a steady state of a few seconds.
+EPOCHS = 12
+#: A run that has not finished in this long failed.
+RUN_TIMEOUT_S = 600.0
+#: How often the sampler reads both threads' CPU and the samples applied.
+PERIOD_S = 0.05
+
+
+class _Thread:
+    """One party's loop on its own thread, its native id known once it runs."""
+
+    def __init__(self, party: Party) -> None:
+        self.party = party
+        self.outcome: Outcome | None = None
+        self.error: BaseException | None = None
+        self.started = threading.Event()
+        self.thread = threading.Thread(target=self._run, name=f"loop-{party.opts.name}", daemon=True)
+
+    def _run(self) -> None:
+        self.started.set()
+        try:
+            self.outcome = self.party.run()
+        except BaseException as exc:  # reported by run() below, with the party's name
+            self.error = exc
+
+    def cpu(self) -> float:
+        """This thread's CPU seconds, to the nanosecond (``/proc`` counts in 10-ms ticks)."""
+        assert self.thread.ident is not None
+        return time.clock_gettime(time.pthread_getcpuclockid(self.thread.ident))
+
+
+def run(model: str, dataset_name: str, *, in_flight: int, epochs: int) -> dict[str, Any]:
+    """The job (one owner, the defaults but ``in_flight``, checkpoints on) through the loops in this process.
+
+    Raises:
+        RuntimeError: a party did not finish its job, or overran ``RUN_TIMEOUT_S``.
+    """
+    io_tuning.keep_freed_memory()  # as every party process does
+    cfg = JobConfig(job_id="loop" + uuid.uuid4().hex[:8], model=model, data=dataset_name, epochs=epochs,
+                    max_in_flight=in_flight)
+    hub = StubBroker()
+    owner, trainer = topology.client_name(0), cfg.stages[0]
+    with tempfile.TemporaryDirectory(prefix="splitmq-loopcost-") as tmp:
+        stats = {"worker": Stats(), "trainer": Stats()}
+        roles, loop = server.build(cfg, server.ServerOptions(checkpoint_dir=str(Path(tmp) / "top")), stats["trainer"])
+        conns = {"trainer": hub.connect(trainer, topology.lease_queue(cfg.job_id, trainer))}
+        threads = {"trainer": _Thread(Party(roles, conns["trainer"], loop, stats=stats["trainer"]))}
+        roles, loop = worker.build(cfg, worker.WorkerOptions(client_index=0, checkpoint_dir=str(Path(tmp) / "owner"),
+                                                             evaluate=False), stats["worker"])
+        conns["worker"] = hub.connect(owner, topology.lease_queue(cfg.job_id, owner))
+        threads["worker"] = _Thread(Party(roles, conns["worker"], loop, stats=stats["worker"]))
+        for t in threads.values():
+            t.thread.start()
+            t.started.wait(10)
+        snapshots = _sample(threads, conns, stats["worker"])
+    for name, t in threads.items():
+        if t.error is not None or t.outcome is None or not t.outcome.summary.get("batches_applied"):
+            raise RuntimeError(f"the {name}'s loop did not finish the job: {t.error or t.outcome}")
+    total = float(stats["worker"].counts["samples"])
+    cpu = window(snapshots, total)
+    per_party = cast("dict[str, dict[str, float]]", cpu["us_per_sample"]) if cpu else None
+    return {"in_flight": in_flight, "epochs": epochs, "samples": total,
+            "us_per_sample": {p: v["total"] for p, v in per_party.items()} if per_party else None}
+
+
+def _sample(threads: dict[str, _Thread], conns: dict[str, StubTransport], owner: Stats) -> list[Snapshot]:
+    """Both threads' CPU with the owner's samples every ``PERIOD_S`` until both loops end."""
+    snapshots: list[Snapshot] = []
+    deadline = time.monotonic() + RUN_TIMEOUT_S
+    while any(t.thread.is_alive() for t in threads.values()):
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the loops overran {RUN_TIMEOUT_S:.0f}s")
+        for conn in conns.values():
+            conn.published.clear()  # the in-memory broker's record of every body sent: not ours to keep
+        try:
+            cpu = {p: {"total": t.cpu()} for p, t in threads.items()}
+        except (OSError, ProcessLookupError):  # a thread ended between the check and the read
+            break
+        snapshots.append(Snapshot(time.monotonic(), float(owner.counts["samples"]), cpu))
+        time.sleep(PERIOD_S)
+    return snapshots
