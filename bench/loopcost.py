@@ -41,17 +41,15 @@ PERIOD_S = 0.05
 
 
 class _Thread:
-    """One party's loop on its own thread, its native id known once it runs."""
+    """One party's loop on its own thread, and how it ended."""
 
     def __init__(self, party: Party) -> None:
         self.party = party
         self.outcome: Outcome | None = None
         self.error: BaseException | None = None
-        self.started = threading.Event()
         self.thread = threading.Thread(target=self._run, name=f"loop-{party.opts.name}", daemon=True)
 
     def _run(self) -> None:
-        self.started.set()
         try:
             self.outcome = self.party.run()
         except BaseException as exc:  # reported by run() below, with the party's name
@@ -72,21 +70,25 @@ def run(model: str, dataset_name: str, *, in_flight: int, epochs: int) -> dict[s
     io_tuning.keep_freed_memory()  # as every party process does
     cfg = JobConfig(job_id="loop" + uuid.uuid4().hex[:8], model=model, data=dataset_name, epochs=epochs,
                     max_in_flight=in_flight)
-    hub = StubBroker()
+    hub, stop = StubBroker(), threading.Event()
     owner, trainer = topology.client_name(0), cfg.stages[0]
     with tempfile.TemporaryDirectory(prefix="splitmq-loopcost-") as tmp:
         stats = {"worker": Stats(), "trainer": Stats()}
         roles, loop = server.build(cfg, server.ServerOptions(checkpoint_dir=str(Path(tmp) / "top")), stats["trainer"])
         conns = {"trainer": hub.connect(trainer, topology.lease_queue(cfg.job_id, trainer))}
-        threads = {"trainer": _Thread(Party(roles, conns["trainer"], loop, stats=stats["trainer"]))}
+        threads = {"trainer": _Thread(Party(roles, conns["trainer"], loop, stats=stats["trainer"], stop=stop.is_set))}
         roles, loop = worker.build(cfg, worker.WorkerOptions(client_index=0, checkpoint_dir=str(Path(tmp) / "owner"),
                                                              evaluate=False), stats["worker"])
         conns["worker"] = hub.connect(owner, topology.lease_queue(cfg.job_id, owner))
-        threads["worker"] = _Thread(Party(roles, conns["worker"], loop, stats=stats["worker"]))
+        threads["worker"] = _Thread(Party(roles, conns["worker"], loop, stats=stats["worker"], stop=stop.is_set))
         for t in threads.values():
             t.thread.start()
-            t.started.wait(10)
-        snapshots = _sample(threads, conns, stats["worker"])
+        try:
+            snapshots = _sample(threads, conns, stats["worker"])
+        finally:
+            stop.set()  # the loops end at their next turn (at once, unless we overran)
+            for t in threads.values():
+                t.thread.join(30)
     for name, t in threads.items():
         if t.error is not None or t.outcome is None or not t.outcome.summary.get("batches_applied"):
             raise RuntimeError(f"the {name}'s loop did not finish the job: {t.error or t.outcome}")
@@ -108,7 +110,7 @@ def _sample(threads: dict[str, _Thread], conns: dict[str, StubTransport], owner:
             conn.published.clear()  # the in-memory broker's record of every body sent: not ours to keep
         try:
             cpu = {p: {"total": t.cpu()} for p, t in threads.items()}
-        except (OSError, ProcessLookupError):  # a thread ended between the check and the read
+        except OSError:  # a thread ended between the check and the read
             break
         snapshots.append(Snapshot(time.monotonic(), float(owner.counts["samples"]), cpu))
         time.sleep(PERIOD_S)
