@@ -90,6 +90,8 @@ def run(model: str, dataset_name: str, *, in_flight: int, epochs: int) -> dict[s
             for t in threads.values():
                 t.thread.join(30)
     for name, t in threads.items():
+        if t.thread.is_alive():
+            raise RuntimeError(f"the {name}'s loop did not stop within 30 s of being asked to")
         if t.error is not None or t.outcome is None or not t.outcome.summary.get("batches_applied"):
             raise RuntimeError(f"the {name}'s loop did not finish the job: {t.error or t.outcome}")
     total = float(stats["worker"].counts["samples"])
