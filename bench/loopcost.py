@@ -7,7 +7,8 @@ very roles and loop a ``splitmq worker`` and a ``splitmq server`` build (``worke
 ``server.build``, ``Party``) train the job in two threads of this process over the in-memory broker
 (``shared.transport.StubBroker``): no sockets, no pika, no RabbitMQ. Each thread's CPU
 (its POSIX thread CPU clock) over the steady state (20%-80% of the samples, as
-``bench.cputime``) is that party's loop with its Stage; less the hot loop, the loop's own cost;
+``bench.cputime``) is that party's loop with its Stage; less the hot loop, what the loop adds (its
+own work, and its Stage's step running slower between messages than in a hot loop: docs/benchmarks.md);
 the real process less this, what the transport and the shared cores add.
 
 Caveats, all small against the figures: the two threads share the GIL (waiting for it is not
