@@ -11,10 +11,9 @@ very roles and loop a ``splitmq worker`` and a ``splitmq server`` build (``worke
 own work, and its Stage's step running slower between messages than in a hot loop: docs/benchmarks.md);
 the real process less this, what the transport and the shared cores add.
 
-Caveats, all small against the figures: the two threads share the GIL (waiting for it is not
+Caveats, both small against the figures: the two threads share the GIL (waiting for it is not
 CPU); the in-memory broker hands each message to its consumer on the sender's thread (a queue
-put); its record of every publish is emptied as the run goes (kept, it would grow the heap by
-every message body, and fault it in anew page by page).
+put).
 """
 from __future__ import annotations
 
@@ -25,11 +24,12 @@ import uuid
 from pathlib import Path
 from typing import Any, cast
 
+from splitmq.bench.common import THREADS
 from splitmq.bench.cputime import Snapshot, window
-from splitmq.shared import io_tuning, topology
+from splitmq.shared import topology
 from splitmq.shared.config import JobConfig
-from splitmq.shared.transport import StubBroker, StubTransport
-from splitmq.workers import server, worker
+from splitmq.shared.transport import StubBroker
+from splitmq.workers import assemble, server, worker
 from splitmq.workers.party import Outcome, Party
 from splitmq.workers.stats import Stats
 
@@ -68,24 +68,23 @@ def run(model: str, dataset_name: str, *, in_flight: int, epochs: int) -> dict[s
     Raises:
         RuntimeError: a party did not finish its job, or overran ``RUN_TIMEOUT_S``.
     """
-    io_tuning.keep_freed_memory()  # as every party process does
+    assemble.configure_process(THREADS, "cpu")  # as every party process sets itself up
     cfg = JobConfig(job_id="loop" + uuid.uuid4().hex[:8], model=model, data=dataset_name, epochs=epochs,
                     max_in_flight=in_flight)
     hub, stop = StubBroker(), threading.Event()
-    owner, trainer = topology.client_name(0), cfg.stages[0]
+    stats = {"worker": Stats(), "trainer": Stats()}
     with tempfile.TemporaryDirectory(prefix="splitmq-loopcost-") as tmp:
-        stats = {"worker": Stats(), "trainer": Stats()}
-        roles, loop = server.build(cfg, server.ServerOptions(checkpoint_dir=str(Path(tmp) / "top")), stats["trainer"])
-        conns = {"trainer": hub.connect(trainer, topology.lease_queue(cfg.job_id, trainer))}
-        threads = {"trainer": _Thread(Party(roles, conns["trainer"], loop, stats=stats["trainer"], stop=stop.is_set))}
-        roles, loop = worker.build(cfg, worker.WorkerOptions(client_index=0, checkpoint_dir=str(Path(tmp) / "owner"),
-                                                             evaluate=False), stats["worker"])
-        conns["worker"] = hub.connect(owner, topology.lease_queue(cfg.job_id, owner))
-        threads["worker"] = _Thread(Party(roles, conns["worker"], loop, stats=stats["worker"], stop=stop.is_set))
+        built = {"trainer": (cfg.stages[0], server.build(cfg, server.ServerOptions(
+                     checkpoint_dir=str(Path(tmp) / "top")), stats["trainer"])),
+                 "worker": (topology.client_name(0), worker.build(cfg, worker.WorkerOptions(
+                     client_index=0, checkpoint_dir=str(Path(tmp) / "owner"), evaluate=False), stats["worker"]))}
+        threads = {p: _Thread(Party(roles, hub.connect(name, topology.lease_queue(cfg.job_id, name)), loop,
+                                    stats=stats[p], stop=stop.is_set))
+                   for p, (name, (roles, loop)) in built.items()}
         for t in threads.values():
             t.thread.start()
         try:
-            snapshots = _sample(threads, conns, stats["worker"])
+            snapshots = _sample(threads, stats["worker"])
         finally:
             stop.set()  # the loops end at their next turn (at once, unless we overran)
             for t in threads.values():
@@ -102,15 +101,13 @@ def run(model: str, dataset_name: str, *, in_flight: int, epochs: int) -> dict[s
             "us_per_sample": {p: v["total"] for p, v in per_party.items()} if per_party else None}
 
 
-def _sample(threads: dict[str, _Thread], conns: dict[str, StubTransport], owner: Stats) -> list[Snapshot]:
+def _sample(threads: dict[str, _Thread], owner: Stats) -> list[Snapshot]:
     """Both threads' CPU with the owner's samples every ``PERIOD_S`` until both loops end."""
     snapshots: list[Snapshot] = []
     deadline = time.monotonic() + RUN_TIMEOUT_S
     while any(t.thread.is_alive() for t in threads.values()):
         if time.monotonic() > deadline:
             raise RuntimeError(f"the loops overran {RUN_TIMEOUT_S:.0f}s")
-        for conn in conns.values():
-            conn.published.clear()  # the in-memory broker's record of every body sent: not ours to keep
         try:
             cpu = {p: {"total": t.cpu()} for p, t in threads.items()}
         except OSError:  # a thread ended between the check and the read

@@ -200,7 +200,6 @@ class StubTransport:
     def __init__(self, broker: StubBroker, name: str, lease: str | None = None) -> None:
         self.broker, self.name, self.lease = broker, name, lease
         self.unacked: dict[int, tuple[str, _Message]] = {}
-        self.published: list[tuple[str, str, bytes, dict[str, Any]]] = []
         self.connected = self.closed = False
         self._refused: str | None = None
         #: Set to make every later publish fail with this error (a broker nack, say).
@@ -249,7 +248,6 @@ class StubTransport:
         future: Future[None] = Future()
         props = {"message_id": message_id, "correlation_id": correlation_id, "reply_to": reply_to,
                  "user_id": user_id, "headers": dict(headers or {})}
-        self.published.append((exchange, routing_key, body, props))
         if self.fail_publishes is not None:
             future.set_exception(self.fail_publishes)
             return future
