@@ -204,18 +204,25 @@ def _split(row: dict[str, Any] | None, party: str) -> str:
     return f"{_n(_us(row, party))} ({_n(_us(row, party, 'main'))} / {_n(_us(row, party, 'pika'))})"
 
 
+#: What the stash row's label adds for each staleness correction.
+_CORRECTIONS = {"none": "", "dc": " + delay compensation", "lr": " + staleness-scaled step"}
+
+
 def table(r: dict[str, Any]) -> list[str]:
     """One row per contender: worker, trainer and broker µs per sample, and wall-clock samples/s."""
     refs = r["references"]
     local_us, bottom_us = refs["local"]["cpu_us_per_sample"], refs["bottom"]["cpu_us_per_sample"]
     stash_us, top_us = refs["bottom_stash"]["cpu_us_per_sample"], refs["top"]["cpu_us_per_sample"]
     k = refs["bottom_stash"]["in_flight"]
+    # JSON from before the default became plain stashing (2026-11-24) does not name its correction: it was dc
+    named = str(refs["bottom_stash"].get("correction", "dc"))
+    correction = _CORRECTIONS.get(named, f" + {named}")
     lines = ["| contender | worker µs | trainer µs | broker µs | total µs/sample | samples/s (wall, context) |",
              "|---|---:|---:|---:|---:|---:|",
              f"| local training, one process | | | | {_n(local_us)} | {refs['local']['samples_per_second']:,.0f} |",
              f"| bottom alone / top alone, hot loop (no transport) | {_n(bottom_us)} | {_n(top_us)} | | "
              f"{_n(bottom_us + top_us)} | |",
-             f"| bottom alone, {k} in flight (weight stash + delay compensation, as the worker at K={k}) | "
+             f"| bottom alone, {k} in flight (weight stash{correction}, as the worker at K={k}) | "
              f"{_n(stash_us)} | | | | |"]
     for n in WINDOWS:
         w, t = loop_us(r, n, "worker"), loop_us(r, n, "trainer")

@@ -5,7 +5,7 @@
   (``workers.assemble``, the job's defaults), driven in a hot loop over the same batches: the
   bottom's forward, then its backward with a fixed gradient; the top's forward, loss, backward
   and step on fixed activations. The bottom runs twice: as at K=1 (no weight stash) and with
-  ``in_flight`` batches outstanding, as the worker does at K>1 (stash + delay compensation).
+  ``in_flight`` batches outstanding, as the worker does at K>1 (weight stash, and the job's default staleness correction).
 * **Validation of one real message** as the parties do it: the trainer's gate
   (``workers.gate.admit``) and ``shared.validate.check_forward`` on a Forward built as the bottom
   role builds it; the worker's gate and ``check_gradient`` on a Backward. The gate also decodes;
@@ -49,7 +49,8 @@ def bottom(model: str, in_flight: int, seconds: float, dataset_name: str) -> dic
     """The worker's Stage alone: forward each batch, backward the one ``in_flight`` batches back."""
     set_threads()
     train = dataset(dataset_name).train
-    stage = assemble.bottom_stage(_config(model, in_flight, dataset_name), 0, len(train), "cpu")
+    cfg = _config(model, in_flight, dataset_name)
+    stage = assemble.bottom_stage(cfg, 0, len(train), "cpu")
     grad = _GRAD_SCALE * torch.randn(BATCH_SIZE, *_cut_shape(stage, train))  # (64, 640) for the MLP
     waiting: collections.deque[tuple[int, int]] = collections.deque()   # (key, rows) of batches out
     key = 0
@@ -64,7 +65,7 @@ def bottom(model: str, in_flight: int, seconds: float, dataset_name: str) -> dic
             stage.backward(done, grad[:rows])
         return 0.0
 
-    return {"in_flight": in_flight, "stash": stage.stash_weights,
+    return {"in_flight": in_flight, "stash": stage.stash_weights, "correction": cfg.staleness.value,
             **timed_training(train, step, seconds=seconds)}
 
 

@@ -123,7 +123,8 @@ class JobConfig:
     data_dir: str = _f("", "directory for --data mnist (torchvision's MNIST/raw files)", local=True)
     test_fraction: float = _f(0.2, "share of a built-in data set held out for evaluation", local=True)
     max_in_flight: int = _f(1, "batches in flight per owner (1 = synchronous)", local=True)
-    staleness: Staleness = _f(Staleness.DC, "correction of stale gradients when max_in_flight > 1", local=True)
+    staleness: Staleness = _f(Staleness.NONE, "correction of stale gradients when max_in_flight > 1 (none: weight "
+                                                "stashing alone; docs/api.md)", local=True)
     dc_lambda: float = _f(1.0, "delay-compensation strength", local=True)
     checkpoint_every: int = _f(32, "checkpoint after this many applied messages", local=True)
     align: Align = _f(Align.NONE, "vertical: how parties find the samples they share (none: all hold the same ids)")
