@@ -75,7 +75,7 @@ def soak(cfg: JobConfig, url: str, tmp: Path, parties: list[Party], rng: random.
             break  # the run ended before all events were spent
         if event == broker_restart_at:
             node("stop")
-            time.sleep(rng.uniform(0, 2))  # how long the broker stays away: part of the random plan
+            time.sleep(rng.uniform(0, 1.5))  # how long the broker stays away: part of the random plan
             node("start")
             log["events"].append("broker")
             continue
@@ -84,7 +84,7 @@ def soak(cfg: JobConfig, url: str, tmp: Path, parties: list[Party], rng: random.
             v.kill()
         log["events"].append("+".join(v.name for v in victims))
         for v in rng.sample(victims, len(victims)):
-            time.sleep(rng.uniform(0, 3))  # the other party runs (or idles) alone meanwhile
+            time.sleep(rng.uniform(0, 1.5))  # the other party runs (or idles) alone meanwhile (it waits within ms)
             v.start()
     assert client.wait() == 0, f"seed {seed}, events {log['events']}:\n{client.tail()}"
     assert server.wait() == 0, f"seed {seed}:\n{server.tail()}"
