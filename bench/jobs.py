@@ -125,7 +125,10 @@ def _stop(server: subprocess.Popen[bytes]) -> None:
 
 
 def _cleanup(url: str, job: str, clients: int) -> None:
-    layout = topology.job_layout(job, parties=tuple(f"client-{i}" for i in range(clients)))
+    # the trainer declares its serving queues too (inference): left behind, every run adds two
+    # quorum queues to the node, and a node's open-file budget runs out at a few hundred
+    layout = topology.job_layout(job, parties=tuple(f"client-{i}" for i in range(clients)),
+                                 serving=(topology.TOP_STAGE,))
     conn = pika.BlockingConnection(pika.URLParameters(url))
     try:
         for q in layout.queues:

@@ -47,6 +47,23 @@ configure() {
   as_root chown -R rabbitmq:rabbitmq "$state"
 }
 
+# The node's limit of open files. RabbitMQ hands out sockets and files within it (its
+# file_handle_cache) and counts a few for every quorum queue: at a shell's usual 1024, a node
+# holding about 300 queues (some 30 jobs) queues every new connection's socket forever, so
+# clients time out in the AMQP handshake while the node looks idle (seen here, 2026-11-24).
+# Debian's systemd unit gives 65536; a node this script starts as root gets as much, up to the hard limit.
+OPEN_FILES=${OPEN_FILES:-65536}
+
+raise_open_files() {
+  local hard want=$OPEN_FILES
+  hard=$(ulimit -Hn)
+  if [ "$hard" != unlimited ] && [ "$hard" -lt "$want" ]; then want=$hard; fi
+  ulimit -n "$want" 2>/dev/null || true
+  if [ "$(ulimit -n)" != unlimited ] && [ "$(ulimit -n)" -lt 4096 ]; then
+    echo "warning: node $nodename may open only $(ulimit -n) files (raise the hard limit, ulimit -Hn): it stops accepting connections at a few hundred queues" >&2
+  fi
+}
+
 start() {
   if answers; then echo "a broker already answers on port $AMQP_PORT"; return; fi
   install
@@ -56,7 +73,13 @@ start() {
   # The node outlives this script: it must not keep the caller's open files (a lock the caller
   # holds while it runs this script, a pipe), so every descriptor above stderr is closed first.
   (for fd in $(ls /proc/$BASHPID/fd); do [ "$fd" -gt 2 ] && [ "$fd" -lt 255 ] && eval "exec $fd>&-"; done
-   as_root rabbitmq-server -detached)
+   if [ "$(id -u)" = 0 ]; then  # as the rabbitmq user, without su: su's PAM session resets the limit to 1024
+     raise_open_files
+     cd /var/lib/rabbitmq && HOME=/var/lib/rabbitmq setpriv --reuid=rabbitmq --regid=rabbitmq --init-groups \
+       rabbitmq-server -detached
+   else
+     sudo rabbitmq-server -detached
+   fi)
   as_root timeout 120 rabbitmqctl -n "$nodename" wait "$state/rabbitmq.pid" >/dev/null
   echo "RabbitMQ $nodename is up: amqp://localhost:$AMQP_PORT, management :$MGMT_PORT, metrics :$PROM_PORT/metrics"
 }
