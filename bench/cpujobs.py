@@ -27,7 +27,9 @@ from splitmq.workers import assemble
 def _samples(port: int) -> float | None:
     """client-0's applied samples, from its /metrics (None while it does not answer yet)."""
     with contextlib.suppress(OSError, ValueError):
-        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2).read().decode()
+        # only this family: rendering all of them four times a second cost the worker ~0.5 µs/sample
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics?name[]=splitmq_samples_total",
+                                      timeout=2).read().decode()
         for line in text.splitlines():
             if line.startswith("splitmq_samples_total{") and 'role="worker"' in line:
                 return float(line.rpartition(" ")[2])
