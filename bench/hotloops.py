@@ -5,7 +5,8 @@
   (``workers.assemble``, the job's defaults), driven in a hot loop over the same batches: the
   bottom's forward, then its backward with a fixed gradient; the top's forward, loss, backward
   and step on fixed activations. The bottom runs twice: as at K=1 (no weight stash) and with
-  ``in_flight`` batches outstanding, as the worker does at K>1 (weight stash, and the job's default staleness correction).
+  ``in_flight`` batches outstanding, as the worker does at K>1 (weight stash, and the job's
+  default staleness correction).
 * **Validation of one real message** as the parties do it: the trainer's gate
   (``workers.gate.admit``) and ``shared.validate.check_forward`` on a Forward built as the bottom
   role builds it; the worker's gate and ``check_gradient`` on a Backward. The gate also decodes;
