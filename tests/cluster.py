@@ -25,11 +25,12 @@ from typing import Any, Iterable
 
 import pytest
 
+from tests.conftest import STATE_ROOT
+
 ROOT = Path(__file__).resolve().parents[1]
 PREFIX = "splitmq-test"
 BASE_PORT = 5830
 SIZE = 3
-STATE_ROOT = Path(os.environ.get("STATE_ROOT", "/var/lib/splitmq"))
 #: Longest wait for a node to boot, join, drain or revive on a busy 2-core machine.
 NODE_DEADLINE_S = 240.0
 #: Longest any one command that keeps a failed test's evidence may run: keeping it never hangs.

@@ -50,6 +50,8 @@ def delete_job(job: str, admin_url: str = "http://guest:guest@localhost:15672") 
     job_admin.delete_job(job, admin_url)
 
 
+#: Where deploy/broker.sh keeps each node's state (broker-NODE/: pid file, logs, data).
+STATE_ROOT = Path(os.environ.get("STATE_ROOT", "/var/lib/splitmq"))
 #: A second node that tests may stop and start; never the shared one on 5672.
 RESTART_NODE = {"NODE": "crash", "AMQP_PORT": "5690", "MGMT_PORT": "15691", "PROM_PORT": "15693"}
 RESTART_URL = "amqp://guest:guest@localhost:5690/%2F"
@@ -95,7 +97,7 @@ def pytest_runtest_makereport(item: pytest.Item) -> Generator[None, pytest.TestR
 def _broker_state() -> str:
     """Load average and the shared broker's last log lines: a test that failed on the broker (a
     handshake that timed out, confirms that did not come) says what the broker saw."""
-    log = Path(os.environ.get("STATE_ROOT", "/var/lib/splitmq")) / "broker-splitmq" / "log" / "splitmq@localhost.log"
+    log = STATE_ROOT / "broker-splitmq" / "log" / "splitmq@localhost.log"
     try:
         lines = [line[:240] for line in log.read_text(errors="replace").splitlines()[-40:]]
     except OSError as exc:

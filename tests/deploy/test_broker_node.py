@@ -7,17 +7,15 @@ idle (seen 2026-11-24). deploy/broker.sh now starts it with a limit of its own.
 """
 from __future__ import annotations
 
-import os
 import uuid
 from pathlib import Path
 
 import pika
 
-from tests.conftest import RESTART_NODE
+from tests.conftest import RESTART_NODE, STATE_ROOT
 
 #: Well past where the node stopped accepting connections at the old limit (about 300).
 QUEUES = 400
-STATE_ROOT = Path(os.environ.get("STATE_ROOT", "/var/lib/splitmq"))
 
 
 def open_files_limit(node: str) -> str:
