@@ -116,20 +116,9 @@ def _split(cfg: JobConfig, x: torch.Tensor, n: int, workdir: Path) -> dict[str, 
             seconds = time.perf_counter() - started
     finally:
         _stop(server)
-        _cleanup(AMQP_URL, cfg.job_id, 1)
-        _delete_serving(cfg.job_id)
+        _cleanup(AMQP_URL, cfg.job_id, 1, serving=(topology.TOP_STAGE, "client-0"))
     return {"online_p50_s": percentile(online, 0.5), "online_p99_s": percentile(online, 0.99), "requests": n,
             "batch_samples_per_second": len(x) / seconds, "batch_samples": len(x)}
-
-
-def _delete_serving(job: str) -> None:
-    import pika
-    conn = pika.BlockingConnection(pika.URLParameters(AMQP_URL))
-    try:
-        for q in topology.job_layout(job, stages=(), parties=(), serving=("top", "client-0")).queues:
-            conn.channel().queue_delete(q.name)
-    finally:
-        conn.close()
 
 
 def run(quick: bool, workdir: Path, dataset: str, log: Callable[[str], None] = print) -> dict[str, Any]:

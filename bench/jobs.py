@@ -124,11 +124,11 @@ def _stop(server: subprocess.Popen[bytes]) -> None:
             continue
 
 
-def _cleanup(url: str, job: str, clients: int) -> None:
-    # the trainer declares its serving queues too (inference): left behind, every run adds two
-    # quorum queues to the node, and a node's open-file budget runs out at a few hundred
-    layout = topology.job_layout(job, parties=tuple(f"client-{i}" for i in range(clients)),
-                                 serving=(topology.TOP_STAGE,))
+def _cleanup(url: str, job: str, clients: int, serving: tuple[str, ...] = (topology.TOP_STAGE,)) -> None:
+    """Delete the job's queues and exchanges, the ``serving`` parties' inference queues included
+    (the trainer declares its own): left behind, every run adds quorum queues to the node, and a
+    node's open-file budget runs out at a few hundred (docs/scaling.md)."""
+    layout = topology.job_layout(job, parties=tuple(f"client-{i}" for i in range(clients)), serving=serving)
     conn = pika.BlockingConnection(pika.URLParameters(url))
     try:
         for q in layout.queues:
