@@ -106,6 +106,15 @@ def run(*, quick: bool, workdir: Path, log: Callable[[str], None] = print) -> di
             out["splitmq"].append({"in_flight": k, "coalesce": n, "samples_per_second": row["samples_per_second"],
                                    "bytes_per_sample": row["worker_bytes_per_sample"], "accuracy": row["accuracy"],
                                    "cpu": row["cpu"]})
+            k = WINDOWS[-1]
+            log(f"bench cpu: splitmq K={k} delivery transient, {epochs} epochs...")
+            spec = jobs.JobSpec(model=MODEL, clients=1, in_flight=k, epochs=epochs, dataset=data,
+                                options=("--delivery", "transient"))
+            row = cpujobs.run(spec, workdir, url=broker.url, broker_pid=broker.pid)
+            out["splitmq"].append({"in_flight": k, "coalesce": DEFAULT_COALESCE, "delivery": "transient",
+                                   "samples_per_second": row["samples_per_second"],
+                                   "bytes_per_sample": row["worker_bytes_per_sample"], "accuracy": row["accuracy"],
+                                   "cpu": row["cpu"]})
     out["ratios"] = ratios(out)
     out["machine"] = machine()
     cleaned: dict[str, Any] = clean(out)
@@ -151,8 +160,10 @@ def ceiling_row(r: dict[str, Any], mode: str, k: int) -> dict[str, Any] | None:
     return next((c for c in r["ceiling"] if c["mode"] == mode and c["in_flight"] == k), None)
 
 
-def splitmq_row(r: dict[str, Any], k: int, coalesce: int = DEFAULT_COALESCE) -> dict[str, Any] | None:
-    return next((s for s in r["splitmq"] if s["in_flight"] == k and s.get("coalesce", 1) == coalesce), None)
+def splitmq_row(r: dict[str, Any], k: int, coalesce: int = DEFAULT_COALESCE,
+                delivery: str = "durable") -> dict[str, Any] | None:
+    return next((s for s in r["splitmq"] if s["in_flight"] == k and s.get("coalesce", 1) == coalesce
+                 and s.get("delivery", "durable") == delivery), None)
 
 
 def parties(row: dict[str, Any] | None, *, ceiling_row: bool) -> dict[str, float | None]:
@@ -187,6 +198,12 @@ def ratios(r: dict[str, Any]) -> dict[str, Any]:
                         "t2": _ratio(ours["worker"], bottom_us, ceil["worker"]),
                         "t3": _ratio(ours["trainer"], top_us, ceil["trainer"]),
                         "t4": _ratio(ours["broker"], ceil["broker"])}
+    k = WINDOWS[-1]
+    durable, transient = (parties(splitmq_row(r, k, delivery=d), ceiling_row=False) for d in ("durable", "transient"))
+    out[f"k{k}_transient"] = {  # against the same job durable, and the raw ceiling's broker in the same mode
+        "total_vs_durable": _ratio(transient["total"], durable["total"]),
+        "broker_vs_durable": _ratio(transient["broker"], durable["broker"]),
+        "t4": _ratio(transient["broker"], parties(ceiling_row(r, "transient", k), ceiling_row=True)["broker"])}
     out.update(out[f"k{WINDOWS[-1]}"])
     out["t5"] = refs["validation"]["trainer"]["validation_over_memcpy"]
     out["met"] = {t: (out[t] <= bound if out[t] is not None else None) for t, bound in TARGETS.items()}
@@ -236,12 +253,15 @@ def table(r: dict[str, Any]) -> list[str]:
         lines.append(f"| raw pika ceiling, {'quorum + persistent + confirms' if mode == 'durable' else mode}, "
                      f"K={n} (driver / echo) | {_n(p['worker'])} | {_n(p['trainer'])} | {_n(p['broker'])} | "
                      f"{_n(p['total'])} | {_n(row['samples_per_second'] if row else None, '{:,.0f}')} |")
-    for n, c in [(n, DEFAULT_COALESCE) for n in WINDOWS] + [COMPARED]:
-        row = splitmq_row(r, n, c)
-        if row is None and (n, c) == COMPARED:
-            continue
+    k = WINDOWS[-1]
+    for n, c, d in [(n, DEFAULT_COALESCE, "durable") for n in WINDOWS] + [(*COMPARED, "durable"),
+                                                                          (k, DEFAULT_COALESCE, "transient")]:
+        row = splitmq_row(r, n, c, d)
+        if row is None and ((n, c) == COMPARED or d == "transient"):
+            continue  # a row a quick run (or JSON from before it) does not have
         p = parties(row, ceiling_row=False)
-        label = f"splitmq {'sync ' if n == 1 else ''}K={n}{f', coalesce {c}' if (n, c) == COMPARED else ''} (main / pika)"
+        label = (f"splitmq {'sync ' if n == 1 else ''}K={n}{f', coalesce {c}' if (n, c) == COMPARED else ''}"
+                 f"{', delivery = transient' if d == 'transient' else ''} (main / pika)")
         lines.append(f"| {label} | {_split(row, 'worker')} | "
                      f"{_split(row, 'trainer')} | {_n(p['broker'])} | {_n(p['total'])} | "
                      f"{_n(row['samples_per_second'] if row else None, '{:,.0f}')} |")
@@ -257,6 +277,13 @@ def targets(r: dict[str, Any]) -> list[str]:
     k1 = q.get("k1", {})
     lines += ["", "At K=1 (against the durable ceiling with 1 in flight), for context: "
               + ", ".join(f"{t.upper()} {_n(k1.get(t), '{:.2f}')}" for t in ("t1", "t2", "t3", "t4")) + "."]
+    transient = q.get(f"k{WINDOWS[-1]}_transient", {})
+    if transient.get("total_vs_durable") is not None:
+        lines += ["", f"With `delivery = transient` at K={WINDOWS[-1]} (training batches and answers in the broker's "
+                  "memory only; docs/guarantees.md says what it gives up): total CPU per sample "
+                  f"{_n(transient['total_vs_durable'], '{:.2f}')} of the durable job's, the broker's "
+                  f"{_n(transient['broker_vs_durable'], '{:.2f}')}; its broker against the raw transient ceiling's "
+                  f"(T4 in that mode) {_n(transient.get('t4'), '{:.2f}')}."]
     k, n = COMPARED
     single = q.get(f"k{k}_coalesce{n}", {})
     if single.get("t1") is not None:

@@ -129,15 +129,17 @@ class Broker:
 
     def publish(self, exchange: str, routing_key: str, body: bytes, *, message_id: str,
                 correlation_id: str | None = None, reply_to: str | None = None,
-                user_id: str | None = None, headers: Mapping[str, Any] | None = None) -> Future[None]:
-        """Queue a mandatory, persistent publish; the Future resolves when the broker confirms it.
+                user_id: str | None = None, headers: Mapping[str, Any] | None = None,
+                persistent: bool = True) -> Future[None]:
+        """Queue a mandatory publish (persistent unless ``persistent`` is off: a transient job's batches
+        and answers); the Future resolves when the broker confirms it.
 
         The Future fails with ``Unroutable`` (no queue bound), ``PublishNacked`` (refused for
         ``NACK_RETRY_S``) or ``BrokerError`` (fatal refusal). A lost connection does not fail
         it: the message is sent again after the reconnect.
         """
         props = pika.BasicProperties(
-            delivery_mode=2, message_id=message_id, correlation_id=correlation_id, reply_to=reply_to,
+            delivery_mode=2 if persistent else 1, message_id=message_id, correlation_id=correlation_id, reply_to=reply_to,
             user_id=user_id, headers=dict(headers or {}), content_type="application/msgpack")
         out = _Outgoing(exchange, routing_key, body, props, Future())
         self._call(lambda: self._send(out))

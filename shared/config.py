@@ -18,6 +18,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Any, Mapping
 
+from splitmq.shared import defaults
 from splitmq.shared.errors import ConfigError
 from splitmq.shared.topology import DEFAULT_JOB, check_name
 
@@ -74,6 +75,13 @@ class Compression(str, Enum):
     BF16 = "bf16"   # bfloat16: half the bytes, float32's range, 8 bits of mantissa
     INT8 = "int8"   # int8 with one float32 scale per row (sample): about a quarter of the bytes
     TOPK = "topk"   # each sample's largest values (topk_fraction of them) and their positions
+
+
+class Delivery(str, Enum):
+    """How the broker holds training batches and their answers (docs/guarantees.md)."""
+
+    DURABLE = "durable"      # quorum queues, persistent messages: a broker restart loses nothing
+    TRANSIENT = "transient"  # classic queues, in memory: a restart loses them, the owner sends them again
 
 
 class Privacy(str, Enum):
@@ -149,6 +157,9 @@ class JobConfig:
     topk_fraction: float = _f(0.1, "share of each sample's values that compress = topk sends (0 < f <= 1)")
     topk_feedback: bool = _f(False, "with compress_activations = topk, add what a sample's last send left out to "
                                     "its next (error feedback; measured 1-3 points worse here: docs/benchmarks.md)")
+    delivery: Delivery = _f(Delivery.DURABLE, "durable (quorum queues, persistent messages) or transient (training "
+                            "batches and answers in one broker node's memory, re-sent after a restart: 0.3-0.6 of the "
+                            "broker's CPU per sample; docs/guarantees.md says what it gives up)")
     coalesce: int = _f(4, "most batches (or their answers) travelling in one message when several are ready at "
                        "once (1: one per message; with one batch in flight there is never more than one)")
 
@@ -226,10 +237,23 @@ def _check_cluster(cfg: JobConfig) -> None:
                           "vertical_parts and at least as many num_clients: set shards = 1 otherwise")
 
 
+def _check_delivery(cfg: JobConfig) -> None:
+    """Transient delivery re-sends what a broker restart lost: built for one owner-to-top hop."""
+    if cfg.delivery is not Delivery.TRANSIENT:
+        return
+    if len(cfg.stages) != 1 or cfg.vertical_parts or cfg.shards != 1:
+        raise ConfigError("delivery = transient is for one stage after the bottom (no middle stages, @head, "
+                          "vertical_parts or shards): set delivery = durable for this job")
+    if cfg.max_in_flight > defaults.ANSWERS_KEPT:
+        raise ConfigError(f"delivery = transient keeps the answers of {defaults.ANSWERS_KEPT} batches per owner: "
+                          f"set max_in_flight <= {defaults.ANSWERS_KEPT}, got {cfg.max_in_flight}")
+
+
 def _check(cfg: JobConfig) -> None:
     """One-line refusals naming the field and what to do."""
     _check_privacy(cfg)
     _check_cluster(cfg)
+    _check_delivery(cfg)
     check_name("job", cfg.job_id)
     for name in ("num_clients", "batch_size", "epochs", "max_in_flight", "sync_every", "checkpoint_every",
                  "coalesce"):

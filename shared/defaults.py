@@ -35,6 +35,13 @@ PEER_TIMEOUT_S = 300.0
 #: An unanswered batch is sent again (same seq, attempt + 1) after this long; re-sends are
 #: idempotent, and cover a batch the broker dead-lettered while the trainer crashed repeatedly.
 RESEND_AFTER_S = 120.0
+#: With ``delivery = transient`` a broker restart loses the batches and answers it held: an
+#: unanswered batch is sent again after this long (of service time: an outage does not count).
+TRANSIENT_RESEND_AFTER_S = 5.0
+#: With ``delivery = transient`` the trainer keeps the answers of each owner's last this many
+#: applied batches, to send again when the owner re-sends one (its answer may have been lost);
+#: an owner's ``max_in_flight`` may not exceed it. 64 float32 answers of 64 x 640 are 10 MB.
+ANSWERS_KEPT = 64
 #: Once the trainer has answered "applied before", the gradient must already be in the owner's
 #: reply queue; if it does not arrive this soon, the owner's state is older than what it acked.
 DUPLICATE_WAIT_S = 20.0

@@ -318,6 +318,25 @@ def with_replicas(layout: Layout, replicas: int) -> Layout:
     return Layout(layout.exchanges, queues, layout.bindings)
 
 
+#: Arguments only a quorum queue takes (RabbitMQ refuses them on a classic one).
+_QUORUM_ONLY = (REPLICAS_ARGUMENT, "x-dead-letter-strategy", "x-delivery-limit")
+
+
+def with_delivery(layout: Layout, delivery: str) -> Layout:
+    """``layout`` for the job's ``delivery``: with ``transient``, its forward and reply queues (training
+    traffic) are classic, in one node's memory: no replication, no delivery limit. The dead-letter
+    queue and a served model's queues stay quorum whatever the delivery."""
+    if delivery == "durable":
+        return layout
+    if delivery != "transient":
+        raise ValueError(f"delivery must be durable or transient, got {delivery!r}")
+    queues = tuple(q if q.name.split(".")[2] not in ("forward", "reply") else  # splitmq.<job>.<kind>.<name>
+                   Queue(q.name, {**{k: v for k, v in q.arguments.items() if k not in _QUORUM_ONLY},
+                                  "x-queue-type": "classic"})
+                   for q in layout.queues)
+    return Layout(layout.exchanges, queues, layout.bindings)
+
+
 def client_layout(job: str, party: str) -> Layout:
     """What a new party needs: the job's exchanges, and its own reply queue and binding."""
     full = job_layout(job, stages=(), parties=(party,))

@@ -68,8 +68,10 @@ class Transport(Protocol):
 
     def publish(self, exchange: str, routing_key: str, body: bytes, *, message_id: str,
                 correlation_id: str | None = None, reply_to: str | None = None,
-                user_id: str | None = None, headers: Mapping[str, Any] | None = None) -> Future[None]:
-        """A mandatory, persistent publish; the Future resolves on the broker's confirm."""
+                user_id: str | None = None, headers: Mapping[str, Any] | None = None,
+                persistent: bool = True) -> Future[None]:
+        """A mandatory publish, persistent unless asked (``delivery = transient``); the Future resolves on the
+        broker's confirm."""
 
     def ack(self, delivery: Delivery) -> None: ...
 
@@ -138,6 +140,9 @@ class StubBroker:
         self.bindings: list[topology.Binding] = []
         self.leases: dict[str, StubTransport] = {}
         self._tags = itertools.count(1)
+        #: A test's broker restart: a non-persistent publish for which this says True is confirmed,
+        #: then lost (what a real restart loses of a transient job's batches and answers).
+        self.lose: Callable[[str, str, bytes], bool] | None = None
 
     def connect(self, name: str = "stub", lease: str | None = None) -> "StubTransport":
         return StubTransport(self, name, lease)
@@ -244,12 +249,16 @@ class StubTransport:
 
     def publish(self, exchange: str, routing_key: str, body: bytes, *, message_id: str,
                 correlation_id: str | None = None, reply_to: str | None = None,
-                user_id: str | None = None, headers: Mapping[str, Any] | None = None) -> Future[None]:
+                user_id: str | None = None, headers: Mapping[str, Any] | None = None,
+                persistent: bool = True) -> Future[None]:
         future: Future[None] = Future()
         props = {"message_id": message_id, "correlation_id": correlation_id, "reply_to": reply_to,
-                 "user_id": user_id, "headers": dict(headers or {})}
+                 "user_id": user_id, "headers": dict(headers or {}), "persistent": persistent}
         if self.fail_publishes is not None:
             future.set_exception(self.fail_publishes)
+            return future
+        if not persistent and self.broker.lose is not None and self.broker.lose(exchange, routing_key, body):
+            future.set_result(None)
             return future
         with self.broker.lock:
             routed = self.broker.route(_Message(exchange, routing_key, body, props))

@@ -27,7 +27,7 @@ import torch
 from splitmq.shared import amqp, local, topology, wire
 from splitmq.shared.amqp import get_messages, queue_depth
 from splitmq.shared.broker import Broker
-from splitmq.shared.config import BottomSync, JobConfig
+from splitmq.shared.config import BottomSync, Delivery, JobConfig
 from tests.conftest import RESTART_NODE, delete_job, node
 from tests.helpers import Party, consumers, in_thread, job_file, server_party, state, wait_for, worker_party
 
@@ -146,6 +146,41 @@ def test_a_network_cut_mid_run_is_survived_with_the_same_result(
         assert client.wait() == 0, client.tail()
         assert server.wait() == 0, server.tail()
         assert "reconnected" in client.log.read_text() and "reconnected" in server.log.read_text()
+        top, bottom = assert_exactly_once(tmp_path, BATCHES)
+        assert_equal_to_local(cfg, top, bottom)
+    finally:
+        delete_job(job, "http://guest:guest@localhost:15691")
+
+
+def test_a_transient_job_sends_again_what_broker_restarts_lost_and_ends_as_local_training(
+        restart_node: str, tmp_path: Path, parties: list[Party]) -> None:
+    # Given a synchronous job whose batches and answers live only in the broker's memory (delivery = transient)
+    job = "transient" + os.urandom(4).hex()
+    cfg = JobConfig(job_id=job, epochs=EPOCHS, bottom_sync=BottomSync.INDEPENDENT, delivery=Delivery.TRANSIENT)
+    jobf = job_file(cfg, tmp_path)
+    server, client = server_party(tmp_path, jobf, restart_node), worker_party(tmp_path, jobf, restart_node, 0, "--no-eval")
+    parties += [server.start(), client.start()]
+    forward_q, reply_q = topology.forward_queue(job, "top"), topology.reply_queue(job, "client-0")
+    try:
+        # When the broker restarts while a batch waits in the trainer's queue (the trainer stopped)
+        wait_for(lambda: client.applied("worker") >= 20, "worker progress 20")
+        assert server.stop() == 130, server.tail()
+        wait_for(lambda: queue_depth(restart_node, forward_q) >= 1, "a batch waiting for the stopped trainer")
+        node("stop")
+        node("start")
+        server.start()
+        # and again while an answer waits in the owner's queue (the owner stopped mid-epoch, a batch in flight)
+        wait_for(lambda: client.applied("worker") >= BATCHES // 2 + 10, "worker progress into its second epoch")
+        assert client.stop() == 130, client.tail()
+        wait_for(lambda: queue_depth(restart_node, reply_q) >= 1, "an answer waiting for the stopped owner")
+        node("stop")
+        node("start")
+        client.start()
+        # Then the owner sent the lost batch again, the trainer answered the re-created one with the answer
+        # it had kept, and each batch was applied exactly once on each side: as uninterrupted local training
+        assert client.wait() == 0, client.tail()
+        assert server.wait() == 0, server.tail()
+        assert "sending it again" in client.log.read_text()
         top, bottom = assert_exactly_once(tmp_path, BATCHES)
         assert_equal_to_local(cfg, top, bottom)
     finally:

@@ -73,9 +73,14 @@ def cmd_definitions(args: argparse.Namespace) -> int:
 
 def cmd_setup(args: argparse.Namespace) -> int:
     layout = topology.job_layout(args.job_id, tuple(args.stage or [topology.TOP_STAGE]), tuple(args.client or []))
-    amqp.declare(args.amqp_url, topology.with_replicas(layout, args.replicas), _admin_tls(args))
+    amqp.declare(args.amqp_url, _as_job_has_it(args, layout), _admin_tls(args))
     print(f"declared job {args.job_id}: {len(layout.exchanges)} exchanges, {len(layout.queues)} queues")
     return 0
+
+
+def _as_job_has_it(args: argparse.Namespace, layout: topology.Layout) -> topology.Layout:
+    """``layout`` with the job's replicas and delivery, as its parties declare it (else they could not)."""
+    return topology.with_delivery(topology.with_replicas(layout, args.replicas), args.delivery)
 
 
 def _admin_tls(args: argparse.Namespace) -> dict[str, str]:
@@ -98,7 +103,7 @@ def _add_user(args: argparse.Namespace, role: str) -> int:
         perms = access.trainer_permissions(args.job_id, stages, may_declare=args.may_declare)
         layout = topology.job_layout(args.job_id, stages)
     # The admin declares what the user may not: a client has no configure right at all.
-    amqp.declare(args.amqp_url, topology.with_replicas(layout, args.replicas), _admin_tls(args))
+    amqp.declare(args.amqp_url, _as_job_has_it(args, layout), _admin_tls(args))
     password = access.new_password()
     pw_hash = access.password_hash(password)
     api.put_user(name, pw_hash)
@@ -106,7 +111,8 @@ def _add_user(args: argparse.Namespace, role: str) -> int:
     if args.definitions_dir:
         _persist(Path(args.definitions_dir), name,
                  access.user_definitions(name, pw_hash, perms, api.vhost,
-                                         topology.client_layout(args.job_id, name) if role == "client" else None))
+                                         _as_job_has_it(args, topology.client_layout(args.job_id, name))
+                                         if role == "client" else None))
     log.info("added broker user %s (%s) for job %s", name, role, args.job_id)
     _print_credentials(args, role, name, password, stages)
     return 0
@@ -166,6 +172,8 @@ def _admin_args(p: argparse.ArgumentParser) -> None:
                         "cluster's nodes comma-separated")
     p.add_argument("--replicas", type=int, default=topology.QUORUM_REPLICAS,
                    help="replicas of each queue declared, on a cluster (x-quorum-initial-group-size)")
+    p.add_argument("--delivery", choices=("durable", "transient"), default="durable",
+                   help="the job's delivery: transient declares its forward and reply queues classic")
     p.add_argument("--admin-tls-ca", help="CA bundle to verify the broker when --amqp-url is amqps://")
     p.add_argument("--admin-tls-cert", help="the admin's client certificate, if the broker requires one")
     p.add_argument("--admin-tls-key")

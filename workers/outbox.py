@@ -25,14 +25,27 @@ from splitmq.workers.stats import Stats
 
 log = logging.getLogger(__name__)
 
+#: Answers a transient job's broker may lose: the owner's re-send of the batch brings them again.
+_RESENT_ANSWERS = frozenset({wire.Outcome.APPLIED.value, wire.Outcome.DUPLICATE.value})
+
+
+def resent_if_lost(send: Send) -> bool:
+    """A training batch, or its answer: what ``delivery = transient`` keeps only in the broker's memory
+    (the owner sends an unanswered batch again; the trainer answers again from ``answers.Answers``)."""
+    msg = send.msg
+    return (isinstance(msg, wire.Forward) and msg.train) or (
+        isinstance(msg, wire.Backward) and msg.outcome in _RESENT_ANSWERS)
+
 
 class Outbox:
     """Publishes a party's messages and keeps what their confirmations say."""
 
     def __init__(self, transport: Transport, cut_codec: codec.CutCodec, *, name: str, job_id: str,
-                 user_id: str | None, stats: Stats, clock: Callable[[], float], coalesce: int = 1) -> None:
+                 user_id: str | None, stats: Stats, clock: Callable[[], float], coalesce: int = 1,
+                 transient: bool = False) -> None:
         self.transport, self.codec, self.name, self.job_id, self.user_id = transport, cut_codec, name, job_id, user_id
         self.stats, self.clock, self.coalesce = stats, clock, coalesce
+        self.transient = transient  # delivery = transient: training batches and answers published non-persistent
         self._kept: list[tuple[Send, Future[None]]] = []  # packable sends until ``flush`` (coalesce > 1)
         self.published: list[Future[None]] = []   # every publish not yet confirmed (flushed at exit)
         self._resends: list[tuple[float, Send]] = []
@@ -76,8 +89,10 @@ class Outbox:
             msg = self.codec.outgoing(send.msg)  # the codec hook: the cut tensor as the job agreed it travels
             body, cut_samples = msg.encode(), codec.cut_samples(msg)
         self.stats.sent(len(body), cut_samples=cut_samples or 0)
+        persistent = not (self.transient and all(resent_if_lost(s) for s in parts or [send]))
         future = self.transport.publish(exchange, key, body, message_id=send.message_id or send.correlation_id,
-                                        correlation_id=send.correlation_id, reply_to=self.name, user_id=self.user_id)
+                                        correlation_id=send.correlation_id, reply_to=self.name, user_id=self.user_id,
+                                        persistent=persistent)
         for one in parts or [send]:  # a bundle refused is each of its parts refused
             future.add_done_callback(functools.partial(self._on_confirm, send=one))
         self.published = [f for f in self.published if not f.done()]

@@ -25,6 +25,7 @@ from splitmq.shared.errors import AccessRefused, BrokerError, RejectedMessage
 from splitmq.shared.transport import Delivery, Transport
 from splitmq.workers import gate, role_state
 from splitmq.workers.acks import Acks
+from splitmq.workers.answers import Answers
 from splitmq.workers.exits import ExitReason, Outages, PartyExit, Wait, WaitLog
 from splitmq.workers.held import Retries, Unjoined
 from splitmq.workers.outbox import Outbox
@@ -81,8 +82,10 @@ class Party:
         self.acks = Acks(checkpointing=opts.checkpoint_path is not None)
         self.inbox: queue.Queue[Delivery | None] = queue.Queue()  # None: wake up (see ``wake``)
         self.inbound, self.routes = routing(self.roles)
+        transient = opts.spec.get("delivery") == "transient"  # the broker may lose batches and answers
         self.outbox = Outbox(transport, self.codec, name=opts.name, job_id=opts.job_id, user_id=opts.user_id,
-                             stats=stats, clock=clock, coalesce=most)
+                             stats=stats, clock=clock, coalesce=most, transient=transient)
+        self.answers = Answers() if transient else None  # what we answered, to answer a re-sent batch again
         self.waits = WaitLog(opts.name)
         self._retries = Retries()
         self._unjoined = Unjoined()
@@ -124,6 +127,8 @@ class Party:
     def _finish(self, reason: ExitReason, detail: str) -> Outcome:
         log_at = logging.INFO if reason in (ExitReason.DONE, ExitReason.INTERRUPTED) else logging.ERROR
         log.log(log_at, "%s: exit %s: %s", self.opts.name, reason.value, detail)
+        if reason is ExitReason.DONE and self._restored and not self.transport.is_connected:
+            self._reconnect_to_finish()
         if self.transport.is_connected and self._restored:  # never overwrite a checkpoint we did not load
             try:
                 self._checkpoint(final=True)
@@ -144,6 +149,17 @@ class Party:
             elif role.summary():
                 summary[role.name] = role.summary()
         return Outcome(reason, detail, summary)
+
+    def _reconnect_to_finish(self) -> None:
+        """Done while the broker is away: wait for it (logged, ``broker_timeout_s``) so that our last messages
+        (a bye, the answers a checkpoint covers) still reach the peers waiting for them."""
+        try:
+            self._wait_until(lambda: self.transport.is_connected,
+                             lambda: f"the broker to come back, to deliver our last messages ({self.transport.status()})",
+                             self.opts.broker_timeout_s, ExitReason.BROKER_UNAVAILABLE,
+                             "start it (deploy/broker.sh start); our peers wait for our last messages")
+        except PartyExit as exc:
+            log.warning("%s: finishing without our last messages delivered: %s", self.opts.name, exc.detail)
 
     def _restore(self) -> None:
         path = self.opts.checkpoint_path
@@ -288,11 +304,13 @@ class Party:
         self._apply(step, delivery, role)
 
     def _repeat(self, inc: Incoming, delivery: Delivery, key: tuple[str, int]) -> None:
-        """A batch applied before: answer a forward with where it stands; drop a repeated answer."""
+        """A batch applied before: answer a forward with where it stands (a transient job's broker may have
+        lost our answer: the same answer again, while kept); drop a repeated answer."""
         self.stats.duplicate()
         if inc.source is Source.FORWARD and inc.reply_to:
-            answer = wire.Backward(job_id=self.opts.job_id, client_id=key[0], seq=key[1],
-                                   outcome=wire.Outcome.DUPLICATE.value)
+            kept = self.answers.get(*key) if self.answers is not None else None
+            answer = kept or wire.Backward(job_id=self.opts.job_id, client_id=key[0], seq=key[1],
+                                           outcome=wire.Outcome.DUPLICATE.value)
             self._apply(Step(sends=[Send(ToParty(inc.reply_to), answer, inc.correlation_id)], durable=False),
                         delivery, None)
         else:
@@ -346,6 +364,8 @@ class Party:
             assert role is not None and role.ledger is not None, f"{role} applies batches but keeps no ledger"
             for client, seq in step.applied:
                 role.ledger.add(client, seq)
+            if self.answers is not None:
+                self.answers.keep(step)
         if delivery is not None:
             if step.hold is not None:
                 self.acks.hold(step.hold, delivery)

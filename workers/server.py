@@ -114,7 +114,7 @@ def build(cfg: JobConfig, opts: ServerOptions, stats: Stats) -> tuple[list[Role]
     layout = topology.job_layout(job, stages=(stage_name, *following_queue),
                                  parties=_reply_queues(cfg, stage_name, last),
                                  serving=(stage_name,) if opts.serve or opts.serve_forever else ())
-    layout = topology.with_replicas(layout, cfg.replicas)
+    layout = topology.with_delivery(topology.with_replicas(layout, cfg.replicas), cfg.delivery.value)
     upstream = frozenset({cfg.stages[position - 2]}) if position > 1 else frozenset()
     loop = LoopOptions(name=stage_name, job_id=job, spec=cfg.agreed(), primary=serving.name,
                        standby=opts.standby, in_use_hint=_in_use_hint(cfg, stage_name),

@@ -7,12 +7,13 @@ name and ``--client-index`` must agree.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
 from splitmq.shared import checkpoint, data, defaults, schedule, topology
 from splitmq.shared.broker import Broker
-from splitmq.shared.config import Align, JobConfig, LabelSource
+from splitmq.shared.config import Align, Delivery, JobConfig, LabelSource
 from splitmq.shared.errors import ConfigError
 from splitmq.shared.ledger import Ledger
 from splitmq.shared.metrics import Metrics
@@ -96,7 +97,7 @@ def build(cfg: JobConfig, opts: WorkerOptions, stats: Stats) -> tuple[list[Role]
     bottom = BottomRole(stage, cfg=cfg, me=me, index=index, samples=samples, dest=dest,
                         reply_queue=topology.reply_queue(job, me), ledger=ledger, stats=stats, spec=spec, sync=sync,
                         evaluate=opts.evaluate, send_labels=cfg.label_source is LabelSource.BATCH and not cfg.u_shaped,
-                        order_seed=cfg.seed if cfg.vertical_parts else cfg.seed + index, timeouts=opts.timeouts,
+                        order_seed=cfg.seed if cfg.vertical_parts else cfg.seed + index, timeouts=_timeouts(cfg, opts),
                         local_scores=(lambda: head.last_scores) if head is not None else None, aligned=not psi)
     stage.schedule = schedule.make(cfg.lr_schedule.value, lambda: bottom.total)  # known once aligned
     roles.insert(0, bottom)
@@ -107,10 +108,19 @@ def build(cfg: JobConfig, opts: WorkerOptions, stats: Stats) -> tuple[list[Role]
     loop = LoopOptions(name=me, job_id=job, spec={**cfg.agreed(), "client_id": me}, primary="bottom",
                        checkpoint_path=checkpoint.path_for(opts.checkpoint_dir, me) if opts.checkpoint_dir else None,
                        checkpoint_every=cfg.checkpoint_every, rules=gate.GateRules(job_id=job, upstream=upstream),
-                       layout=topology.with_replicas(topology.job_layout(job, stages=tuple(queues), parties=(me,)),
-                                                     cfg.replicas),
+                       layout=topology.with_delivery(topology.with_replicas(
+                           topology.job_layout(job, stages=tuple(queues), parties=(me,)), cfg.replicas),
+                           cfg.delivery.value),
                        on_exit=_keeper(cfg, me, opts.run_dir, stage, head))
     return roles, loop
+
+
+def _timeouts(cfg: JobConfig, opts: WorkerOptions) -> OwnerTimeouts:
+    """A transient job's broker may lose a batch or its answer: an unanswered batch goes again soon."""
+    if cfg.delivery is not Delivery.TRANSIENT:
+        return opts.timeouts
+    return dataclasses.replace(opts.timeouts, resend_after_s=min(opts.timeouts.resend_after_s,
+                                                                 defaults.TRANSIENT_RESEND_AFTER_S))
 
 
 def _keeper(cfg: JobConfig, me: str, run_dir: str | None, bottom: Stage, head: TopRole | None) -> Any:

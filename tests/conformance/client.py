@@ -29,7 +29,7 @@ DEFAULT_SPEC: dict[str, Any] = {
     "seed": 0, "num_clients": 1, "bottom_sync": "average", "sync_every": 1, "label_source": "batch",
     "vertical_parts": 0, "combine": "concat", "align": "none", "privacy": "off", "bottleneck": 0, "shards": 1,
     "compress_activations": "none", "compress_gradients": "none", "topk_fraction": 0.1, "topk_feedback": False,
-    "coalesce": 4,
+    "delivery": "durable", "coalesce": 4,
 }
 #: §4 dtype names -> numpy dtypes, little-endian on the wire.
 DTYPES = {"float32": "<f4", "float16": "<f2", "float64": "<f8", "int64": "<i8", "int32": "<i4", "int16": "<i2", "int8": "i1",

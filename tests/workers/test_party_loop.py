@@ -266,6 +266,7 @@ def test_a_broker_outage_counts_against_no_deadline_of_a_role() -> None:
     turns()
     # When the broker blocks our publishes at t=1 and 100 s pass before it takes them again
     t[0] = 1.0
+    turns()  # the loop reads t=1 before it sees the block (a turn that read t=0 must not see it)
     transport.blocked_by = "low on disk on a node"
     turns()
     t[0] = 101.0

@@ -16,7 +16,7 @@ from typing import Any, Callable
 
 import torch
 from splitmq.shared import data, topology, validate, wire
-from splitmq.shared.config import JobConfig
+from splitmq.shared.config import Delivery, JobConfig
 from splitmq.shared.errors import RejectedMessage
 from splitmq.shared.ledger import Ledger
 from splitmq.shared.privacy import ActivationCollapse
@@ -169,6 +169,8 @@ class BottomRole(Role):
             self.stats.skipped("party_timeout")
             return Step(applied=[(self.me, seq)])
         if batch is None:  # answered before we re-sent it (we restarted): apply it when we get there
+            if seq in self.early:  # answered twice (we sent it twice): the answer we hold will do
+                return Step(durable=False)
             self.early[seq] = msg
             return Step(hold=("early", seq))
         return self._apply(seq, batch, msg)
@@ -347,7 +349,9 @@ class BottomRole(Role):
         hint = (f"is `splitmq server` running for job {self.cfg.job_id}? Running this worker again resumes "
                 "where it stopped")
         out = owner_waits.waits(self.requests.values(), self.in_flight.values(), dest=self.dest,
-                                timeouts=self.timeouts, hint=hint, now=now)
+                                timeouts=self.timeouts, hint=hint, now=now,
+                                state_hint=owner_waits.TRANSIENT_STATE_HINT
+                                if self.cfg.delivery == Delivery.TRANSIENT else owner_waits.STATE_HINT)
         if self.joined and not self.aligned:
             out.append(Wait(f"the sample ids we share with the other parties, from {self.dest}", self.started,
                             self.timeouts.join_s, ExitReason.PEER_SILENT, hint))

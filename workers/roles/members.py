@@ -153,6 +153,8 @@ class JoinDesk(Role):
         self.last_heard = clock()
         self.pending: dict[str, Incoming] = {}   # hellos passed on, by the correlation id we gave them
         self.fatal: PartyExit | None = None
+        #: Owners' batches a transient job lost here (applied by the owner, not in our ledger), by owner.
+        self.lost: dict[str, list[int]] = {}
 
     def use_clock(self, clock: Callable[[], float]) -> None:
         """The members' last message is timed on our clock too: the idle deadline compares the two."""
@@ -225,10 +227,24 @@ class JoinDesk(Role):
         member.done = member.done or msg.completed
         log.info("%s: %s left after %d batches (%s)", self.stage, member.name, msg.seq,
                  "completed" if msg.completed else msg.reason or "not completed")
+        if msg.completed and self.members.spec.get("delivery") == "transient":
+            self._check_complete(member.name, msg.seq)
         if self.next_stage is None:
             return Step()
         return Step(sends=[Send(ToStage(self.next_stage(member.name)), msg,
                                 topology.relay_id(inc.correlation_id, self.stage))])
+
+    def _check_complete(self, name: str, batches: int) -> None:
+        """A transient job loses the update of a batch this stage applied but had not checkpointed when it
+        crashed while the broker restarted (the batch, waiting for its redelivery, was lost with the
+        broker's memory; its owner had its answer). Say so: the owner applied ``batches``, we fewer."""
+        if self.applied.count(name) >= batches:
+            return
+        lost = [seq for seq in range(batches) if not self.applied.applied(name, seq)]
+        self.lost[name] = lost
+        log.error("%s: %s applied %d batches, this stage %d: the updates of batches %s are lost (delivery = "
+                  "transient: this stage restarted from its checkpoint while the broker lost their redelivery)",
+                  self.stage, name, batches, batches - len(lost), lost[:20])
 
     def waits(self, now: float) -> list[Wait]:
         if self.serve_forever:
@@ -244,6 +260,11 @@ class JoinDesk(Role):
         if self.fatal is not None:
             return self.fatal
         if not self.serve_forever and self.members.all_done():
+            if self.lost:
+                return PartyExit(ExitReason.STATE_MISMATCH, "every data owner finished, but the updates of "
+                                 + "; ".join(f"{n}'s batches {seqs[:20]}" for n, seqs in self.lost.items())
+                                 + " are lost here (delivery = transient, this stage and the broker restarted "
+                                   "together): the trained weights lack them; use delivery = durable to rule it out")
             return PartyExit(ExitReason.DONE, f"all {len(self.members.expected)} data owner(s) finished")
         return None
 

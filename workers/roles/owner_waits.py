@@ -49,8 +49,14 @@ STATE_HINT = ("this worker's state is older than the gradients it acknowledged: 
               "new --job-id")
 
 
+#: The same exit in a ``delivery = transient`` job, where a second cause is likelier than the first.
+TRANSIENT_STATE_HINT = ("delivery = transient: the broker lost this batch's answer while the trainer restarted "
+                        "(it keeps answers in memory only; docs/guarantees.md); or " + STATE_HINT[0].lower()
+                        + STATE_HINT[1:] + "; delivery = durable rules out the first")
+
+
 def waits(requests: Iterable[Request], in_flight: Iterable[InFlight], *, dest: str, timeouts: OwnerTimeouts,
-          hint: str, now: float) -> list[Wait]:
+          hint: str, now: float, state_hint: str = STATE_HINT) -> list[Wait]:
     """The owner's waits on ``dest``: each request, the oldest batch in flight, the oldest repeat."""
     batches = list(in_flight)
     out = [Wait(r.what, r.since, r.deadline_s, ExitReason.PEER_SILENT, hint) for r in requests]
@@ -62,5 +68,5 @@ def waits(requests: Iterable[Request], in_flight: Iterable[InFlight], *, dest: s
     if repeats:
         b = min(repeats, key=lambda d: d.duplicate_at or 0.0)
         out.append(Wait(f"the gradient of batch {b.msg.seq}, which {dest} applied before (it must be in our reply "
-                        "queue)", b.duplicate_at or now, timeouts.duplicate_s, ExitReason.STATE_MISMATCH, STATE_HINT))
+                        "queue)", b.duplicate_at or now, timeouts.duplicate_s, ExitReason.STATE_MISMATCH, state_hint))
     return out
