@@ -39,7 +39,8 @@ def run(*, quick: bool, workdir: Path, in_flight: int = 4, repeats: int = 2,
                 spec = jobs.JobSpec(model="mlp", clients=1, in_flight=in_flight, epochs=epochs, dataset=data,
                                     options=("--coalesce", str(most)))
                 log(f"bench coalesce: coalesce {most}, K={in_flight}, run {attempt + 1}")
-                row = cpujobs.run(spec, workdir, url=broker.url, broker_pid=broker.pid)
+                row = node.on_fresh_wal(broker, lambda: cpujobs.run(spec, workdir, url=broker.url,
+                                                                    broker_pid=broker.pid))
                 rows.append({"coalesce": most, "run": attempt + 1,
                              "messages_per_sample": row["worker_messages"] / (row["samples"] or float("nan")),
                              **cpujobs.figures(row)})

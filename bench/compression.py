@@ -44,7 +44,8 @@ def run(*, quick: bool, workdir: Path, in_flight: int = 4, log: Callable[[str], 
             log(f"bench compression: activations {acts}, gradients {grads}, pika reads {recv} B, K={in_flight}")
             os.environ[io_tuning.RECV_BYTES_ENV] = str(recv)  # the parties' environment (bench.common.thread_env)
             try:
-                row = cpujobs.run(spec, workdir, url=broker.url, broker_pid=broker.pid)
+                row = node.on_fresh_wal(broker, lambda: cpujobs.run(spec, workdir, url=broker.url,
+                                                                    broker_pid=broker.pid))
             finally:
                 del os.environ[io_tuning.RECV_BYTES_ENV]
             rows.append({"activations": acts, "gradients": grads, "pika_recv_bytes": recv, **cpujobs.figures(row)})

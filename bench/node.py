@@ -12,7 +12,7 @@ import os
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Callable, Iterator
 
 #: The benchmark node's name and ports (the tests use 5690 and 5831-5833).
 NODE = {"NODE": "bench", "AMQP_PORT": "5750", "MGMT_PORT": "15750", "PROM_PORT": "15752"}
@@ -63,6 +63,40 @@ def own_node() -> Iterator[Node]:
     finally:
         if not running:
             _run("stop")
+
+
+def _wal_dir() -> Path:
+    name = f"{NODE['NODE']}@localhost"
+    return STATE_ROOT / f"broker-{NODE['NODE']}" / "mnesia" / name / "quorum" / name
+
+
+def wal_number() -> int | None:
+    """The number of the benchmark node's current quorum-queue write-ahead log file (None: not ours,
+    or not found). It grows by one at each rollover (every 512 MiB written, RabbitMQ's default)."""
+    numbers = [int(p.stem) for p in _wal_dir().glob("*.wal") if p.stem.isdigit()]
+    return max(numbers) if numbers else None
+
+
+def roll_wal(n: Node) -> bool:
+    """Start a fresh write-ahead log on the benchmark's node, so that a row that writes less than
+    512 MiB pays no rollover (a rollover's burst of the broker's CPU nearly doubles the figure of
+    a row it falls in: docs/benchmarks.md). False where it could not (not our node)."""
+    if n.pid is None:
+        return False
+    done = subprocess.run(["rabbitmqctl", "-n", f"{NODE['NODE']}@localhost", "eval",
+                           "ra_log_wal:force_roll_over(ra_log_wal)."], capture_output=True, timeout=120)
+    return done.returncode == 0
+
+
+def on_fresh_wal(n: Node, measure: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """``measure()`` on a fresh write-ahead log (no benchmark row writes 512 MiB), with the
+    rollovers that still fell inside it (``wal_rollovers``; None where the log is not ours to see)."""
+    fresh = roll_wal(n)
+    before = wal_number() if fresh else None
+    row = measure()
+    after = wal_number() if fresh else None
+    row["wal_rollovers"] = after - before if before is not None and after is not None else None
+    return row
 
 
 def _answers() -> bool:

@@ -139,8 +139,8 @@ class Broker:
         it: the message is sent again after the reconnect.
         """
         props = pika.BasicProperties(
-            delivery_mode=2 if persistent else 1, message_id=message_id, correlation_id=correlation_id, reply_to=reply_to,
-            user_id=user_id, headers=dict(headers or {}), content_type="application/msgpack")
+            delivery_mode=2 if persistent else 1, message_id=message_id, correlation_id=correlation_id,
+            reply_to=reply_to, user_id=user_id, headers=dict(headers or {}), content_type="application/msgpack")
         out = _Outgoing(exchange, routing_key, body, props, Future())
         self._call(lambda: self._send(out))
         return out.future

@@ -152,7 +152,7 @@ def test_a_network_cut_mid_run_is_survived_with_the_same_result(
         delete_job(job, "http://guest:guest@localhost:15691")
 
 
-def test_a_transient_job_sends_again_what_broker_restarts_lost_and_ends_as_local_training(
+def test_a_transient_job_whose_broker_restart_lost_an_answer_ends_as_local_training(
         restart_node: str, tmp_path: Path, parties: list[Party]) -> None:
     # Given a synchronous job whose batches and answers live only in the broker's memory (delivery = transient)
     job = "transient" + os.urandom(4).hex()
@@ -160,27 +160,19 @@ def test_a_transient_job_sends_again_what_broker_restarts_lost_and_ends_as_local
     jobf = job_file(cfg, tmp_path)
     server, client = server_party(tmp_path, jobf, restart_node), worker_party(tmp_path, jobf, restart_node, 0, "--no-eval")
     parties += [server.start(), client.start()]
-    forward_q, reply_q = topology.forward_queue(job, "top"), topology.reply_queue(job, "client-0")
     try:
-        # When the broker restarts while a batch waits in the trainer's queue (the trainer stopped)
-        wait_for(lambda: client.applied("worker") >= 20, "worker progress 20")
-        assert server.stop() == 130, server.tail()
-        wait_for(lambda: queue_depth(restart_node, forward_q) >= 1, "a batch waiting for the stopped trainer")
-        node("stop")
-        node("start")
-        server.start()
-        # and again while an answer waits in the owner's queue (the owner stopped mid-epoch, a batch in flight)
+        # When the broker node restarts while an answer waits in the queue of an owner stopped mid-epoch
         wait_for(lambda: client.applied("worker") >= BATCHES // 2 + 10, "worker progress into its second epoch")
         assert client.stop() == 130, client.tail()
-        wait_for(lambda: queue_depth(restart_node, reply_q) >= 1, "an answer waiting for the stopped owner")
+        wait_for(lambda: queue_depth(restart_node, topology.reply_queue(job, "client-0")) >= 1,
+                 "an answer waiting for the stopped owner")
         node("stop")
         node("start")
         client.start()
-        # Then the owner sent the lost batch again, the trainer answered the re-created one with the answer
-        # it had kept, and each batch was applied exactly once on each side: as uninterrupted local training
+        # Then the owner, restarted, sends that batch again, the trainer answers it with the answer it kept
+        # (the only copy left), and each batch is applied exactly once on each side: as local training
         assert client.wait() == 0, client.tail()
         assert server.wait() == 0, server.tail()
-        assert "sending it again" in client.log.read_text()
         top, bottom = assert_exactly_once(tmp_path, BATCHES)
         assert_equal_to_local(cfg, top, bottom)
     finally:

@@ -155,7 +155,8 @@ class Party:
         (a bye, the answers a checkpoint covers) still reach the peers waiting for them."""
         try:
             self._wait_until(lambda: self.transport.is_connected,
-                             lambda: f"the broker to come back, to deliver our last messages ({self.transport.status()})",
+                             lambda: f"the broker to come back, to deliver our last messages "
+                                     f"({self.transport.status()})",
                              self.opts.broker_timeout_s, ExitReason.BROKER_UNAVAILABLE,
                              "start it (deploy/broker.sh start); our peers wait for our last messages")
         except PartyExit as exc:
