@@ -322,3 +322,17 @@ def test_persisted_users_carry_only_a_password_hash(
                 "--definitions-dir", str(tmp_path))
     # And removing the client removes its file
     assert not (tmp_path / f"user-{name}.json").exists()
+
+
+def test_setup_declares_a_transient_jobs_queues_as_its_parties_expect_them(
+        job_id: str, amqp_url: str, capsys: pytest.CaptureFixture[str]) -> None:
+    # Given an operator declaring a transient job's queues for least-privilege parties
+    code, out = splitmq(capsys, "broker", "setup", "--job-id", job_id, "--client", "client-0",
+                        "--delivery", "transient")
+    assert code == 0, out
+    # Then its parties' own declaration (classic forward and reply queues) agrees with them
+    layout = topology.with_replicas(topology.job_layout(job_id, parties=("client-0",)), topology.QUORUM_REPLICAS)
+    amqp.declare(amqp_url, topology.with_delivery(layout, "transient"))
+    # and a durable job's would not (RabbitMQ refuses to redeclare a queue with other arguments)
+    with pytest.raises(BrokerError, match="inequivalent arg"):
+        amqp.declare(amqp_url, layout)
