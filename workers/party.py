@@ -376,7 +376,11 @@ class Party:
             held = self.acks.release(key)
             if held is not None:
                 self.acks.finish(held, futures, durable=True)
-        self._checkpoint_asked = self._checkpoint_asked or step.checkpoint
+        # A batch the broker redelivered (its consumer died first) is checkpointed at the end of this turn:
+        # RabbitMQ dead-letters a forward returned DELIVERY_LIMIT times, and a trainer killed that often
+        # between two checkpoints would otherwise lose the update of a batch whose answer its owner has.
+        redelivered = bool(step.applied) and delivery is not None and delivery.redelivered
+        self._checkpoint_asked = self._checkpoint_asked or step.checkpoint or redelivered
 
     # ---- durability -------------------------------------------------------------------------
 

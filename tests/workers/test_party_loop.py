@@ -301,3 +301,25 @@ def test_a_second_party_of_the_same_name_is_refused() -> None:
     outcome = second.wait()
     assert outcome.reason is ExitReason.NAME_IN_USE and "another party named 'top'" in outcome.detail
     first.finish()
+
+
+def test_a_redelivered_batch_is_checkpointed_in_the_turn_that_applies_it(tmp_path: Any) -> None:
+    # Given a trainer that checkpoints every 1000 messages (or when idle, or after 5 s)
+    from splitmq.shared.transport import Delivery
+    from splitmq.workers import server
+    from splitmq.workers.party import Party
+    cfg = dataclasses.replace(CFG, checkpoint_every=1000)
+    roles, loop = server.build(cfg, server.ServerOptions(checkpoint_dir=str(tmp_path)), Stats())
+    party = Party(roles, StubBroker().connect("top"), loop, stats=Stats())
+    top = next(r for r in roles if r.ledger is not None)
+
+    def applying(seq: int, redelivered: bool) -> None:
+        party._apply(Step(applied=[("client-0", seq)]), Delivery(topology.forward_queue(CFG.job_id), b"", seq, 0,
+                                                                  redelivered, None, None, None, None), top)
+    # When a batch delivered for the first time is applied, no checkpoint is asked for at once
+    applying(0, redelivered=False)
+    assert not party._checkpoint_asked
+    # But when one the broker redelivered (its consumer died first) is, the turn ends with a checkpoint:
+    # a trainer killed DELIVERY_LIMIT times before one would have it dead-lettered, its update lost
+    applying(1, redelivered=True)
+    assert party._checkpoint_asked

@@ -136,6 +136,11 @@ class Members:
         self.by_name = {m["name"]: Member(**m) for m in state.get("members", [])}
 
 
+def _applies_every_batch(spec: dict[str, Any]) -> bool:
+    """Whether this job's one trainer applies each batch its owners apply (no chain, vertical parts or shards)."""
+    return len(spec.get("stages") or ()) == 1 and not spec.get("vertical_parts") and int(spec.get("shards", 1)) == 1
+
+
 class JoinDesk(Role):
     """Answers hellos and byes at a stage; ends the stage when every owner is done."""
 
@@ -227,7 +232,7 @@ class JoinDesk(Role):
         member.done = member.done or msg.completed
         log.info("%s: %s left after %d batches (%s)", self.stage, member.name, msg.seq,
                  "completed" if msg.completed else msg.reason or "not completed")
-        if msg.completed and self.members.spec.get("delivery") == "transient":
+        if msg.completed and _applies_every_batch(self.members.spec):
             self._check_complete(member.name, msg.seq)
         if self.next_stage is None:
             return Step()
@@ -235,15 +240,19 @@ class JoinDesk(Role):
                                 topology.relay_id(inc.correlation_id, self.stage))])
 
     def _check_complete(self, name: str, batches: int) -> None:
-        """A transient job loses the update of a batch this stage applied but had not checkpointed when it
-        crashed while the broker restarted (the batch, waiting for its redelivery, was lost with the
-        broker's memory; its owner had its answer). Say so: the owner applied ``batches``, we fewer."""
+        """An owner applied ``batches``; if this stage applied fewer, their updates are lost here, never silently.
+
+        It happens only when this stage restarted from a checkpoint without a batch it had answered and
+        the batch's redelivery was lost too: with ``delivery = transient``, a broker restart at the same
+        time; with ``durable``, the broker dead-lettering a forward after ``DELIVERY_LIMIT`` returns
+        (the loop checkpoints a redelivered batch in the turn that applies it, so that takes the
+        trainer dying that often within one turn)."""
         if self.applied.count(name) >= batches:
             return
         lost = [seq for seq in range(batches) if not self.applied.applied(name, seq)]
         self.lost[name] = lost
-        log.error("%s: %s applied %d batches, this stage %d: the updates of batches %s are lost (delivery = "
-                  "transient: this stage restarted from its checkpoint while the broker lost their redelivery)",
+        log.error("%s: %s applied %d batches, this stage %d: the updates of batches %s are lost (this stage "
+                  "restarted from a checkpoint without them, and their redelivery was lost)",
                   self.stage, name, batches, batches - len(lost), lost[:20])
 
     def waits(self, now: float) -> list[Wait]:
@@ -263,8 +272,8 @@ class JoinDesk(Role):
             if self.lost:
                 return PartyExit(ExitReason.STATE_MISMATCH, "every data owner finished, but the updates of "
                                  + "; ".join(f"{n}'s batches {seqs[:20]}" for n, seqs in self.lost.items())
-                                 + " are lost here (delivery = transient, this stage and the broker restarted "
-                                   "together): the trained weights lack them; use delivery = durable to rule it out")
+                                 + " are lost here (this stage restarted from a checkpoint without them and their "
+                                   "redelivery was lost: docs/guarantees.md): the trained weights lack them")
             return PartyExit(ExitReason.DONE, f"all {len(self.members.expected)} data owner(s) finished")
         return None
 
