@@ -252,7 +252,7 @@ class JoinDesk(Role):
         lost = [seq for seq in range(batches) if not self.applied.applied(name, seq)]
         self.lost[name] = lost
         log.error("%s: %s applied %d batches, this stage %d: the updates of batches %s are lost (this stage "
-                  "restarted from a checkpoint without them, and their redelivery was lost)",
+                  "restarted without them, from an older checkpoint or none, and their redelivery was lost)",
                   self.stage, name, batches, batches - len(lost), lost[:20])
 
     def waits(self, now: float) -> list[Wait]:
@@ -272,8 +272,9 @@ class JoinDesk(Role):
             if self.lost:
                 return PartyExit(ExitReason.STATE_MISMATCH, "every data owner finished, but the updates of "
                                  + "; ".join(f"{n}'s batches {seqs[:20]}" for n, seqs in self.lost.items())
-                                 + " are lost here (this stage restarted from a checkpoint without them and their "
-                                   "redelivery was lost: docs/guarantees.md): the trained weights lack them")
+                                 + " are lost here (this stage restarted without them, from an older checkpoint or "
+                                   "none, and their redelivery was lost: docs/guarantees.md): the trained weights "
+                                   "lack them")
             return PartyExit(ExitReason.DONE, f"all {len(self.members.expected)} data owner(s) finished")
         return None
 
