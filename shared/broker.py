@@ -128,11 +128,9 @@ class Broker:
         self._call(add)
 
     def publish(self, exchange: str, routing_key: str, body: bytes, *, message_id: str,
-                correlation_id: str | None = None, reply_to: str | None = None,
-                user_id: str | None = None, headers: Mapping[str, Any] | None = None,
-                persistent: bool = True) -> Future[None]:
-        """Queue a mandatory publish (persistent unless ``persistent`` is off: a transient job's batches
-        and answers); the Future resolves when the broker confirms it.
+                correlation_id: str | None = None, reply_to: str | None = None, user_id: str | None = None,
+                headers: Mapping[str, Any] | None = None, persistent: bool = True) -> Future[None]:
+        """Queue a mandatory publish, persistent unless told; the Future resolves when the broker confirms it.
 
         The Future fails with ``Unroutable`` (no queue bound), ``PublishNacked`` (refused for
         ``NACK_RETRY_S``) or ``BrokerError`` (fatal refusal). A lost connection does not fail
