@@ -13,6 +13,8 @@ definitions``) and a test checks the two agree.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -266,6 +268,8 @@ class Exchange:
 class Queue:
     name: str
     arguments: dict[str, Any] = field(default_factory=dict)
+    #: Carries training traffic (a stage's forwards, a party's answers): what ``delivery = transient`` makes classic.
+    training: bool = False
 
 
 @dataclass(frozen=True)
@@ -296,10 +300,10 @@ def job_layout(job: str, stages: tuple[str, ...] = (TOP_STAGE,), parties: tuple[
     queues = [Queue(dead_letter_queue(job), dead_letter_queue_arguments())]
     bindings = [Binding(dead_letter_exchange(job), dead_letter_queue(job), "")]
     for stage in stages:
-        queues.append(Queue(forward_queue(job, stage), forward_queue_arguments(job)))
+        queues.append(Queue(forward_queue(job, stage), forward_queue_arguments(job), training=True))
         bindings.append(Binding(activations_exchange(job), forward_queue(job, stage), forward_binding(stage)))
     for party in parties:
-        queues.append(Queue(reply_queue(job, party), reply_queue_arguments(job)))
+        queues.append(Queue(reply_queue(job, party), reply_queue_arguments(job), training=True))
         bindings.append(Binding(gradients_exchange(job), reply_queue(job, party), reply_routing_key(party)))
     for name in serving:
         queues += [Queue(serve_queue(job, name), forward_queue_arguments(job)),
@@ -313,7 +317,7 @@ def with_replicas(layout: Layout, replicas: int) -> Layout:
     """``layout`` with ``replicas`` replicas for each of its quorum queues (the job's ``replicas``)."""
     if replicas < 1:
         raise ValueError(f"replicas must be >= 1, got {replicas}")
-    queues = tuple(Queue(q.name, {**q.arguments, REPLICAS_ARGUMENT: replicas})
+    queues = tuple(dataclasses.replace(q, arguments={**q.arguments, REPLICAS_ARGUMENT: replicas})
                    if q.arguments.get("x-queue-type") == "quorum" else q for q in layout.queues)
     return Layout(layout.exchanges, queues, layout.bindings)
 
@@ -330,9 +334,8 @@ def with_delivery(layout: Layout, delivery: str) -> Layout:
         return layout
     if delivery != "transient":
         raise ValueError(f"delivery must be durable or transient, got {delivery!r}")
-    queues = tuple(q if q.name.split(".")[2] not in ("forward", "reply") else  # splitmq.<job>.<kind>.<name>
-                   Queue(q.name, {**{k: v for k, v in q.arguments.items() if k not in _QUORUM_ONLY},
-                                  "x-queue-type": "classic"})
+    queues = tuple(dataclasses.replace(q, arguments={**{k: v for k, v in q.arguments.items() if k not in _QUORUM_ONLY},
+                                                     "x-queue-type": "classic"}) if q.training else q
                    for q in layout.queues)
     return Layout(layout.exchanges, queues, layout.bindings)
 

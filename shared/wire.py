@@ -17,6 +17,7 @@ from typing import Any, ClassVar, TypeVar, Union, cast
 import msgpack
 import torch
 
+from splitmq.shared import packing
 from splitmq.shared.errors import DecodeError
 from splitmq.shared.tensors import decode_tensor, encode_tensor
 
@@ -83,7 +84,11 @@ class Message:
     created_at: float = field(default_factory=time.time)
 
     def encode(self) -> bytes:
-        """Serialise to msgpack bytes (see docs/protocol.md)."""
+        """Serialise to msgpack bytes (see docs/protocol.md), each tensor's bytes copied once."""
+        return packing.packb(self.as_map(), binaries=_BINARY_FIELDS)
+
+    def as_map(self) -> dict[str, Any]:
+        """The msgpack map this message travels as (tensors' data as buffers of their own memory)."""
         header: dict[str, Any] = {"schema": SCHEMA_VERSION, "kind": self.kind.value}
         tensors: dict[str, Any] = {}
         for name in _FIELD_NAMES[type(self)]:
@@ -98,8 +103,7 @@ class Message:
             else:
                 header[name] = value
         header["tensors"] = tensors
-        body: bytes = msgpack.packb(header, use_bin_type=True)
-        return body
+        return header
 
     def copy(self: _M, **changes: Any) -> _M:
         """A new message with some fields changed; messages are never mutated."""
@@ -303,6 +307,8 @@ _SCALAR_TYPES: dict[str, tuple[type, ...]] = {
     "request_id": (str,), "deadline": (float, int), "segment": (int,), "parts": (list,),
 }
 _MAP_FIELDS = ("spec", "facts", "metrics")
+#: Where a message's large binaries lie: its tensors' data, a bundle's encoded parts.
+_BINARY_FIELDS = frozenset({"tensors", "parts"})
 _SPEC_VALUE_TYPES = (str, int, float, bool)
 _OUTCOMES = frozenset(o.value for o in Outcome)
 _SERVED = frozenset(o.value for o in Served)

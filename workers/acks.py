@@ -77,8 +77,10 @@ class Acks:
 
     @property
     def pending_checkpoint(self) -> int:
-        """Deliveries waiting for a checkpoint (the checkpoint rule counts these)."""
-        return len(self._awaiting_checkpoint) + sum(1 for f in self._finishing if f.durable)
+        """The broker's deliveries waiting for a checkpoint, a bundle once (the checkpoint rule counts these:
+        ``checkpoint_every`` counts messages, as the broker holds them unacked)."""
+        waiting = self._awaiting_checkpoint + [f.delivery for f in self._finishing if f.durable]
+        return len({id(self._parts.whole(d)) for d in waiting})
 
     def __len__(self) -> int:
         return len(self.held) + len(self._finishing) + len(self._awaiting_checkpoint)

@@ -12,6 +12,8 @@ answer, and its owner then exits ``state_mismatch``, naming the batch (docs/guar
 """
 from __future__ import annotations
 
+import heapq
+
 from splitmq.shared import defaults, wire
 from splitmq.workers.roles.base import Send, Step
 
@@ -22,6 +24,7 @@ class Answers:
     def __init__(self, kept: int = defaults.ANSWERS_KEPT) -> None:
         self.kept = kept
         self._of: dict[str, dict[int, Send]] = {}
+        self._seqs: dict[str, list[int]] = {}  # per owner, the kept seqs as a heap: the oldest leaves first
 
     def keep(self, step: Step) -> None:
         """Keep the ``applied`` answers ``step`` sends for the batches it applies."""
@@ -31,9 +34,11 @@ class Answers:
             if isinstance(msg, wire.Backward) and msg.outcome == wire.Outcome.APPLIED.value \
                     and (msg.client_id, msg.seq) in applied:
                 answers = self._of.setdefault(msg.client_id, {})
+                if msg.seq not in answers:
+                    heapq.heappush(self._seqs.setdefault(msg.client_id, []), msg.seq)
                 answers[msg.seq] = send
                 if len(answers) > self.kept:
-                    del answers[min(answers)]
+                    del answers[heapq.heappop(self._seqs[msg.client_id])]
 
     def get(self, client: str, seq: int) -> wire.Backward | None:
         """The answer sent for batch ``seq`` of ``client``, if still kept."""

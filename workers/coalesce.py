@@ -81,6 +81,11 @@ class Parts:
         for part in parts:
             self._of[id(part)] = (part, group)
 
+    def whole(self, part: Delivery) -> Delivery:
+        """The broker's delivery ``part`` came in: its bundle's, or itself."""
+        entry = self._of.get(id(part))
+        return part if entry is None else entry[1].delivery
+
     def settled(self, deliveries: Iterable[Delivery]) -> list[Delivery]:
         """Of these settled deliveries, the broker's deliveries to ack now (a bundle once all its parts are)."""
         out: list[Delivery] = []

@@ -115,6 +115,23 @@ def test_a_bundle_is_acked_only_once_every_part_is_settled() -> None:
     assert early == [] and acks.ready() == [whole]
 
 
+def test_the_checkpoint_rule_counts_a_bundle_once_as_the_broker_holds_it() -> None:
+    # Given a checkpointing party with a bundle of four parts and one message that came alone
+    acks = Acks(checkpointing=True)
+    whole = Delivery("q", b"all", 7, 1, False, "m", "c", "client-0", None)
+    parts = [Delivery("q", bytes([i]), 7, 1, False, f"m{i}", f"c{i}", "client-0", None) for i in range(4)]
+    alone = Delivery("q", b"one", 8, 1, False, "a", "a", "client-0", None)
+    acks.split(whole, parts)
+    # When every part and the lone message are applied and confirmed, awaiting a checkpoint
+    for d in [*parts, alone]:
+        acks.finish(d, [], durable=True)
+    acks.ready()
+    # Then two messages wait for it (``checkpoint_every`` counts the broker's messages), and the
+    # checkpoint acks exactly those two
+    assert acks.pending_checkpoint == 2
+    assert sorted(d.delivery_tag for d in acks.checkpointed()) == [7, 8]
+
+
 def test_a_redelivered_bundle_applies_only_its_parts_not_applied_before_and_is_answered_in_one_message() -> None:
     # Given a stub trainer of a coalescing job that applied batch 0 (sent alone)
     _, srv, client = joined(CFG)

@@ -303,23 +303,36 @@ def test_a_second_party_of_the_same_name_is_refused() -> None:
     first.finish()
 
 
-def test_a_redelivered_batch_is_checkpointed_in_the_turn_that_applies_it(tmp_path: Any) -> None:
-    # Given a trainer that checkpoints every 1000 messages (or when idle, or after 5 s)
-    from splitmq.shared.transport import Delivery
+def test_a_redelivered_batch_is_checkpointed_before_the_next_batch_is_taken(tmp_path: Any, monkeypatch: Any) -> None:
+    # Given a trainer that checkpoints every 1000 messages (or when idle, or after 5 s), an owner joined,
+    # and a batch its consumer took and died holding (the broker redelivers it), with 20 more behind it
+    from splitmq.shared import checkpoint
+    cfg = dataclasses.replace(CFG, checkpoint_every=1000, epochs=2)
+    hub = StubBroker()
+    first = start_server(hub, cfg, serve_forever=True, checkpoint_dir=str(tmp_path))
+    client = Client(hub, cfg)
+    assert client.hello(owner_spec(cfg), batches_per_epoch=21, num_samples=21 * 4).error == ""
+    first.finish()
+    client.send(forward(cfg, 0), topology.batch_id("client-0", 0))
+    dying = hub.connect("dying-trainer")
+    taken: list[Any] = []
+    dying.consume(topology.forward_queue(cfg.job_id), taken.append)
+    dying.close()  # unacked: back at the head of the queue, marked redelivered
+    assert len(taken) == 1 and hub.queues[topology.forward_queue(cfg.job_id)].ready[0].redelivered
+    for seq in range(1, 21):
+        client.send(forward(cfg, seq), topology.batch_id("client-0", seq))
+    # When a trainer starts on that queue, its checkpoints watched (how many batches each covers)
     from splitmq.workers import server
-    from splitmq.workers.party import Party
-    cfg = dataclasses.replace(CFG, checkpoint_every=1000)
-    roles, loop = server.build(cfg, server.ServerOptions(checkpoint_dir=str(tmp_path)), Stats())
-    party = Party(roles, StubBroker().connect("top"), loop, stats=Stats())
-    top = next(r for r in roles if r.ledger is not None)
-
-    def applying(seq: int, redelivered: bool) -> None:
-        party._apply(Step(applied=[("client-0", seq)]), Delivery(topology.forward_queue(CFG.job_id), b"", seq, 0,
-                                                                  redelivered, None, None, None, None), top)
-    # When a batch delivered for the first time is applied, no checkpoint is asked for at once
-    applying(0, redelivered=False)
-    assert not party._checkpoint_asked
-    # But when one the broker redelivered (its consumer died first) is, the turn ends with a checkpoint:
-    # a trainer killed DELIVERY_LIMIT times before one would have it dead-lettered, its update lost
-    applying(1, redelivered=True)
-    assert party._checkpoint_asked
+    stats = Stats()
+    roles, loop = server.build(cfg, server.ServerOptions(serve_forever=True, checkpoint_dir=str(tmp_path)), stats)
+    ledger = next(r.ledger for r in roles if r.ledger is not None)
+    saves: list[int] = []
+    real_save = checkpoint.save
+    monkeypatch.setattr(checkpoint, "save", lambda path, state: (saves.append(ledger.count("client-0")),
+                                                                 real_save(path, state))[-1])
+    second = Running(roles, hub.connect("top", topology.lease_queue(cfg.job_id, "top")), loop, stats).start()
+    wait_for(lambda: ledger.count("client-0") == 21, "all 21 batches applied")
+    # Then the first checkpoint to cover a batch came in the turn that applied the redelivered one, before
+    # the next was taken (a trainer killed DELIVERY_LIMIT times before one would have it dead-lettered)
+    assert [n for n in saves if n][:1] == [1], saves
+    second.finish()
