@@ -29,7 +29,7 @@ install() {
   if command -v rabbitmq-server >/dev/null && [ -x /usr/lib/rabbitmq/bin/rabbitmq-server ]; then return; fi
   echo "installing rabbitmq-server (Debian package)..."
   as_root apt-get update -q >/dev/null
-  DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -q rabbitmq-server >/dev/null
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q rabbitmq-server >/dev/null
   # The package may start its own default node; ours run with their own names and config.
   as_root service rabbitmq-server stop >/dev/null 2>&1 || true
 }
@@ -66,6 +66,11 @@ raise_open_files() {
 
 start() {
   if answers; then echo "a broker already answers on port $AMQP_PORT"; return; fi
+  if [ "$(id -u)" != 0 ]; then  # the node is set up and started as root: sudo drops the environment, so pass it
+    exec sudo env NODE="$NODE" NODE_HOST="$NODE_HOST" AMQP_PORT="$AMQP_PORT" MGMT_PORT="$MGMT_PORT" \
+      PROM_PORT="$PROM_PORT" STATE_ROOT="$STATE_ROOT" OPEN_FILES="$OPEN_FILES" TLS_DIR="${TLS_DIR:-}" \
+      "$here/deploy/broker.sh" start
+  fi
   install
   configure
   as_root rm -f "$state/rabbitmq.pid"  # left by a node that was killed; `wait` below would read it
@@ -73,13 +78,9 @@ start() {
   # The node outlives this script: it must not keep the caller's open files (a lock the caller
   # holds while it runs this script, a pipe), so every descriptor above stderr is closed first.
   (for fd in $(ls /proc/$BASHPID/fd); do [ "$fd" -gt 2 ] && [ "$fd" -lt 255 ] && eval "exec $fd>&-"; done
-   if [ "$(id -u)" = 0 ]; then  # as the rabbitmq user, without su: su's PAM session resets the limit to 1024
-     raise_open_files
-     cd /var/lib/rabbitmq && HOME=/var/lib/rabbitmq setpriv --reuid=rabbitmq --regid=rabbitmq --init-groups \
-       rabbitmq-server -detached
-   else
-     sudo rabbitmq-server -detached
-   fi)
+   raise_open_files  # as the rabbitmq user, without su: su's PAM session resets the limit to 1024
+   cd /var/lib/rabbitmq && HOME=/var/lib/rabbitmq setpriv --reuid=rabbitmq --regid=rabbitmq --init-groups \
+     rabbitmq-server -detached)
   as_root timeout 120 rabbitmqctl -n "$nodename" wait "$state/rabbitmq.pid" >/dev/null
   echo "RabbitMQ $nodename is up: amqp://localhost:$AMQP_PORT, management :$MGMT_PORT, metrics :$PROM_PORT/metrics"
 }

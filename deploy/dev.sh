@@ -15,7 +15,7 @@ setup_python() {
   if [ -f "$stamp" ]; then return; fi
   if ! python3 -c 'import venv, ensurepip' 2>/dev/null; then
     as_root apt-get update -q >/dev/null
-    DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -q python3-venv python3-pip >/dev/null
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q python3-venv python3-pip >/dev/null
   fi
   [ -x "$venv/bin/python" ] || python3 -m venv "$venv"
   echo "installing Python dependencies into $venv (torch takes a few minutes the first time)..."

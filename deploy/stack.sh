@@ -43,7 +43,7 @@ install() {
   local policy=/usr/sbin/policy-rc.d created=
   if [ ! -e "$policy" ]; then printf '#!/bin/sh\nexit 101\n' | as_root tee "$policy" >/dev/null
     as_root chmod +x "$policy"; created=1; fi
-  DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -q --no-install-recommends "${missing[@]}" >/dev/null \
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}" >/dev/null \
     || { [ -n "$created" ] && as_root rm -f "$policy"; return 1; }
   [ -n "$created" ] && as_root rm -f "$policy"
   return 0

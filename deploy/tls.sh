@@ -44,7 +44,7 @@ need_openssl() {
   echo "installing openssl (Debian package)..." >&2
   local sudo=; [ "$(id -u)" = 0 ] || sudo=sudo
   $sudo apt-get update -q >/dev/null
-  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -q openssl >/dev/null
+  $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -q openssl >/dev/null
 }
 
 make() {
