@@ -69,6 +69,9 @@ PREDICT_TIMEOUT_S = 30.0
 EXPORT_TIMEOUT_S = 60.0
 #: How long ``splitmq predict`` waits for the broker and its own queues before its first request.
 PREDICT_START_S = 60.0
+#: How long past a request's own deadline a caller waits for the predictor's loop to settle it (or
+#: to end): the loop fails a request at its deadline, so only a loop that is gone or stuck uses it.
+PREDICT_GRACE_S = 60.0
 
 # ---- handling ---------------------------------------------------------------------------------
 #: A handler that raises is retried in place this many times (capped, jittered backoff) before

@@ -17,6 +17,7 @@ import logging
 import threading
 import time
 from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
@@ -141,11 +142,26 @@ class Predictor:
         Raises:
             PredictionError: with the reason (timeout, unavailable, invalid, ...) and what happened.
         """
-        return self.submit(x, sample_ids).result(timeout=self.client.timeout_s + 60)
+        return self.outputs(self.submit(x, sample_ids))
+
+    def outputs(self, request: Future[torch.Tensor]) -> torch.Tensor:
+        """A submitted request's outputs. The loop fails a request at its own deadline; this one
+        (``PREDICT_GRACE_S`` later) ends the wait only if the loop itself is gone or stuck.
+
+        Raises:
+            PredictionError: the request's own (timeout, unavailable, invalid, ...), or ``timeout``.
+        """
+        limit = self.client.timeout_s + defaults.PREDICT_GRACE_S
+        try:
+            return request.result(timeout=limit)
+        except FutureTimeout:
+            loop = f"ended: {self.outcome.detail}" if self.outcome is not None else "did not settle it"
+            raise PredictionError("timeout", f"no answer to the request within {limit:g}s; the predictor's "
+                                             f"loop {loop}") from None
 
     def close(self) -> Outcome:
         self.client.close()
-        self.thread.join(self.client.timeout_s + 60)
+        self.thread.join(self.client.timeout_s + defaults.PREDICT_GRACE_S)
         return self.outcome or Outcome(ExitReason.FAILED, "the predictor did not end", {})
 
     def __enter__(self) -> "Predictor":
@@ -169,9 +185,9 @@ def predict_all(p: Predictor, x: Any, ids: torch.Tensor, *, batch_size: int, in_
         xb = x[rows] if isinstance(x, torch.Tensor) else x.batch(rows).x
         window.append((len(rows), p.submit(xb, ids[rows])))
         while len(window) >= in_flight:
-            outs.append(window.popleft()[1].result())
+            outs.append(p.outputs(window.popleft()[1]))
             progress(sum(len(o) for o in outs), total)
     while window:
-        outs.append(window.popleft()[1].result())
+        outs.append(p.outputs(window.popleft()[1]))
         progress(sum(len(o) for o in outs), total)
     return torch.cat(outs) if outs else torch.empty(0)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -111,3 +112,28 @@ def test_a_request_nobody_serves_fails_at_once_as_unavailable() -> None:
     with pytest.raises(PredictionError, match="unavailable: nobody serves top"):
         future.result(timeout=1)
     assert client.stats.counts["inference_unavailable"] == 1
+
+
+def test_a_request_its_predictor_loop_never_settles_ends_as_a_timeout_naming_the_loop(monkeypatch: Any) -> None:
+    # Given a predictor whose loop ended (or hangs) with a request still unanswered
+    from concurrent.futures import Future
+    from types import SimpleNamespace
+
+    from splitmq.shared import defaults
+    from splitmq.workers.exits import ExitReason
+    from splitmq.workers.party import Outcome
+    from splitmq.workers.predict import Predictor
+    from splitmq.workers.roles.requests import PredictionError
+    monkeypatch.setattr(defaults, "PREDICT_GRACE_S", 0.2)
+    p = object.__new__(Predictor)
+    p.client, p.outcome = SimpleNamespace(timeout_s=0.1), None  # type: ignore[assignment]
+    unanswered: Future[torch.Tensor] = Future()
+    # When its caller waits for the outputs
+    with pytest.raises(PredictionError) as stuck:
+        p.outputs(unanswered)
+    p.outcome = Outcome(ExitReason.BROKER_UNAVAILABLE, "the broker went away", {})
+    with pytest.raises(PredictionError) as ended:
+        p.outputs(unanswered)
+    # Then the wait ends past the request's deadline as a timeout that says what the loop did
+    assert stuck.value.reason == "timeout" and "did not settle it" in stuck.value.detail
+    assert ended.value.reason == "timeout" and "the broker went away" in ended.value.detail
