@@ -7,6 +7,7 @@
 #   AMQP_PORT (5672), MGMT_PORT (15672), PROM_PORT (15692), STATE_ROOT (/var/lib/splitmq).
 #   Several nodes can run side by side with different NODE and ports (the broker-restart tests
 #   do); deploy/cluster.sh makes them one cluster.
+# Runs as root or as a user with sudo: start then runs itself as root, passing these settings on.
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
 NODE=${NODE:-splitmq}
