@@ -66,7 +66,8 @@ def markdown(r: dict[str, Any], command: str) -> str:
              f"MLP, one owner, K={r['in_flight']}, {r['epochs']} epochs, {r.get('dataset', DATASET)} data, "
              f"checkpoints on, real `splitmq server` + `splitmq worker` processes on {where}, each setting run in "
              "turn. Messages and bytes: what the worker sent and received per training sample (a batch is 64 "
-             "samples). CPU: utime+stime from `/proc` per process over the 20%-80% window (worker and trainer "
+             "samples). CPU: each thread's run time from `/proc` "
+             "(`schedstat`, to the nanosecond), summed per process, over the 20%-80% window (worker and trainer "
              "split into the loop's main thread and pika's I/O thread; broker = `beam.smp`). Accuracy: the trained "
              "segments on the owner's test split. Raw results: `docs/benchmarks-coalesce.json`.", "",
              "| coalesce | run | messages per sample | bytes per sample | test accuracy | worker µs (main / pika) | "

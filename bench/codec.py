@@ -82,7 +82,7 @@ def profile(model: str = "mlp", calls: int = 2000) -> str:
 
 
 def run(scale: Scale) -> dict[str, Any]:
-    result = {"mlp": measure("mlp", scale.seconds / 2), "cnn": measure("cnn", scale.seconds / 2)}
+    result: dict[str, Any] = {"mlp": measure("mlp", scale.seconds / 2), "cnn": measure("cnn", scale.seconds / 2)}
     if result["mlp"]["ratio_to_memcpy"] < TARGET_RATIO:
         result["profile_mlp"] = profile(calls=200 if scale.quick else 2000)
     return result

@@ -73,6 +73,7 @@ def timed_training(train: data.SampleSet, step: "Callable[[torch.Tensor, torch.T
     while True:
         for idx in data.batch_order(len(train), BATCH_SIZE, seed=0, epoch=epoch):
             batch = train.batch(idx)
+            assert batch.x is not None and batch.y is not None  # the built-in data sets are labelled tensors
             loss = step(batch.x, batch.y)  # (B, 784), (B,)
             steps += 1
             if steps == warmup_steps:

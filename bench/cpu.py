@@ -17,7 +17,8 @@ so ``beam.smp``'s CPU is this run's alone), in this order:
    main thread and pika's I/O thread) and broker; then K=4 with ``coalesce = 1`` (one batch per
    message, the default before coalescing: what coalescing saves).
 
-CPU is utime+stime from ``/proc`` over the steady state (20%-80% of the samples, ``bench.cputime``).
+CPU is each thread's run time from ``/proc`` (``schedstat``) over the steady state (20%-80% of the samples,
+``bench.cputime``).
 The ratios T1-T5 (issue 14) compare splitmq with the sum of its references; wall-clock rates
 are kept as context. The section it writes into docs/benchmarks.md sits between markers and is
 kept when the main suite regenerates the page.
@@ -343,8 +344,9 @@ def markdown(r: dict[str, Any], command: str) -> str:
              f"One run, same machine, every contender one after the other: {r['model'].upper()} with splitmq's "
              f"defaults, one owner, batch {BATCH_SIZE}, {r['dataset']} data, one torch thread per process, on {where}. "
              "splitmq: real `splitmq server` + `splitmq worker` processes (durable quorum queues, persistent "
-             f"confirmed messages, checkpoints), {r['epochs']} epochs; CPU = utime+stime from `/proc` per process "
-             "and per thread over the 20%-80% window of the samples (main = the loop's thread, pika = its I/O "
+             f"confirmed messages, checkpoints), {r['epochs']} epochs; CPU = each thread's run time from `/proc` "
+             "(`schedstat`, to the nanosecond) per process and per thread over the 20%-80% window of the samples "
+             "(main = the loop's thread, pika = its I/O "
              "thread; the total also holds the metrics server and torch's threads). Raw pika ceiling "
              f"(`bench/ceiling.py`): a driver and an echo process moving bodies of the job's Forward and Backward "
              f"sizes ({r['references']['request_bytes']:,} / {r['references']['reply_bytes']:,} bytes), reading "

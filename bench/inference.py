@@ -68,7 +68,7 @@ def _raw(cfg: JobConfig, x: torch.Tensor, seconds: float) -> dict[str, Any]:
     from splitmq.workers.export import unsplit
     model = unsplit(cfg).eval()
     with torch.no_grad():
-        cut = model.segments[0](x[:1])  # type: ignore[index]
+        cut = model.segments[0](x[:1])  # type: ignore[index,operator]
         out = model(x[:1])
     up = wire.Predict(job_id="bench", client_id="client-0", seq=1, inputs=cut, sample_ids=torch.arange(1),
                       request_id="client-0:predict:1-0", deadline=time.time()).encode()

@@ -32,7 +32,7 @@ def script() -> Path:
     for candidate in (here.parent / "deploy" / "broker.sh", here.parent / "splitmq" / "deploy" / "broker.sh"):
         if candidate.exists():
             return candidate
-    import splitmq.deploy  # type: ignore[import-not-found]  # package data only in a wheel
+    import splitmq.deploy  # package data only in a wheel
     return Path(splitmq.deploy.__path__[0]) / "broker.sh"
 
 

@@ -32,7 +32,7 @@ def top_step(activations: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Ten
     acts = activations.requires_grad_()
     opt.zero_grad(set_to_none=True)
     loss = nn.functional.nll_loss(top(acts), labels)
-    loss.backward()
+    loss.backward()  # type: ignore[no-untyped-call]
     opt.step()
     assert acts.grad is not None  # backward just filled it
     return acts.grad, float(loss.detach())
@@ -69,7 +69,8 @@ def _party_main(argv: list[str]) -> int:
     if a.rank == 1:
         _TOP["model"] = models.build_segments(a.model)[1]
         _TOP["opt"] = torch.optim.SGD(_TOP["model"].parameters(), lr=LR)
-    rpc.init_rpc("trainer" if a.rank == 1 else "client", rank=a.rank, world_size=2, rpc_backend_options=opts)
+    rpc.init_rpc("trainer" if a.rank == 1 else "client", rank=a.rank, world_size=2,  # type: ignore[no-untyped-call]
+                 rpc_backend_options=opts)
     if a.rank == 0:
         print(json.dumps(_bottom_loop(a.model, a.seconds, a.dataset)), flush=True)
     rpc.shutdown()

@@ -31,7 +31,7 @@ _CATEGORIES = (
 
 def _cumtime(stats: pstats.Stats, suffix: str, name: str) -> float:
     raw: dict[Any, Any] = stats.stats  # type: ignore[attr-defined]  # pstats keeps it untyped
-    return sum(v[3] for (file, _line, func), v in raw.items() if file.endswith(suffix) and func == name)
+    return float(sum(v[3] for (file, _line, func), v in raw.items() if file.endswith(suffix) and func == name))
 
 
 def summarise(prof_path: Path, batches: int, trainer_step_s: float, trainer_codec_s: float) -> dict[str, Any]:

@@ -109,8 +109,8 @@ def reading(r: dict[str, Any]) -> list[str]:
     share = p["worker_ms"]["waiting for the gradient"] / p["step_ms"]
     broker = p["waiting_split_ms"]["broker + pika threads + scheduling"]
     rows = {n: find(r["jobs"], model="mlp", clients=n, in_flight=4, delay_s=0.0) for n in (1, 16)}
-    mem = [rows[n]["trainer_peak_rss_bytes"] / 2**20 if rows[n] else None for n in (1, 16)]
-    step = [rows[n]["trainer_step_mean_s"] * 1e3 if rows[n] else None for n in (1, 16)]
+    mem = [row["trainer_peak_rss_bytes"] / 2**20 if (row := rows[n]) else None for n in (1, 16)]
+    step = [row["trainer_step_mean_s"] * 1e3 if (row := rows[n]) else None for n in (1, 16)]
     durable_vs_rpc = r["ratios"]["mlp"]["durable_ceiling_k1_over_rpc"]
     return [
         f"- **Synchronous is a serial chain.** Each step is worker compute, a durable broker round trip and "

@@ -162,7 +162,9 @@ def replay(*, epochs: int, lr: float, trainers: int, merge: str, seed: int = 0,
                                                            epoch)[done[i]])
             key = (epoch, done[i])
             done[i] += 1
+            assert isinstance(batch.x, torch.Tensor) and batch.y is not None  # built-in data: labelled tensors
             out = tops[topology.shard_of(i, trainers)].loss_step(bottoms[i].forward(key, batch.x), batch.y)
+            assert out.grad_input is not None
             bottoms[i].backward(key, out.grad_input)
         average = aggregate.weighted_average([b.segment.state_dict() for b in bottoms], [len(o.train) for o in owners])
         for b in bottoms:
@@ -175,7 +177,7 @@ def replay(*, epochs: int, lr: float, trainers: int, merge: str, seed: int = 0,
                 t.segment.load_state_dict(top)
         base = {k: v.clone() for k, v in tops[0].segment.state_dict().items()}
     test = owners[0].test
-    assert test is not None and test.x is not None and test.y is not None
+    assert test is not None and isinstance(test.x, torch.Tensor) and test.y is not None
     with torch.no_grad():
         scores = tops[0].infer(bottoms[0].infer(test.x))                  # (N, 10)
     return float((scores.argmax(1) == test.y).float().mean())

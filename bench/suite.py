@@ -60,7 +60,8 @@ def run(scale: Scale, workdir: Path, *, log: Callable[[str], None] = print) -> d
     out["ratios"] = ratios(out)
     out["machine"] = machine()
     out["seconds"] = time.monotonic() - started
-    return clean(out)
+    cleaned: dict[str, Any] = clean(out)
+    return cleaned
 
 
 def find(rows: list[dict[str, Any]], **match: Any) -> dict[str, Any] | None:

@@ -49,10 +49,11 @@ def train(seed: int, epochs: int, *, fraction: float = 0.0, acts: bool = False, 
             out = bottom(batch.x)                                                   # (64, 640)
             payload, extras = up.encode(out.detach(), (batch.ids, step))
             cut = up.decode(payload, extras, "activations").requires_grad_()
+            assert batch.y is not None  # the built-in data sets are labelled
             loss = torch.nn.functional.nll_loss(top(cut), batch.y)
             for opt in optimizers:
                 opt.zero_grad()
-            loss.backward()
+            loss.backward()  # type: ignore[no-untyped-call]
             assert cut.grad is not None
             payload, extras = down.encode(cut.grad)
             out.backward(down.decode(payload, extras, "grad"))

@@ -35,16 +35,17 @@ setup_broker() {
   AMQP_PORT=$port deploy/broker.sh start
 }
 
-# mypy --strict over shared/ and workers/ as the installed package sees them (splitmq.shared,
-# splitmq.workers): a tree of links under build/typecheck maps the folders to their package names.
+# mypy --strict over shared/, workers/ and bench/ as the installed package sees them (splitmq.shared,
+# splitmq.workers, splitmq.bench): a tree of links under build/typecheck maps the folders to their package names.
 typecheck() {
   local tree=build/typecheck
   rm -rf "$tree" && mkdir -p "$tree/splitmq"
   cp splitmq/__init__.py "$tree/splitmq/"
   ln -s ../../../shared "$tree/splitmq/shared"
   ln -s ../../../workers "$tree/splitmq/workers"
+  ln -s ../../../bench "$tree/splitmq/bench"
   (cd "$tree" && MYPYPATH=. "../../$venv/bin/mypy" --strict --ignore-missing-imports --no-error-summary \
-     -p splitmq.shared -p splitmq.workers) && echo "mypy --strict: shared/ and workers/ clean"
+     -p splitmq.shared -p splitmq.workers -p splitmq.bench) && echo "mypy --strict: shared/, workers/ and bench/ clean"
 }
 
 cmd=${1:-}; shift || true
