@@ -14,7 +14,6 @@ definitions``) and a test checks the two agree.
 from __future__ import annotations
 
 import dataclasses
-
 import re
 from dataclasses import dataclass, field
 from typing import Any

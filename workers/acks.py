@@ -36,6 +36,7 @@ class Acks:
         self.held: dict[Hashable, Delivery] = {}
         self._finishing: list[Finishing] = []
         self._awaiting_checkpoint: list[Delivery] = []
+        self._awaiting_wholes: set[int] = set()  # the broker's deliveries among them (a bundle once), by id
         self._parts = Parts()
 
     def split(self, whole: Delivery, parts: list[Delivery]) -> None:
@@ -59,6 +60,7 @@ class Acks:
                 keep.append(f)
             elif f.durable:
                 self._awaiting_checkpoint.append(f.delivery)
+                self._awaiting_wholes.add(id(self._parts.whole(f.delivery)))
             else:
                 out.append(f.delivery)
         self._finishing = keep
@@ -71,7 +73,7 @@ class Acks:
     def checkpointed(self) -> list[Delivery]:
         """After a checkpoint: every durable delivery it covers, to ack (call ``ready`` first)."""
         out = self._awaiting_checkpoint + [f.delivery for f in self._finishing if f.durable and f.confirmed()]
-        self._awaiting_checkpoint = []
+        self._awaiting_checkpoint, self._awaiting_wholes = [], set()
         self._finishing = [f for f in self._finishing if not (f.durable and f.confirmed())]
         return self._parts.settled(out)
 
@@ -79,8 +81,8 @@ class Acks:
     def pending_checkpoint(self) -> int:
         """The broker's deliveries waiting for a checkpoint, a bundle once (the checkpoint rule counts these:
         ``checkpoint_every`` counts messages, as the broker holds them unacked)."""
-        waiting = self._awaiting_checkpoint + [f.delivery for f in self._finishing if f.durable]
-        return len({id(self._parts.whole(d)) for d in waiting})
+        finishing = {id(self._parts.whole(f.delivery)) for f in self._finishing if f.durable}  # a few: unconfirmed
+        return len(self._awaiting_wholes) + len(finishing - self._awaiting_wholes)
 
     def __len__(self) -> int:
         return len(self.held) + len(self._finishing) + len(self._awaiting_checkpoint)
