@@ -83,7 +83,8 @@ def roll_wal(n: Node) -> bool:
     a row it falls in: docs/benchmarks.md). False where it could not (not our node)."""
     if n.pid is None:
         return False
-    done = subprocess.run(["rabbitmqctl", "-n", f"{NODE['NODE']}@localhost", "eval",
+    as_root = [] if os.geteuid() == 0 else ["sudo", "-n"]  # rabbitmqctl needs the node's cookie: root's or rabbitmq's
+    done = subprocess.run([*as_root, "rabbitmqctl", "-n", f"{NODE['NODE']}@localhost", "eval",
                            "ra_log_wal:force_roll_over(ra_log_wal)."], capture_output=True, timeout=120)
     return done.returncode == 0
 

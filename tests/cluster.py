@@ -25,7 +25,7 @@ from typing import Any, Iterable
 
 import pytest
 
-from tests.conftest import STATE_ROOT
+from tests.conftest import AS_ROOT, STATE_ROOT
 
 ROOT = Path(__file__).resolve().parents[1]
 PREFIX = "splitmq-test"
@@ -115,7 +115,10 @@ class Cluster:
         """SIGKILL node ``i``'s Erlang VM; returns when (monotonic) it was killed."""
         pid = int((STATE_ROOT / f"broker-{PREFIX}{i}" / "rabbitmq.pid").read_text().strip())
         at = time.monotonic()
-        os.kill(pid, signal.SIGKILL)
+        if AS_ROOT:  # the VM is the rabbitmq user's
+            subprocess.run([*AS_ROOT, "kill", "-KILL", str(pid)], check=True, timeout=30)
+        else:
+            os.kill(pid, signal.SIGKILL)
         _poll(lambda: not self.up(i), f"node {i} to stop answering", 30)
         return at
 
@@ -131,7 +134,7 @@ class Cluster:
                 self.restart(i)
 
     def _ctl(self, i: int, *args: str) -> str:
-        return self._run(["rabbitmqctl", "-q", "-n", self.name(i), *args])
+        return self._run([*AS_ROOT, "rabbitmqctl", "-q", "-n", self.name(i), *args])
 
     def refuse_clients(self, i: int) -> None:
         """Node ``i`` stops taking client connections and closes the ones it has (its queue replicas,
@@ -301,12 +304,12 @@ def collect_evidence(cluster: Cluster, dest: Path, before: set[str] | None = Non
     up = [i for i in cluster.nodes if cluster.up(i)]
     listing = ""
     for i in up:
-        ev.run(f"node{i}-cluster_status.txt", "rabbitmqctl", "-n", cluster.name(i), "cluster_status")
-        out = ev.run(f"node{i}-list_queues.json", "rabbitmqctl", "-q", "-n", cluster.name(i), "list_queues", "name",
-                     "type", "leader", "members", "online", "messages", "--formatter", "json")
+        ev.run(f"node{i}-cluster_status.txt", *AS_ROOT, "rabbitmqctl", "-n", cluster.name(i), "cluster_status")
+        out = ev.run(f"node{i}-list_queues.json", *AS_ROOT, "rabbitmqctl", "-q", "-n", cluster.name(i), "list_queues",
+                     "name", "type", "leader", "members", "online", "messages", "--formatter", "json")
         listing = listing or out
     for q in quorum_queues(listing, before)[:EVIDENCE_QUEUES]:
-        ev.run(f"quorum_status-{re.sub(r'[^A-Za-z0-9._-]', '_', q)}.json", "rabbitmq-queues", "-n",
+        ev.run(f"quorum_status-{re.sub(r'[^A-Za-z0-9._-]', '_', q)}.json", *AS_ROOT, "rabbitmq-queues", "-n",
                cluster.name(up[0]), "quorum_status", q, "--vhost", "/", "--formatter", "json")
     if not up:
         ev.error("no node answers: no cluster_status, list_queues or quorum_status")

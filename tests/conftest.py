@@ -52,6 +52,9 @@ def delete_job(job: str, admin_url: str = "http://guest:guest@localhost:15672") 
 
 #: Where deploy/broker.sh keeps each node's state (broker-NODE/: pid file, logs, data).
 STATE_ROOT = Path(os.environ.get("STATE_ROOT", "/var/lib/splitmq"))
+#: What runs a node's own tools (rabbitmqctl needs the node's Erlang cookie, which only root and the
+#: rabbitmq user read) and signals its VM: nothing as root, sudo for a user with sudo (the quick start's).
+AS_ROOT: list[str] = [] if os.geteuid() == 0 else ["sudo", "-n"]
 #: A second node that tests may stop and start; never the shared one on 5672.
 RESTART_NODE = {"NODE": "crash", "AMQP_PORT": "5690", "MGMT_PORT": "15691", "PROM_PORT": "15693"}
 RESTART_URL = "amqp://guest:guest@localhost:5690/%2F"

@@ -28,7 +28,7 @@ from splitmq.shared import amqp, local, topology, wire
 from splitmq.shared.amqp import get_messages, queue_depth
 from splitmq.shared.broker import Broker
 from splitmq.shared.config import BottomSync, Delivery, JobConfig
-from tests.conftest import RESTART_NODE, delete_job, node
+from tests.conftest import AS_ROOT, RESTART_NODE, delete_job, node
 from tests.helpers import Party, consumers, in_thread, job_file, server_party, state, wait_for, worker_party
 
 EPOCHS = 2
@@ -139,7 +139,7 @@ def test_a_network_cut_mid_run_is_survived_with_the_same_result(
         cut = random.randrange(5, 60)
         wait_for(lambda: client.applied("worker") >= cut, f"worker progress {cut}")
         client.signal(signal.SIGSTOP)
-        subprocess.run(["rabbitmqctl", "-n", f"{RESTART_NODE['NODE']}@localhost", "close_all_connections",
+        subprocess.run([*AS_ROOT, "rabbitmqctl", "-n", f"{RESTART_NODE['NODE']}@localhost", "close_all_connections",
                         "network cut"], check=True, timeout=120, stdout=subprocess.DEVNULL)
         client.signal(signal.SIGCONT)
         # Then both sides reconnect by themselves and the result equals an uninterrupted run

@@ -21,7 +21,7 @@ from splitmq.shared.broker import Broker
 from splitmq.shared.config import BottomSync, JobConfig
 from splitmq.workers import cli
 from splitmq.workers.exits import ExitReason
-from tests.conftest import RESTART_NODE, delete_job, node
+from tests.conftest import AS_ROOT, RESTART_NODE, delete_job, node
 from tests.helpers import Party, assert_segments_equal, consumers, in_thread, job_file, server_party, wait_for, worker_party
 from tests.test_crash_recovery import assert_equal_to_local, assert_exactly_once
 
@@ -147,7 +147,7 @@ def test_parties_started_while_the_broker_is_down_train_once_it_comes_up(
 
 def disk_alarm(on: bool) -> None:
     """Raise (or clear, back to the shipped 1GB limit) a free-disk alarm on our own node."""
-    subprocess.run(["rabbitmqctl", "-n", f"{RESTART_NODE['NODE']}@localhost", "set_disk_free_limit",
+    subprocess.run([*AS_ROOT, "rabbitmqctl", "-n", f"{RESTART_NODE['NODE']}@localhost", "set_disk_free_limit",
                     "1000000GB" if on else "1GB"], check=True, timeout=120, stdout=subprocess.DEVNULL)
 
 
