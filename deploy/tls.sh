@@ -54,8 +54,13 @@ make() {
   make_ca
   local sans="DNS:localhost,IP:127.0.0.1${TLS_SERVER_NAMES:+,$TLS_SERVER_NAMES}"
   sign server localhost "${common_ext}keyUsage=critical,digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth\nsubjectAltName=$sans\n"
-  if getent group rabbitmq >/dev/null && chgrp rabbitmq "$dir/server.key" 2>/dev/null; then
-    chmod 640 "$dir/server.key"
+  if getent group rabbitmq >/dev/null; then  # a broker on this host runs as user rabbitmq: it must read the key
+    local sudo=; [ "$(id -u)" = 0 ] || sudo="sudo -n"
+    if $sudo chgrp rabbitmq "$dir/server.key" 2>/dev/null; then
+      chmod 640 "$dir/server.key"
+    else
+      echo "warning: could not give $dir/server.key to group rabbitmq (run as root or with sudo): a broker on this host cannot read it" >&2
+    fi
   fi
   local clients=("$@"); [ ${#clients[@]} -gt 0 ] || clients=(client)
   for c in "${clients[@]}"; do
