@@ -68,9 +68,10 @@ raise_open_files() {
 start() {
   if answers; then echo "a broker already answers on port $AMQP_PORT"; return; fi
   if [ "$(id -u)" != 0 ]; then  # the node is set up and started as root: sudo drops the environment, so pass it
-    exec sudo env NODE="$NODE" NODE_HOST="$NODE_HOST" AMQP_PORT="$AMQP_PORT" MGMT_PORT="$MGMT_PORT" \
-      PROM_PORT="$PROM_PORT" STATE_ROOT="$STATE_ROOT" OPEN_FILES="$OPEN_FILES" TLS_DIR="${TLS_DIR:-}" \
-      "$here/deploy/broker.sh" start
+    local settings=(NODE="$NODE" NODE_HOST="$NODE_HOST" AMQP_PORT="$AMQP_PORT" MGMT_PORT="$MGMT_PORT"
+                    PROM_PORT="$PROM_PORT" STATE_ROOT="$STATE_ROOT" OPEN_FILES="$OPEN_FILES") name
+    for name in $(compgen -e | grep '^TLS_'); do settings+=("$name=${!name}"); done  # deploy/tls.sh conf's
+    exec sudo env "${settings[@]}" "$here/deploy/broker.sh" start
   fi
   install
   configure
