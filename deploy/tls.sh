@@ -39,12 +39,13 @@ sign() {
 
 common_ext='basicConstraints=CA:FALSE\nsubjectKeyIdentifier=hash\nauthorityKeyIdentifier=keyid,issuer\n'
 
+as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
+
 need_openssl() {
   command -v openssl >/dev/null && return
   echo "installing openssl (Debian package)..." >&2
-  local sudo=; [ "$(id -u)" = 0 ] || sudo=sudo
-  $sudo apt-get update -q >/dev/null
-  $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -q openssl >/dev/null
+  as_root apt-get update -q >/dev/null
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q openssl >/dev/null
 }
 
 make() {
@@ -55,8 +56,7 @@ make() {
   local sans="DNS:localhost,IP:127.0.0.1${TLS_SERVER_NAMES:+,$TLS_SERVER_NAMES}"
   sign server localhost "${common_ext}keyUsage=critical,digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth\nsubjectAltName=$sans\n"
   if getent group rabbitmq >/dev/null; then  # a broker on this host runs as user rabbitmq: it must read the key
-    local sudo=; [ "$(id -u)" = 0 ] || sudo="sudo -n"
-    if $sudo chgrp rabbitmq "$dir/server.key" 2>/dev/null; then
+    if as_root chgrp rabbitmq "$dir/server.key" 2>/dev/null; then
       chmod 640 "$dir/server.key"
     else
       echo "warning: could not give $dir/server.key to group rabbitmq (run as root or with sudo): a broker on this host cannot read it" >&2

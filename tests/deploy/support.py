@@ -16,6 +16,8 @@ from typing import Any, Callable
 import pytest
 import yaml
 
+from tests.conftest import AS_ROOT
+
 REPO = Path(__file__).resolve().parents[2]
 STACK = REPO / "deploy" / "stack.sh"
 PROMETHEUS_DIR = REPO / "deploy" / "prometheus"
@@ -32,10 +34,9 @@ def run(cmd: list[str], env: dict[str, str] | None = None, timeout: float = 300)
 
 
 def apt_install(package: str) -> None:
-    as_root = [] if os.geteuid() == 0 else ["sudo"]
-    run([*as_root, "apt-get", "update", "-q"])
-    done = run([*as_root, "apt-get", "install", "-y", "-q", "--no-install-recommends", package],
-               env={"DEBIAN_FRONTEND": "noninteractive"})
+    run([*AS_ROOT, "apt-get", "update", "-q"])
+    done = run([*AS_ROOT, "env", "DEBIAN_FRONTEND=noninteractive", "apt-get", "install", "-y", "-q",
+                "--no-install-recommends", package])  # through sudo: env passes what sudo would drop
     assert done.returncode == 0, f"apt-get install {package} failed:\n{done.stderr}"
 
 
