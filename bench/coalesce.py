@@ -33,7 +33,7 @@ def run(*, quick: bool, workdir: Path, in_flight: int = 4, repeats: int = 2,
     epochs, data = (1, "synthetic") if quick else (5, DATASET)
     rows: list[dict[str, Any]] = []
     shared = contextlib.nullcontext(node.Node(AMQP_URL, None))
-    with (shared if quick else node.own_node()) as broker:
+    with (shared if quick else node.own_node(cpujobs.warm_up(workdir))) as broker:
         for attempt in range(1 if quick else repeats):
             for most in SETTINGS:
                 spec = jobs.JobSpec(model="mlp", clients=1, in_flight=in_flight, epochs=epochs, dataset=data,
@@ -82,7 +82,8 @@ def markdown(r: dict[str, Any], command: str) -> str:
         lines.append(f"| {row['coalesce']} | {row['run']} | {row['messages_per_sample']:.4f} | "
                      f"{row['bytes_per_sample']:,.0f} | {acc} | {cpujobs.party_cells(row['cpu_by_party'])} | "
                      f"{broker} | {total} | {ratio} | {row['samples_per_second']:,.0f} |")
-    lines += ["", "K > 1 is asynchronous: accuracy moves a little from run to run with the order in which gradients "
+    lines += ["", *node.rows_note([(f"coalesce {row['coalesce']} run {row['run']}", row) for row in r["rows"]]),
+              "K > 1 is asynchronous: accuracy moves a little from run to run with the order in which gradients "
               "arrive, coalesced or not; coalesced, a bundle's gradients are 0..3 updates stale instead of about 3 "
               "(`tests/test_coalesce.py` asserts coalescing loses at most 0.3 points at 3 epochs; measured +1.0).", END]
     return "\n".join(lines) + "\n"

@@ -37,7 +37,7 @@ def run(*, quick: bool, workdir: Path, in_flight: int = 4, log: Callable[[str], 
     epochs = 1 if quick else 5
     settings = SETTINGS[:2] if quick else SETTINGS
     rows: list[dict[str, Any]] = []
-    with node.own_node() as broker:
+    with node.own_node(cpujobs.warm_up(workdir)) as broker:
         for acts, grads, recv in settings:
             spec = jobs.JobSpec(model="mlp", clients=1, in_flight=in_flight, epochs=epochs,
                                 options=("--compress-activations", acts, "--compress-gradients", grads))
@@ -83,17 +83,24 @@ def markdown(r: dict[str, Any], command: str) -> str:
         delta = f"{row['accuracy_delta_points']:+.1f}" if row["accuracy_delta_points"] is not None else "n/a"
         total = f"{row['cpu_us_per_sample']:.0f}" if row["cpu_us_per_sample"] else "n/a"
         ratio = f"{row['cpu_ratio']:.2f}" if row["cpu_ratio"] else "n/a"
-        name = f"{row['activations']} / {row['gradients']}" + (
-            f" (pika {row['pika_recv_bytes'] // 1024} KB reads)" if row["pika_recv_bytes"] != io_tuning.RECV_BYTES else "")
-        lines.append(f"| {name} | {row['bytes_per_sample']:,.0f} | "
+        lines.append(f"| {_name(row)} | {row['bytes_per_sample']:,.0f} | "
                      f"{row['bytes_ratio']:.2f}x | {acc} | {delta} | {cpujobs.party_cells(row['cpu_by_party'])} | "
                      f"{total} | {ratio} | {row['samples_per_second']:,.0f} |")
     lines += ["", "Every row but the one marked reads pika's socket 64 KB at a time (`shared/io_tuning.py`, wired in "
               "`shared/broker.py`); the marked row keeps pika's own 4 KB reads, whose copying grows with the square "
-              "of the message size.", "", "K > 1 is asynchronous: accuracy moves a little from run to run with the order in which "
+              "of the message size.", "",
+              *node.rows_note([(_name(row), row) for row in r["rows"]]),
+              "K > 1 is asynchronous: accuracy moves a little from run to run with the order in which "
               "gradients arrive, compressed or not (the deterministic comparison at K=1 is "
               "`tests/test_compression.py`).", END]
     return "\n".join(lines) + "\n"
+
+
+def _name(row: dict[str, Any]) -> str:
+    """A row's settings as its table names them."""
+    reads = row["pika_recv_bytes"]
+    return f"{row['activations']} / {row['gradients']}" + (
+        f" (pika {reads // 1024} KB reads)" if reads != io_tuning.RECV_BYTES else "")
 
 
 def write(r: dict[str, Any], command: str, out_md: Path, out_json: Path) -> None:

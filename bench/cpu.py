@@ -61,12 +61,12 @@ LABELS = {
 
 
 @contextlib.contextmanager
-def _broker(quick: bool) -> Iterator[node.Node]:
+def _broker(quick: bool, workdir: Path) -> Iterator[node.Node]:
     """The benchmark's own node; quick mode uses the shared broker (no broker CPU: it is not ours alone)."""
     if quick:
         yield node.Node(AMQP_URL, None)
         return
-    with node.own_node() as n:
+    with node.own_node(cpujobs.warm_up(workdir)) as n:
         yield n
 
 
@@ -83,7 +83,7 @@ def run(*, quick: bool, workdir: Path, log: Callable[[str], None] = print) -> di
     for k in WINDOWS[-1:] if quick else WINDOWS:
         log(f"bench cpu: the parties' loops in this process, no transport, K={k}...")
         out["loops"].append(loopcost.run(MODEL, data, in_flight=k, epochs=3 if quick else loopcost.EPOCHS))
-    with _broker(quick) as broker:
+    with _broker(quick, workdir) as broker:
         out["broker_own_node"] = broker.pid is not None
         out["ceiling"] = []
         for mode, k in CEILINGS:
@@ -103,7 +103,8 @@ def run(*, quick: bool, workdir: Path, log: Callable[[str], None] = print) -> di
             out["splitmq"].append({"in_flight": k, "coalesce": n, "delivery": delivery,
                                    "samples_per_second": row["samples_per_second"],
                                    "bytes_per_sample": row["worker_bytes_per_sample"], "accuracy": row["accuracy"],
-                                   "cpu": row["cpu"], "wal_rollovers": row["wal_rollovers"]})
+                                   "cpu": row["cpu"], "wal_rollovers": row["wal_rollovers"],
+                                   "settled_s": row["settled_s"]})
     out["ratios"] = ratios(out)
     out["machine"] = machine()
     cleaned: dict[str, Any] = clean(out)
@@ -299,15 +300,10 @@ def decomposition(r: dict[str, Any]) -> list[str]:
 
 
 def wal_note(r: dict[str, Any]) -> list[str]:
-    """Which rows a rollover of the broker's quorum-queue log still fell in (each began on a fresh one)."""
-    rows = [(f"ceiling {c['mode']} K={c['in_flight']}", c.get("wal_rollovers")) for c in r["ceiling"]] + [
+    """What the broker carried into each row: its quorum-queue log's rollovers, and whether it was quiet."""
+    return node.rows_note([(f"ceiling {c['mode']} K={c['in_flight']}", c) for c in r["ceiling"]] + [
         (f"splitmq K={s['in_flight']}{' coalesce 1' if s.get('coalesce') == 1 else ''}"
-         f"{' transient' if s.get('delivery') == 'transient' else ''}", s.get("wal_rollovers")) for s in r["splitmq"]]
-    if all(n is None for _, n in rows):
-        return []
-    return ["Each broker row began on a fresh quorum-queue write-ahead log (`ra_log_wal:force_roll_over`; a "
-            "rollover, every 512 MiB written, nearly doubles the broker's figure of a row it falls in); rollovers "
-            "that still fell inside a row: " + ", ".join(f"{name} {_n(n)}" for name, n in rows) + ".", ""]
+         f"{' transient' if s.get('delivery') == 'transient' else ''}", s) for s in r["splitmq"]])
 
 
 def validation(r: dict[str, Any]) -> list[str]:

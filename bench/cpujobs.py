@@ -13,11 +13,11 @@ from __future__ import annotations
 import contextlib
 import urllib.request
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
-from splitmq.bench import cputime, jobs
+from splitmq.bench import cputime, jobs, node
 from splitmq.bench.common import dataset
 from splitmq.shared import checkpoint, codec
 from splitmq.shared.config import BottomSync, Compression, JobConfig
@@ -34,6 +34,15 @@ def _samples(port: int) -> float | None:
             if line.startswith("splitmq_samples_total{") and 'role="worker"' in line:
                 return float(line.rpartition(" ")[2])
     return None
+
+
+#: The unmeasured job a freshly started benchmark node runs first (``node.own_node``).
+WARM_UP = jobs.JobSpec(model="mlp", clients=1, in_flight=4, epochs=2)
+
+
+def warm_up(workdir: Path) -> Callable[[node.Node], object]:
+    """``node.own_node``'s warm-up: one job like the ones measured, its figures thrown away."""
+    return lambda n: jobs.run_job(WARM_UP, workdir / "warm-up", url=n.url)
 
 
 def run(spec: jobs.JobSpec, workdir: Path, *, url: str, broker_pid: int | None) -> dict[str, Any]:
@@ -63,7 +72,8 @@ def figures(row: dict[str, Any]) -> dict[str, Any]:
     cpu = row.get("cpu") or {}
     return {"bytes_per_sample": row["worker_bytes_per_sample"], "accuracy": row["accuracy"],
             "samples_per_second": row["samples_per_second"], "cpu_us_per_sample": cpu.get("total_us_per_sample"),
-            "cpu_by_party": cpu.get("us_per_sample", {})}
+            "cpu_by_party": cpu.get("us_per_sample", {}), "wal_rollovers": row.get("wal_rollovers"),
+            "settled_s": row.get("settled_s")}
 
 
 def us(parties: dict[str, dict[str, float]], party: str, group: str = "total") -> str:

@@ -27,7 +27,7 @@ WINDOW = (0.2, 0.8)
 GROUPS = ("main", "pika", "other")
 
 
-def _stat_ticks(path: str) -> int:
+def stat_ticks(path: str) -> int:
     """utime + stime of a /proc stat file (fields 14 and 15; the name in field 2 may hold spaces)."""
     with open(path, "rb") as f:
         text = f.read()
@@ -55,13 +55,13 @@ def process_cpu(pid: int) -> dict[str, float]:
     Raises:
         OSError: the process is gone.
     """
-    process_ticks = _stat_ticks(f"/proc/{pid}/stat")
+    process_ticks = stat_ticks(f"/proc/{pid}/stat")
     out, live_ticks = {"main": 0.0, "pika": 0.0, "other": 0.0}, 0
     for tid in os.listdir(f"/proc/{pid}/task"):
         try:
             with open(f"/proc/{pid}/task/{tid}/comm", "rb") as f:
                 name = f.read().strip()
-            ticks = _stat_ticks(f"/proc/{pid}/task/{tid}/stat")
+            ticks = stat_ticks(f"/proc/{pid}/task/{tid}/stat")
         except OSError:  # the thread ended between the listing and the read
             continue
         live_ticks += ticks
