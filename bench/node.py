@@ -108,14 +108,10 @@ def roll_wal(n: Node) -> bool:
 
 
 def settle(n: Node, *, quiet: float = QUIET_SHARE, deadline_s: float = SETTLE_DEADLINE_S) -> float | None:
-    """Wait until the node is quiet: under ``quiet`` of a core for ``SETTLE_WINDOW_S`` (what it
-    still does for the last row, or for what it recovered at start, must not count in the next).
-    Returns the seconds it took, or None when it was still busy at ``deadline_s`` (logged; the
-    row then runs anyway, and says so) or is not ours to watch.
-
-    Seen on 2026-11-24: the first row after the node started read its broker at 43-47 µs per
-    sample against 27-28 for the same row a minute later, the node writing out the log it had
-    recovered (the rollover before the row moves it to segment files).
+    """Wait until the node is quiet: under ``quiet`` of a core for ``SETTLE_WINDOW_S``. What it still
+    does for the last row (deleting its queues, moving a rolled-over log to segment files) must
+    not count in the next. Returns the seconds it took, or None when it was still busy at
+    ``deadline_s`` (logged; the row then runs anyway, and the report says so) or is not ours to watch.
     """
     if n.pid is None:
         return None
