@@ -1,4 +1,5 @@
-"""``bench.node.settle``: a benchmark row starts only once the broker node is quiet, and says when it was not.
+"""``bench.node``: a benchmark row starts only once the broker node is quiet (``settle``), and says when it was
+not; a node the benchmark starts runs one unmeasured job first (``own_node``'s warm-up).
 
 Real processes stand in for the node (a busy loop, then sleep): ``settle`` reads their CPU from
 ``/proc`` as it reads ``beam.smp``'s. The tests wait on what the process did (a file it writes when
@@ -76,3 +77,22 @@ def test_the_report_names_the_rows_whose_node_was_busy_and_each_rows_rollovers()
     assert "waited 1.2-1.2 s" in note and "measured anyway: coalesce 4 run 1" in note
     assert "coalesce 1 run 1 0, coalesce 4 run 1 1" in note
     assert node.rows_note([("ceiling", {})]) == []
+
+
+@pytest.mark.parametrize("already_running", [False, True])
+def test_only_a_node_the_bench_starts_is_warmed_up_first(monkeypatch: pytest.MonkeyPatch,
+                                                          already_running: bool) -> None:
+    # Given the node's script stubbed out (starting and stopping it is deploy/broker.sh's, tested elsewhere)
+    actions: list[str] = []
+    monkeypatch.setattr(node, "_run", actions.append)
+    monkeypatch.setattr(node, "_answers", lambda: already_running)
+    monkeypatch.setattr(node, "pid", lambda: 4242 if already_running or actions else None)
+    warmed: list[node.Node] = []
+
+    # When a benchmark uses the node
+    with node.own_node(warmed.append) as n:
+        used_after = list(warmed)
+
+    # Then the warm-up ran once, before the benchmark got the node, only if the bench started it
+    assert used_after == ([] if already_running else [n])
+    assert actions == ([] if already_running else ["start", "stop"])
