@@ -24,6 +24,9 @@ log = logging.getLogger(__name__)
 QUIET_SHARE = 0.05
 SETTLE_WINDOW_S = 1.0
 SETTLE_DEADLINE_S = 60.0
+#: What runs a node's own tools (rabbitmqctl needs the node's Erlang cookie, which only root and the
+#: rabbitmq user read) and signals its VM: nothing as root, sudo for a user with sudo (the quick start's).
+AS_ROOT: list[str] = [] if os.geteuid() == 0 else ["sudo", "-n"]
 #: The benchmark node's name and ports (the tests use 5690 and 5831-5833).
 NODE = {"NODE": "bench", "AMQP_PORT": "5750", "MGMT_PORT": "15750", "PROM_PORT": "15752"}
 STATE_ROOT = Path(os.environ.get("STATE_ROOT", "/var/lib/splitmq"))
@@ -101,8 +104,7 @@ def roll_wal(n: Node) -> bool:
     a row it falls in: docs/benchmarks.md). False where it could not (not our node)."""
     if n.pid is None:
         return False
-    as_root = [] if os.geteuid() == 0 else ["sudo", "-n"]  # rabbitmqctl needs the node's cookie: root's or rabbitmq's
-    done = subprocess.run([*as_root, "rabbitmqctl", "-n", f"{NODE['NODE']}@localhost", "eval",
+    done = subprocess.run([*AS_ROOT, "rabbitmqctl", "-n", f"{NODE['NODE']}@localhost", "eval",
                            "ra_log_wal:force_roll_over(ra_log_wal)."], capture_output=True, timeout=120)
     return done.returncode == 0
 
@@ -123,6 +125,7 @@ def settle(n: Node, *, quiet: float = QUIET_SHARE, deadline_s: float = SETTLE_DE
         time.sleep(SETTLE_WINDOW_S)
         used = (cputime.stat_ticks(path) - before) * cputime.TICK_S / (time.monotonic() - started)
         if used < quiet:
+            log.info("broker node %s quiet after %.1fs", NODE["NODE"], time.monotonic() - since)
             return time.monotonic() - since
     log.warning("broker node %s still used over %.0f%% of a core after %.0fs; measuring anyway",
                 NODE["NODE"], quiet * 100, deadline_s)

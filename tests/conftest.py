@@ -13,6 +13,7 @@ import pika
 import pytest
 import torch
 
+from splitmq.bench.node import AS_ROOT  # noqa: F401  # the tests run the nodes' tools as the bench does
 from splitmq.shared import defaults
 from splitmq.workers import job_admin
 from tests.helpers import Party
@@ -52,9 +53,6 @@ def delete_job(job: str, admin_url: str = "http://guest:guest@localhost:15672") 
 
 #: Where deploy/broker.sh keeps each node's state (broker-NODE/: pid file, logs, data).
 STATE_ROOT = Path(os.environ.get("STATE_ROOT", "/var/lib/splitmq"))
-#: What runs a node's own tools (rabbitmqctl needs the node's Erlang cookie, which only root and the
-#: rabbitmq user read) and signals its VM: nothing as root, sudo for a user with sudo (the quick start's).
-AS_ROOT: list[str] = [] if os.geteuid() == 0 else ["sudo", "-n"]
 #: A second node that tests may stop and start; never the shared one on 5672.
 RESTART_NODE = {"NODE": "crash", "AMQP_PORT": "5690", "MGMT_PORT": "15691", "PROM_PORT": "15693"}
 RESTART_URL = "amqp://guest:guest@localhost:5690/%2F"
