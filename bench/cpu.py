@@ -83,6 +83,9 @@ def run(*, quick: bool, workdir: Path, log: Callable[[str], None] = print) -> di
     for k in WINDOWS[-1:] if quick else WINDOWS:
         log(f"bench cpu: the parties' loops in this process, no transport, K={k}...")
         out["loops"].append(loopcost.run(MODEL, data, in_flight=k, epochs=3 if quick else loopcost.EPOCHS))
+    log(f"bench cpu: the trainer's work at its least, no party loop, K={WINDOWS[-1]}...")
+    out["least_trainer"] = loopcost.least_trainer(MODEL, data, in_flight=WINDOWS[-1],
+                                                  epochs=1 if quick else loopcost.EPOCHS)
     with _broker(quick, workdir) as broker:
         out["broker_own_node"] = broker.pid is not None
         out["ceiling"] = []
@@ -237,6 +240,10 @@ def table(r: dict[str, Any]) -> list[str]:
             lines.append(f"| splitmq's loops in one process, K={n} (the real roles and loop over the in-memory "
                          f"broker: no sockets, pika or RabbitMQ) | {_n(w)} | {_n(t)} | | "
                          f"{_n(w + t if w is not None and t is not None else None)} | |")
+    least = r.get("least_trainer") or {}
+    if least.get("us_per_sample") is not None:
+        lines.append(f"| the trainer's work at its least, K={least['in_flight']}: decode, check, its Stage, encode "
+                     f"(no roles, ledger, outbox, acks or checkpoints) | | {_n(least['us_per_sample'])} | | | |")
     for mode, n in CEILINGS:
         row = ceiling_row(r, mode, n)
         p = parties(row, ceiling_row=True)
@@ -296,6 +303,13 @@ def decomposition(r: dict[str, Any]) -> list[str]:
         parts.append(f"the {party} {_n(whole)} µs: its Stage {_n(stage[party])} (hot loop), the loop around it "
                      f"{_n(loop - stage[party], '{:+.0f}')} (in process, no transport), the transport and the shared "
                      f"cores {_n(whole - loop, '{:+.0f}')} (the real process less the loop in process)")
+    least = (r.get("least_trainer") or {}).get("us_per_sample")
+    loop, top, echo = loop_us(r, k, "trainer"), stage["trainer"], parties(
+        ceiling_row(r, "durable", k), ceiling_row=True)["trainer"]
+    if least is not None and loop is not None and real["trainer"] is not None:
+        parts.append(f"of the trainer's loop, {_n(loop - least, '{:.1f}')} µs is the party loop's own bookkeeping "
+                     f"(the loop in process less its work at its least): with none of it, T3 would read "
+                     f"{_n(_ratio(real['trainer'] - (loop - least), top, echo), '{:.2f}')}")
     return [f"Where each party's CPU goes at K={k}, from the rows above: " + "; ".join(parts) + "."]
 
 

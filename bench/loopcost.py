@@ -11,6 +11,10 @@ very roles and loop a ``splitmq worker`` and a ``splitmq server`` build (``worke
 own work, and its Stage's step running slower between messages than in a hot loop: docs/benchmarks.md);
 the real process less this, what the transport and the shared cores add.
 
+``least_trainer`` bounds what a leaner loop could save: the trainer's work per batch at its least
+(decode a bundle and its parts, ``validate.check_forward``, ``Stage.loss_step``, encode each answer
+and their bundle) on the bodies a worker sends, with no roles, ledger, outbox, acks or checkpoints.
+
 Caveats, both small against the figures: the two threads share the GIL (waiting for it is not
 CPU); the in-memory broker hands each message to its consumer on the sender's thread (a queue
 put).
@@ -24,9 +28,11 @@ import uuid
 from pathlib import Path
 from typing import Any, cast
 
-from splitmq.bench.common import THREADS
+import torch
+
+from splitmq.bench.common import BATCH_SIZE, THREADS, dataset
 from splitmq.bench.cputime import Snapshot, window
-from splitmq.shared import topology
+from splitmq.shared import topology, validate, wire
 from splitmq.shared.config import JobConfig
 from splitmq.shared.transport import StubBroker
 from splitmq.workers import assemble, server, worker
@@ -115,3 +121,46 @@ def _sample(threads: dict[str, _Thread], owner: Stats) -> list[Snapshot]:
         snapshots.append(Snapshot(time.monotonic(), float(owner.counts["samples"]), cpu))
         time.sleep(PERIOD_S)
     return snapshots
+
+
+def least_trainer(model: str, dataset_name: str, *, in_flight: int, epochs: int) -> dict[str, Any]:
+    """µs per sample of the trainer's work at its least (module docstring), the calling thread's CPU
+    over ``epochs`` passes of the job's bundles (one unmeasured pass first)."""
+    assemble.configure_process(THREADS, "cpu")
+    cfg = JobConfig(job_id="least" + uuid.uuid4().hex[:8], model=model, data=dataset_name, max_in_flight=in_flight)
+    train = dataset(dataset_name).train
+    bottom = assemble.bottom_stage(cfg, 0, len(train), "cpu")
+    top = assemble.server_stage(cfg, 1, last=True, total_steps=lambda: 10**9, device="cpu")
+    client, bodies, parts = topology.client_name(0), [], []
+    for seq in range(len(train) // BATCH_SIZE):  # the worker's messages: real activations, coalesced as it sends
+        batch = train.batch(torch.arange(seq * BATCH_SIZE, (seq + 1) * BATCH_SIZE))
+        assert batch.x is not None
+        fwd = wire.Forward(job_id=cfg.job_id, client_id=client, seq=seq, activations=bottom.infer(batch.x),
+                           labels=batch.y, sample_ids=batch.ids)
+        parts.append((topology.batch_id(client, seq), fwd.encode()))
+        if len(parts) == cfg.coalesce:
+            bodies.append(wire.Bundle(job_id=cfg.job_id, client_id=client, seq=seq, parts=tuple(parts)).encode())
+            parts = []
+    one = train.batch(torch.arange(1)).x
+    assert one is not None
+    limits = validate.Limits(cfg.job_id, tuple(bottom.infer(one).shape[1:]), cfg.batch_size)
+    samples, cpu = 0, 0.0
+    for turn in range(epochs + 1):
+        start = time.thread_time()
+        for body in bodies:
+            bundle = wire.decode(body)
+            assert isinstance(bundle, wire.Bundle)
+            answers = []
+            for cid, part in bundle.parts:
+                msg = wire.decode(part)
+                assert isinstance(msg, wire.Forward) and msg.labels is not None
+                validate.check_forward(msg, limits)
+                step = top.loss_step(msg.activations, msg.labels)
+                answers.append((cid, wire.Backward(job_id=cfg.job_id, client_id=msg.client_id, seq=msg.seq,
+                                                   model_version=top.version, grad=step.grad_input,
+                                                   loss=step.loss).encode()))
+                samples += len(msg.labels) if turn else 0
+            wire.Bundle(job_id=cfg.job_id, client_id=client, seq=bundle.seq, parts=tuple(answers)).encode()
+        cpu += time.thread_time() - start if turn else 0.0
+    return {"in_flight": in_flight, "coalesce": cfg.coalesce, "epochs": epochs, "samples": samples,
+            "us_per_sample": cpu / samples * 1e6 if samples else None}

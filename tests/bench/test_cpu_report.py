@@ -130,3 +130,20 @@ def test_the_loops_in_process_get_a_row_and_split_each_partys_cpu_into_stage_loo
     assert "the trainer 51 µs: its Stage 11 (hot loop), the loop around it +19" in text
     # And a run without them (older JSON) renders without the row or the split
     assert "Where each party's CPU goes" not in cpu.markdown({**result(), "ratios": cpu.ratios(result())}, "x")
+
+
+def test_the_trainers_work_at_its_least_bounds_what_a_leaner_loop_could_give_t3() -> None:
+    # Given a run with the trainer's loop in process (30 µs/sample) and its work at its least (22)
+    r = result()
+    r["loops"] = [{"in_flight": 4, "epochs": 6, "samples": 24_000.0, "us_per_sample": {"worker": 60.0,
+                                                                                          "trainer": 30.0}}]
+    r["least_trainer"] = {"in_flight": 4, "coalesce": 4, "epochs": 6, "samples": 24_000, "us_per_sample": 22.0}
+    # When the section is rendered
+    text = cpu.markdown({**r, "ratios": cpu.ratios(r)}, "splitmq bench cpu")
+    # Then it has its row, and the 8 µs of bookkeeping taken off the real trainer (51) gives T3 = 43 / (11 + 14)
+    assert "| the trainer's work at its least, K=4: decode, check, its Stage, encode (no roles, ledger, outbox, " \
+           "acks or checkpoints) | | 22 | | | |" in text
+    assert "8.0 µs is the party loop's own bookkeeping" in text
+    assert f"with none of it, T3 would read {43 / 25:.2f}" in text
+    # And T3 itself still judges the real trainer
+    assert cpu.ratios(r)["t3"] == pytest.approx(51 / 25)
