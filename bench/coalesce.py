@@ -95,7 +95,8 @@ def markdown(r: dict[str, Any], command: str) -> str:
         lines.append(f"| {row['coalesce']} | {row['run']} | {row['messages_per_sample']:.4f} | "
                      f"{row['bytes_per_sample']:,.0f} | {acc} | {cpujobs.party_cells(row['cpu_by_party'])} | "
                      f"{broker} | {total} | {ratio} | {row['samples_per_second']:,.0f} |")
-    lines += ["", *_median_line(r), *node.rows_note([(f"coalesce {row['coalesce']} run {row['run']}", row) for row in r["rows"]]),
+    notes = node.rows_note([(f"coalesce {row['coalesce']} run {row['run']}", row) for row in r["rows"]])
+    lines += ["", *_median_line(r), *notes,
               "K > 1 is asynchronous: accuracy moves a little from run to run with the order in which gradients "
               "arrive, coalesced or not; coalesced, a bundle's gradients are 0..3 updates stale instead of about 3 "
               "(`tests/test_coalesce.py` asserts coalescing loses at most 0.3 points at 3 epochs; measured +1.0).", END]

@@ -303,13 +303,13 @@ def decomposition(r: dict[str, Any]) -> list[str]:
         parts.append(f"the {party} {_n(whole)} µs: its Stage {_n(stage[party])} (hot loop), the loop around it "
                      f"{_n(loop - stage[party], '{:+.0f}')} (in process, no transport), the transport and the shared "
                      f"cores {_n(whole - loop, '{:+.0f}')} (the real process less the loop in process)")
-    least = (r.get("least_trainer") or {}).get("us_per_sample")
-    loop, top, echo = loop_us(r, k, "trainer"), stage["trainer"], parties(
-        ceiling_row(r, "durable", k), ceiling_row=True)["trainer"]
-    if least is not None and loop is not None and real["trainer"] is not None:
-        parts.append(f"of the trainer's loop, {_n(loop - least, '{:.1f}')} µs is the party loop's own bookkeeping "
+    least, trainer_loop = (r.get("least_trainer") or {}).get("us_per_sample"), loop_us(r, k, "trainer")
+    if least is not None and trainer_loop is not None and real["trainer"] is not None:
+        bookkeeping = trainer_loop - least
+        echo = parties(ceiling_row(r, "durable", k), ceiling_row=True)["trainer"]
+        parts.append(f"of the trainer's loop, {_n(bookkeeping, '{:.1f}')} µs is the party loop's own bookkeeping "
                      f"(the loop in process less its work at its least): with none of it, T3 would read "
-                     f"{_n(_ratio(real['trainer'] - (loop - least), top, echo), '{:.2f}')}")
+                     f"{_n(_ratio(real['trainer'] - bookkeeping, stage['trainer'], echo), '{:.2f}')}")
     return [f"Where each party's CPU goes at K={k}, from the rows above: " + "; ".join(parts) + "."]
 
 
