@@ -15,13 +15,12 @@ ours alone); its numbers mean nothing.
 from __future__ import annotations
 
 import contextlib
-import statistics
 import sys
 from pathlib import Path
 from typing import Any, Callable
 
 from splitmq.bench import cpujobs, jobs, node, sections
-from splitmq.bench.common import AMQP_URL, DATASET, machine
+from splitmq.bench.common import AMQP_URL, DATASET, machine, median
 
 START, END = sections.markers("coalesce")
 #: The settings measured, ``coalesce = 1`` first (the reference of every ratio).
@@ -59,9 +58,6 @@ def run(*, quick: bool, workdir: Path, in_flight: int = 4, repeats: int = REPEAT
 
 def medians(rows: list[dict[str, Any]]) -> dict[int, dict[str, float | None]]:
     """Per setting, the median over the run's pairs of its broker and total CPU ratios (None if unmeasured)."""
-    def median(values: list[float | None]) -> float | None:
-        known = [v for v in values if v is not None]
-        return statistics.median(known) if known else None
     return {most: {key: median([r[key] for r in rows if r["coalesce"] == most])
                    for key in ("broker_ratio", "cpu_ratio")} for most in SETTINGS}
 

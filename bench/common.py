@@ -114,6 +114,16 @@ def percentile(values: Sequence[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
 
 
+def median(values: Sequence[float | None]) -> float | None:
+    """The median of the values measured (None: not measured); None when none were.
+
+    What ``bench coalesce`` and ``bench compression`` report of a ratio they measure in several
+    alternating passes: one pass's ratio moves with this shared machine (docs/benchmarks.md).
+    """
+    known = [v for v in values if v is not None]
+    return statistics.median(known) if known else None
+
+
 def mean(values: Sequence[float]) -> float:
     return statistics.fmean(values) if values else float("nan")
 
