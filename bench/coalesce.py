@@ -102,12 +102,12 @@ def markdown(r: dict[str, Any], command: str) -> str:
 def _median_line(r: dict[str, Any]) -> list[str]:
     """The run's figures: each setting's median ratios over its pairs (a pair's own moves with the machine)."""
     cells = []
-    for most, m in sorted(r.get("median", {}).items(), key=lambda kv: int(kv[0])):
-        if int(most) == SETTINGS[0]:
+    for most, m in medians(r["rows"]).items():  # from the rows, as the JSON of a run before the median has them
+        runs = sum(1 for row in r["rows"] if row["coalesce"] == most)
+        if most == SETTINGS[0] or not runs:
             continue
         broker = f"{m['broker_ratio']:.2f}" if m["broker_ratio"] else "n/a"
         total = f"{m['cpu_ratio']:.2f}" if m["cpu_ratio"] else "n/a"
-        runs = sum(1 for row in r["rows"] if row["coalesce"] == int(most))
         pairs = f"{runs} pair" + ("s" if runs != 1 else "")
         cells.append(f"coalesce {most} against coalesce {SETTINGS[0]}, median of {pairs}: broker CPU per sample "
                      f"**{broker}**, total CPU per sample **{total}**")
