@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from splitmq.bench import cpujobs, jobs, node, sections
-from splitmq.bench.common import AMQP_URL, DATASET, machine, median
+from splitmq.bench.common import AMQP_URL, DATASET, machine, median, ratio
 
 START, END = sections.markers("coalesce")
 #: The settings measured, ``coalesce = 1`` first (the reference of every ratio).
@@ -47,11 +47,7 @@ def run(*, quick: bool, workdir: Path, in_flight: int = 4, repeats: int = REPEAT
                 rows.append({"coalesce": most, "run": attempt + 1,
                              "messages_per_sample": row["worker_messages"] / (row["samples"] or float("nan")),
                              **cpujobs.figures(row)})
-    for row in rows:
-        base = next(r for r in rows if r["run"] == row["run"] and r["coalesce"] == SETTINGS[0])
-        row["cpu_ratio"] = _ratio(row["cpu_us_per_sample"], base["cpu_us_per_sample"])
-        row["broker_ratio"] = _ratio(row["cpu_by_party"].get("broker", {}).get("total"),
-                                     base["cpu_by_party"].get("broker", {}).get("total"))
+    against_coalesce_1(rows)
     return {"quick": quick, "in_flight": in_flight, "epochs": epochs, "dataset": data, "rows": rows,
             "median": medians(rows), "machine": machine()}
 
@@ -62,8 +58,13 @@ def medians(rows: list[dict[str, Any]]) -> dict[int, dict[str, float | None]]:
                    for key in ("broker_ratio", "cpu_ratio")} for most in SETTINGS}
 
 
-def _ratio(a: float | None, b: float | None) -> float | None:
-    return a / b if a and b else None
+def against_coalesce_1(rows: list[dict[str, Any]]) -> None:
+    """Each row's total and broker CPU against the coalesce 1 row of its own pair."""
+    for row in rows:
+        base = next(r for r in rows if r["run"] == row["run"] and r["coalesce"] == SETTINGS[0])
+        row["cpu_ratio"] = ratio(row["cpu_us_per_sample"], base["cpu_us_per_sample"])
+        row["broker_ratio"] = ratio(row["cpu_by_party"].get("broker", {}).get("total"),
+                                    base["cpu_by_party"].get("broker", {}).get("total"))
 
 
 def markdown(r: dict[str, Any], command: str) -> str:

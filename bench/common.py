@@ -114,6 +114,11 @@ def percentile(values: Sequence[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
 
 
+def ratio(a: float | None, b: float | None) -> float | None:
+    """``a / b``; None when either was not measured (None) or is zero."""
+    return a / b if a and b else None
+
+
 def median(values: Sequence[float | None]) -> float | None:
     """The median of the values measured (None: not measured); None when none were.
 

