@@ -50,11 +50,38 @@ def packb(obj: Mapping[str, Any], *, binaries: Collection[str]) -> bytes:
     return b"".join(out)
 
 
+class Prepacked(dict[str, Any]):
+    """A map that carries its own msgpack bytes up to its last value, a binary (``head``, from ``map_head``).
+
+    ``packb`` writes ``head`` and joins the binary after it instead of packing the map item by
+    item: a tensor's map (``shared.tensors``) is written in two pieces, whatever its shape.
+    It is a ``dict`` with the same items, so ``msgpack.packb`` packs it to the same bytes.
+    """
+
+    __slots__ = ("head",)
+
+    def __init__(self, items: dict[str, Any], head: bytes) -> None:
+        super().__init__(items)
+        self.head = head
+
+
+def map_head(items: Mapping[str, Any], last: str, nbytes: int) -> bytes:
+    """The msgpack bytes of the map ``items`` + ``{last: <a binary of nbytes>}`` up to the binary's own bytes."""
+    packer = msgpack.Packer(use_bin_type=True, autoreset=True)
+    header: bytes = packer.pack_map_header(len(items) + 1)
+    key: bytes = packer.pack(last)
+    return header + (_map_items(packer, dict(items)) if items else b"") + key + bin_header(nbytes)
+
+
 def _walk(packer: msgpack.Packer, obj: Any, out: list[bytes | memoryview]) -> None:
-    if isinstance(obj, (bytes, bytearray, memoryview)) and _nbytes(obj) >= JOIN_AT_BYTES:
+    if type(obj) is Prepacked:
+        out.append(obj.head)
+        data = next(reversed(obj.values()))
+        out.append(data if isinstance(data, bytes) else memoryview(data).cast("B"))
+    elif isinstance(obj, (bytes, bytearray, memoryview)) and _nbytes(obj) >= JOIN_AT_BYTES:
         out.append(bin_header(_nbytes(obj)))
         out.append(obj if isinstance(obj, bytes) else memoryview(obj).cast("B"))
-    elif isinstance(obj, Mapping):
+    elif type(obj) is dict or isinstance(obj, Mapping):  # an ABC check costs more than the test
         out.append(packer.pack_map_header(len(obj)))
         for key, value in obj.items():
             out.append(packer.pack(key))

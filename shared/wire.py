@@ -98,7 +98,7 @@ class Message:
                     tensors[name] = encode_tensor(value)
             elif name == "tensors":  # Weights.tensors, Align.tensors
                 tensors.update({k: encode_tensor(v) for k, v in value.items()})
-            elif isinstance(value, Mapping):  # spec, facts, metrics
+            elif name in _MAP_FIELDS:  # spec, facts, metrics: Mappings by type (an ABC check costs more)
                 header[name] = dict(value)
             else:
                 header[name] = value

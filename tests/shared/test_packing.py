@@ -8,7 +8,7 @@ import msgpack
 import pytest
 import torch
 
-from splitmq.shared import packing, topology, wire
+from splitmq.shared import packing, tensors, topology, wire
 from tests.conformance.examples import EXAMPLES
 
 
@@ -66,3 +66,21 @@ def test_binary_headers_match_msgpacks_at_every_size_boundary(length: int) -> No
 def test_a_binary_of_four_gib_is_refused_saying_msgpacks_limit() -> None:
     with pytest.raises(ValueError, match="4 GiB"):
         packing.bin_header(1 << 32)
+
+
+@pytest.mark.parametrize("tensor", [torch.tensor(3.0), torch.zeros(0, 3), torch.randn(3, 4).t(),
+                                    torch.randn(2, 3, requires_grad=True) * 2, torch.randn(4).to(torch.bfloat16),
+                                    torch.randn(64, 640).half(), torch.arange(5).to(torch.int8)],
+                         ids=["scalar", "empty", "transposed", "requires-grad", "bfloat16", "float16", "int8"])
+def test_a_tensors_map_is_written_as_its_cached_head_then_its_data(tensor: torch.Tensor) -> None:
+    # Given a tensor of any dtype that travels, of any shape, contiguous or not
+    # When it is laid out for the wire and packed
+    laid = tensors.encode_tensor(tensor)
+    packed = packing.packb({"t": laid}, binaries={"t"})
+    # Then it is written in two pieces, its cached head and its data, to the bytes msgpack gives
+    assert isinstance(laid, packing.Prepacked)
+    assert msgpack.packb(dict(laid), use_bin_type=True) == laid.head + bytes(laid["data"])
+    assert packed == msgpack.packb({"t": dict(laid)}, use_bin_type=True)
+    # And it decodes to the tensor it was
+    back = tensors.decode_tensor(msgpack.unpackb(packed)["t"], "t", 10**9)
+    assert back.dtype == tensor.dtype and torch.equal(back, tensor.detach())
