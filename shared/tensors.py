@@ -76,15 +76,7 @@ def decode_tensor(obj: Any, name: str, max_bytes: int) -> torch.Tensor:
     spec = DTYPES.get(dtype_name) if type(dtype_name) is str else None
     if spec is None:
         raise DecodeError(f"tensor {name!r} has dtype {dtype_name!r}; allowed: {sorted(DTYPES)}")
-    numel = bound = 1  # bound: as numel, a 0 counted as 1 (torch overflows even at numel 0)
-    if type(shape) is list and len(shape) <= MAX_NDIM:
-        for d in shape:
-            if type(d) is not int or not 0 <= d <= max_bytes:
-                bound = max_bytes + 1
-                break
-            numel, bound = numel * d, bound * (d or 1)
-    if type(shape) is not list or len(shape) > MAX_NDIM or bound > max_bytes:
-        raise DecodeError(f"tensor {name!r} has an invalid shape {shape!r}")
+    numel = _numel(shape, name, max_bytes)
     if type(data) is not bytes:
         raise DecodeError(f"tensor {name!r} data must be bytes")
     torch_dtype, itemsize = spec
@@ -96,4 +88,22 @@ def decode_tensor(obj: Any, name: str, max_bytes: int) -> torch.Tensor:
     if expected == 0:
         return torch.empty(shape, dtype=torch_dtype)
     flat = torch.frombuffer(data, dtype=torch_dtype)
-    return flat if len(shape) == 1 else flat.view(*shape) if shape else flat.view(())  # a scalar: shape []
+    if len(shape) == 1:
+        return flat
+    return flat.view(*shape) if shape else flat.view(())  # a scalar's shape is []; view() alone is refused
+
+
+def _numel(shape: Any, name: str, max_bytes: int) -> int:
+    """The number of elements of a valid wire shape: a list of at most ``MAX_NDIM`` sizes, each an
+    int in ``[0, max_bytes]``, whose product with each 0 counted as 1 is at most ``max_bytes`` (torch
+    overflows on such shapes even at numel 0)."""
+    if type(shape) is not list or len(shape) > MAX_NDIM:
+        raise DecodeError(f"tensor {name!r} has an invalid shape {shape!r}")
+    numel = bound = 1
+    for d in shape:
+        if type(d) is not int or not 0 <= d <= max_bytes:
+            raise DecodeError(f"tensor {name!r} has an invalid shape {shape!r}")
+        numel, bound = numel * d, bound * (d or 1)
+    if bound > max_bytes:
+        raise DecodeError(f"tensor {name!r} has an invalid shape {shape!r}")
+    return numel
