@@ -8,7 +8,7 @@ so ``beam.smp``'s CPU is this run's alone), in this order:
    alone and the top alone in a hot loop (the parties' own Stages, no transport); validation of
    one real Forward and Backward against a memcpy of it; then the parties' loops in this process
    over the in-memory broker (``bench.loopcost``: the real roles and loop, no sockets, pika or
-   RabbitMQ), K=1 and K=4;
+   RabbitMQ), K=1 and K=4, and K=4 once more phase by phase (``bench.loopphases``);
 2. the raw pika ceiling (``bench.ceiling``: a driver and an echo process, no splitmq code) at
    the job's message sizes: quorum + persistent + confirms with 1 and 4 in flight, and
    transient with 4; CPU of driver, echo and broker;
@@ -30,7 +30,7 @@ import os
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from splitmq.bench import ceiling, cpujobs, cputime, hotloops, jobs, loopcost, node, sections
+from splitmq.bench import ceiling, cpujobs, cputime, hotloops, jobs, loopcost, loopphases, node, sections
 from splitmq.bench.common import AMQP_URL, BATCH_SIZE, DATASET, machine
 from splitmq.bench.suite import clean
 from splitmq.shared.config import JobConfig
@@ -86,6 +86,8 @@ def run(*, quick: bool, workdir: Path, log: Callable[[str], None] = print) -> di
     log(f"bench cpu: the trainer's work at its least, no party loop, K={WINDOWS[-1]}...")
     out["least_trainer"] = loopcost.least_trainer(MODEL, data, in_flight=WINDOWS[-1],
                                                   epochs=1 if quick else loopcost.EPOCHS)
+    log(f"bench cpu: the parties' loops in this process phase by phase, K={WINDOWS[-1]}...")
+    out["loop_phases"] = loopphases.run(MODEL, data, in_flight=WINDOWS[-1], epochs=3 if quick else loopcost.EPOCHS)
     with _broker(quick, workdir) as broker:
         out["broker_own_node"] = broker.pid is not None
         out["ceiling"] = []
@@ -365,6 +367,11 @@ def markdown(r: dict[str, Any], command: str) -> str:
              f"thread's CPU over {r['seconds']:g} s of the parties' own Stages, no transport.{_loops_text(r)}", ""]
     where_it_goes = decomposition(r)
     lines += table(r) + [""] + wal_note(r) + (where_it_goes + [""] if where_it_goes else []) + targets(r)
+    phases = loopphases.table(r.get("loop_phases"))
+    if phases:
+        lines += ["", f"The loops in one process phase by phase (`bench/loopphases.py`, K={WINDOWS[-1]}): the same job "
+                  "once more with the loop's parts wrapped, each booking its own thread CPU less that of the parts "
+                  "it calls, over the whole run; compare the Stage with the hot loops above:", ""] + phases
     lines += ["", "Validation per message, timed on the real functions (`workers/gate.py`, `shared/validate.py`) "
               "and a real message of the job's size (the gate's own checks: `gate.admit` with its `wire.decode` "
               "handing back the decoded message; decoding is the codec's cost, section 5):", ""]

@@ -54,7 +54,7 @@ class _Thread:
         self.party = party
         self.outcome: Outcome | None = None
         self.error: BaseException | None = None
-        self.thread = threading.Thread(target=self._run, name=f"loop-{party.opts.name}", daemon=True)
+        self.thread = threading.Thread(target=self._run, name=thread_name(party.opts.name), daemon=True)
 
     def _run(self) -> None:
         try:
@@ -66,6 +66,11 @@ class _Thread:
         """This thread's CPU seconds, to the nanosecond (``/proc`` counts in 10-ms ticks)."""
         assert self.thread.ident is not None
         return time.clock_gettime(time.pthread_getcpuclockid(self.thread.ident))
+
+
+def thread_name(party: str) -> str:
+    """The name of the thread running ``party``'s loop (``bench.loopphases`` tells the parties apart by it)."""
+    return f"loop-{party}"
 
 
 def run(model: str, dataset_name: str, *, in_flight: int, epochs: int) -> dict[str, Any]:

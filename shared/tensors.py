@@ -7,6 +7,7 @@ instead of copying them.
 from __future__ import annotations
 
 import functools
+import math
 import warnings
 from typing import Any, Mapping
 
@@ -35,7 +36,7 @@ _DTYPE_NAMES = {torch_dtype: name for name, (torch_dtype, _) in DTYPES.items()}
 warnings.filterwarnings("ignore", message="The given buffer is not writable", category=UserWarning)
 
 
-def encode_tensor(t: torch.Tensor) -> dict[str, Any]:
+def encode_tensor(t: torch.Tensor) -> packing.Prepacked:
     """Lay a tensor out as ``{"dtype", "shape", "data"}`` without an extra copy when contiguous.
 
     The map is a ``packing.Prepacked``: its msgpack bytes before the data, the same for every
@@ -58,13 +59,13 @@ def encode_tensor(t: torch.Tensor) -> dict[str, Any]:
         data = t.reshape(-1).view(torch.uint8).numpy().data
     else:
         data = t.numpy().data.cast("B")
-    return packing.Prepacked({"dtype": name, "shape": list(shape), "data": data},
-                             _head(name, shape, len(data)))
+    return packing.Prepacked({"dtype": name, "shape": list(shape), "data": data}, _head(name, shape))
 
 
 @functools.lru_cache(maxsize=1024)
-def _head(dtype_name: str, shape: tuple[int, ...], nbytes: int) -> bytes:
+def _head(dtype_name: str, shape: tuple[int, ...]) -> bytes:
     """The msgpack bytes of a tensor's map before its data (one per dtype and shape a job sends)."""
+    nbytes = math.prod(shape) * DTYPES[dtype_name][1]
     return packing.map_head({"dtype": dtype_name, "shape": list(shape)}, "data", nbytes)
 
 

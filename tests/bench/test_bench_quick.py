@@ -49,6 +49,7 @@ def test_quick_bench_writes_a_report_and_strict_json_with_every_part(amqp_url: s
     assert [s["in_flight"] for s in cpu["splitmq"]] == [4]
     assert {"local", "bottom", "bottom_stash", "top", "validation"} <= set(cpu["references"])
     assert [(x["in_flight"], sorted(x["us_per_sample"] or {})) for x in cpu["loops"]] == [(4, ["trainer", "worker"])]
+    assert sorted(cpu["loop_phases"]["us_per_sample"]) == ["trainer", "worker"] and "phase by phase" in report
 
 
 def test_quick_coalesce_bench_writes_its_own_section_and_json_and_keeps_the_rest_of_the_page(

@@ -147,3 +147,24 @@ def test_the_trainers_work_at_its_least_bounds_what_a_leaner_loop_could_give_t3(
     assert f"with none of it, T3 would read {43 / 25:.2f}" in text
     # And T3 itself still judges the real trainer
     assert cpu.ratios(r)["t3"] == pytest.approx(51 / 25)
+
+
+def test_the_cpu_section_shows_each_partys_phases_with_the_unwrapped_window_beside_them() -> None:
+    # Given a run whose phases were measured
+    r = result()
+    r["ratios"] = cpu.ratios(r)
+    stage, roles = "Stage: forward, backward, optimizer step", "roles handling a message: ledger, answers, their steps"
+    r["loop_phases"] = {"in_flight": 4, "epochs": 12, "samples": 48000.0,
+                        "window_us_per_sample": {"worker": 30.5, "trainer": 15.2},
+                        "us_per_sample": {"worker": {stage: 22.8, roles: 1.2}, "trainer": {stage: 8.6, roles: 1.0}},
+                        "calls_per_batch": {"worker": {stage: 2.0, roles: 1.0}, "trainer": {stage: 1.0, roles: 1.0}}}
+    # When the section is written
+    text = cpu.markdown(r, "splitmq bench cpu")
+    # Then each phase has its row with both parties, the wrapped sums, and the window's figures for comparison
+    assert f"| {stage} | 22.8 | 8.6 | 2.00 / 1.00 |" in text
+    assert "| **the whole loop, wrapped (whole run)** | **24.0** | **9.6** | |" in text
+    assert "| the same run's 20%-80% window, as `loopcost` reads it | 30.5 | 15.2 | |" in text
+    # And a run from before the phases (older JSON) still renders without them
+    older = result()
+    older["ratios"] = cpu.ratios(older)
+    assert "phase by phase" not in cpu.markdown(older, "splitmq bench cpu")
