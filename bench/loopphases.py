@@ -7,7 +7,7 @@ wrapped functions it called spent (``Ledger``). ``Party.run`` is wrapped too, so
 phases add up to its whole loop and its "loop" row is everything not named: the turn itself,
 the gate's other checks, the roles' ticks and waits, acks and timers.
 
-Figures are over the whole run (the loop's start-up included: a few milliseconds of seconds),
+Figures are over the whole run (the loop's start-up included: milliseconds in a run of seconds),
 not ``loopcost``'s 20%-80% window. Each wrapped call costs about two reads of the thread's
 clock, booked to the phase around it (mostly "loop"): the total reads a little higher than the
 unwrapped run's, which the report shows beside it.
@@ -75,17 +75,23 @@ class Ledger:
         return wrapped  # type: ignore[return-value]
 
 
+def resolve(module: str, path: str) -> tuple[Any, str, Any]:
+    """``(owner, name, function)`` for a phase's ``path`` in ``module``: the module or class holding
+    it, and the function itself (a class's own, not one it inherits)."""
+    owner: Any = importlib.import_module(module)
+    *outer, name = path.split(".")
+    for part in outer:
+        owner = getattr(owner, part)
+    return owner, name, owner.__dict__[name] if isinstance(owner, type) else getattr(owner, name)
+
+
 @contextlib.contextmanager
 def wrapped(ledger: Ledger, phases: tuple[tuple[str, str, str], ...] = PHASES) -> Iterator[None]:
     """``phases`` wrapped into ``ledger`` while the block runs; the originals put back after it."""
     originals: list[tuple[Any, str, Any]] = []
     try:
         for module, path, phase in phases:
-            owner: Any = importlib.import_module(module)
-            *outer, name = path.split(".")
-            for part in outer:
-                owner = getattr(owner, part)
-            original = owner.__dict__[name] if isinstance(owner, type) else getattr(owner, name)
+            owner, name, original = resolve(module, path)
             originals.append((owner, name, original))
             setattr(owner, name, ledger.wrap(original, phase))
         yield
@@ -96,7 +102,7 @@ def wrapped(ledger: Ledger, phases: tuple[tuple[str, str, str], ...] = PHASES) -
 
 def run(model: str, dataset_name: str, *, in_flight: int, epochs: int) -> dict[str, Any]:
     """The loops in one process (``loopcost.run``) with ``PHASES`` wrapped: µs per sample of each
-    party's phases, calls per batch, and the run's own window figure for comparison."""
+    party's phases, calls per ``BATCH_SIZE`` samples, and the run's own window figure for comparison."""
     ledger = Ledger()
     with wrapped(ledger):
         whole = loopcost.run(model, dataset_name, in_flight=in_flight, epochs=epochs)
@@ -124,7 +130,7 @@ def table(phases: dict[str, Any] | None) -> list[str]:
     us, calls = phases["us_per_sample"], phases["calls_per_batch"]
     names = list(dict.fromkeys(phase for _, _, phase in PHASES))
     lines = ["| phase of the loop (own CPU, less the phases it calls) | worker µs/sample | trainer µs/sample | "
-             "calls per batch (worker / trainer) |", "|---|---:|---:|---:|"]
+             f"calls per {BATCH_SIZE} samples (worker / trainer) |", "|---|---:|---:|---:|"]
     for name in names:
         w, t = us.get("worker", {}).get(name), us.get("trainer", {}).get(name)
         if w is None and t is None:

@@ -161,7 +161,7 @@ def test_the_cpu_section_shows_each_partys_phases_with_the_unwrapped_window_besi
     # When the section is written
     text = cpu.markdown(r, "splitmq bench cpu")
     # Then each phase has its row with both parties, the wrapped sums, and the window's figures for comparison
-    assert f"| {stage} | 22.8 | 8.6 | 2.00 / 1.00 |" in text
+    assert f"| {stage} | 22.8 | 8.6 | 2.00 / 1.00 |" in text and "calls per 64 samples" in text
     assert "| **the whole loop, wrapped (whole run)** | **24.0** | **9.6** | |" in text
     assert "| the same run's 20%-80% window, as `loopcost` reads it | 30.5 | 15.2 | |" in text
     # And a run from before the phases (older JSON) still renders without them

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import threading
 import types
-from typing import Any
 
 from splitmq.bench import loopphases
 from splitmq.shared import wire
@@ -92,7 +91,5 @@ def test_the_loops_functions_are_wrapped_only_while_the_block_runs() -> None:
 def test_every_phase_names_a_function_that_exists() -> None:
     # Given the phases the bench wraps, when each path is resolved, then each is a function (a rename fails here)
     for module, path, _ in loopphases.PHASES:
-        owner: Any = __import__(module, fromlist=["_"])
-        for part in path.split("."):
-            owner = getattr(owner, part)
-        assert isinstance(owner, types.FunctionType), (module, path)
+        owner, name, function = loopphases.resolve(module, path)
+        assert isinstance(function, types.FunctionType) and getattr(owner, name) is function, (module, path)
