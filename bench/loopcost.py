@@ -54,7 +54,7 @@ class _Thread:
         self.party = party
         self.outcome: Outcome | None = None
         self.error: BaseException | None = None
-        self.thread = threading.Thread(target=self._run, name=thread_name(party.opts.name), daemon=True)
+        self.thread = threading.Thread(target=self._run, name=f"loop-{party.opts.name}", daemon=True)
 
     def _run(self) -> None:
         try:
@@ -66,11 +66,6 @@ class _Thread:
         """This thread's CPU seconds, to the nanosecond (``/proc`` counts in 10-ms ticks)."""
         assert self.thread.ident is not None
         return time.clock_gettime(time.pthread_getcpuclockid(self.thread.ident))
-
-
-def thread_name(party: str) -> str:
-    """The name of the thread running ``party``'s loop (``bench.loopphases`` tells the parties apart by it)."""
-    return f"loop-{party}"
 
 
 def run(model: str, dataset_name: str, *, in_flight: int, epochs: int) -> dict[str, Any]:
@@ -109,7 +104,8 @@ def run(model: str, dataset_name: str, *, in_flight: int, epochs: int) -> dict[s
     cpu = window(snapshots, total)
     per_party = cast("dict[str, dict[str, float]]", cpu["us_per_sample"]) if cpu else None
     return {"in_flight": in_flight, "epochs": epochs, "samples": total,
-            "us_per_sample": {p: v["total"] for p, v in per_party.items()} if per_party else None}
+            "us_per_sample": {p: v["total"] for p, v in per_party.items()} if per_party else None,
+            "threads": {p: t.thread.name for p, t in threads.items()}}  # which loop ran where (bench.loopphases)
 
 
 def _sample(threads: dict[str, _Thread], owner: Stats) -> list[Snapshot]:

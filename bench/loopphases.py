@@ -24,7 +24,6 @@ from typing import Any, Callable, Iterator, TypeVar
 
 from splitmq.bench import loopcost
 from splitmq.bench.common import BATCH_SIZE
-from splitmq.shared import topology
 
 #: (module, function or Class.method, phase): what is wrapped, and the phase its own time counts to.
 PHASES: tuple[tuple[str, str, str], ...] = (
@@ -106,20 +105,17 @@ def run(model: str, dataset_name: str, *, in_flight: int, epochs: int) -> dict[s
     ledger = Ledger()
     with wrapped(ledger):
         whole = loopcost.run(model, dataset_name, in_flight=in_flight, epochs=epochs)
-    threads = {loopcost.thread_name(topology.client_name(0)): "worker",
-               loopcost.thread_name(topology.TOP_STAGE): "trainer"}
+    party_of = {thread: party for party, thread in whole.pop("threads").items()}
     samples = whole["samples"]
     batches = samples / BATCH_SIZE
     out: dict[str, Any] = {"in_flight": in_flight, "epochs": epochs, "samples": samples,
                            "window_us_per_sample": whole["us_per_sample"], "us_per_sample": {}, "calls_per_batch": {}}
     for (thread, phase), seconds in ledger.own.items():
-        party = threads.get(thread)
+        party = party_of.get(thread)
         if party is None:  # the bench's own thread, building the parties before their loops start
             continue
-        us = out["us_per_sample"].setdefault(party, {})
-        us[phase] = us.get(phase, 0.0) + seconds / samples * 1e6
-        calls = out["calls_per_batch"].setdefault(party, {})
-        calls[phase] = calls.get(phase, 0.0) + ledger.calls[(thread, phase)] / batches
+        out["us_per_sample"].setdefault(party, {})[phase] = seconds / samples * 1e6
+        out["calls_per_batch"].setdefault(party, {})[phase] = ledger.calls[(thread, phase)] / batches
     return out
 
 
