@@ -2,7 +2,7 @@
 
 The nodes have their own names (``splitmq-test1..3@localhost``), ports (AMQP 5831-5833,
 management 15831-15833) and state directories, apart from the shared node on 5672 and the
-restart node on 5690. A node is killed the hard way (SIGKILL to its Erlang VM) and started
+restart nodes (5690, 59x0). A node is killed the hard way (SIGKILL to its Erlang VM) and started
 again with deploy/broker.sh, which brings it back into the cluster with its data; or cut off from
 the others (a network partition, made with Erlang cookies) and healed.
 """

@@ -53,9 +53,26 @@ def delete_job(job: str, admin_url: str = "http://guest:guest@localhost:15672") 
 
 #: Where deploy/broker.sh keeps each node's state (broker-NODE/: pid file, logs, data).
 STATE_ROOT = Path(os.environ.get("STATE_ROOT", "/var/lib/splitmq"))
-#: A second node that tests may stop and start; never the shared one on 5672.
-RESTART_NODE = {"NODE": "crash", "AMQP_PORT": "5690", "MGMT_PORT": "15691", "PROM_PORT": "15693"}
-RESTART_URL = "amqp://guest:guest@localhost:5690/%2F"
+
+
+def restart_node_of(worker: str) -> dict[str, str]:
+    """The node that a test process's tests may stop and start; never the shared one on 5672.
+
+    ``deploy/dev.sh test`` runs two test processes (pytest-xdist workers ``gw0``, ``gw1``, each
+    given whole files): each has a node of its own, so one test stopping, filling or cutting off
+    its node never touches a test running beside it. One process alone (``gw0``) keeps 5690."""
+    n = int(worker.removeprefix("gw") or 0)
+    if n == 0:
+        return {"NODE": "crash", "AMQP_PORT": "5690", "MGMT_PORT": "15691", "PROM_PORT": "15693"}
+    base = 5900 + 10 * n  # clear of every other node's ports (5672, 568x, 5690s, 5750, 5790, 583x)
+    return {"NODE": f"crash{n}", "AMQP_PORT": str(base), "MGMT_PORT": str(10000 + base),
+            "PROM_PORT": str(10001 + base)}
+
+
+RESTART_NODE = restart_node_of(os.environ.get("PYTEST_XDIST_WORKER", "gw0"))
+RESTART_URL = f"amqp://guest:guest@localhost:{RESTART_NODE['AMQP_PORT']}/%2F"
+#: The restart node's management API, where a test deletes its job afterwards.
+RESTART_ADMIN = f"http://guest:guest@localhost:{RESTART_NODE['MGMT_PORT']}"
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -68,7 +85,7 @@ def node(action: str) -> None:
 
 @pytest.fixture(scope="session")
 def restart_node() -> Iterator[str]:
-    """A RabbitMQ node of our own (port 5690) that a test may stop and start."""
+    """A RabbitMQ node of this test process's own (``RESTART_NODE``) that a test may stop and start."""
     node("start")
     yield RESTART_URL
     node("stop")

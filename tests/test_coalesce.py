@@ -8,7 +8,7 @@ import random
 from pathlib import Path
 
 from splitmq.shared.config import BottomSync, Compression, JobConfig
-from tests.conftest import delete_job
+from tests.conftest import RESTART_ADMIN, delete_job
 from tests.helpers import Party, train_in_threads
 from tests.test_crash_recovery import BATCHES, EPOCHS, assert_exactly_once, soak
 
@@ -49,4 +49,4 @@ def test_coalesced_and_compressed_four_in_flight_killed_at_random_applies_every_
         assert top["role"]["stage"]["version"] == BATCHES
         assert len(log["events"]) >= 3 and "broker" in log["events"], log
     finally:
-        delete_job(job_id, "http://guest:guest@localhost:15691")  # the restart node's
+        delete_job(job_id, RESTART_ADMIN)  # the restart node's

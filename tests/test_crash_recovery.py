@@ -28,7 +28,7 @@ from splitmq.shared import amqp, local, topology, wire
 from splitmq.shared.amqp import get_messages, queue_depth
 from splitmq.shared.broker import Broker
 from splitmq.shared.config import BottomSync, Delivery, JobConfig
-from tests.conftest import AS_ROOT, RESTART_NODE, delete_job, node
+from tests.conftest import AS_ROOT, RESTART_ADMIN, RESTART_NODE, delete_job, node
 from tests.helpers import Party, consumers, in_thread, job_file, server_party, state, wait_for, worker_party
 
 EPOCHS = 2
@@ -105,7 +105,7 @@ def test_a_synchronous_run_killed_at_random_twelve_times_ends_bit_identical_to_a
         assert_equal_to_local(cfg, top, bottom)
         assert len(log["events"]) >= 10, log
     finally:
-        delete_job(job, "http://guest:guest@localhost:15691")
+        delete_job(job, RESTART_ADMIN)
 
 
 def test_four_in_flight_killed_at_random_ten_times_applies_every_batch_exactly_once(
@@ -122,7 +122,7 @@ def test_four_in_flight_killed_at_random_ten_times_applies_every_batch_exactly_o
         assert top["role"]["stage"]["version"] == BATCHES
         assert len(log["events"]) >= 8, log
     finally:
-        delete_job(job, "http://guest:guest@localhost:15691")
+        delete_job(job, RESTART_ADMIN)
 
 
 def test_a_network_cut_mid_run_is_survived_with_the_same_result(
@@ -149,7 +149,7 @@ def test_a_network_cut_mid_run_is_survived_with_the_same_result(
         top, bottom = assert_exactly_once(tmp_path, BATCHES)
         assert_equal_to_local(cfg, top, bottom)
     finally:
-        delete_job(job, "http://guest:guest@localhost:15691")
+        delete_job(job, RESTART_ADMIN)
 
 
 def test_a_transient_job_whose_broker_restart_lost_an_answer_ends_as_local_training(
@@ -176,7 +176,7 @@ def test_a_transient_job_whose_broker_restart_lost_an_answer_ends_as_local_train
         top, bottom = assert_exactly_once(tmp_path, BATCHES)
         assert_equal_to_local(cfg, top, bottom)
     finally:
-        delete_job(job, "http://guest:guest@localhost:15691")
+        delete_job(job, RESTART_ADMIN)
 
 
 def test_an_absent_owner_does_not_stall_the_other_and_catches_up_when_it_returns(

@@ -10,7 +10,7 @@ import torch
 
 from splitmq.shared import local
 from splitmq.shared.config import BottomSync, JobConfig
-from tests.conftest import delete_job
+from tests.conftest import RESTART_ADMIN, delete_job
 from tests.helpers import Party, assert_segments_equal, job_file, server_party, state, worker_party
 from tests.test_crash_recovery import soak
 
@@ -54,7 +54,7 @@ def test_a_user_model_with_adamw_killed_at_random_ends_bit_identical_to_local_tr
             for name, value in got["role"]["stage"]["segment"].items():
                 assert torch.equal(value, want.state_dict()[name]), f"{name} (seed {seed})"
     finally:
-        delete_job(job, "http://guest:guest@localhost:15691")
+        delete_job(job, RESTART_ADMIN)
 
 
 def test_a_model_that_does_not_fit_is_refused_at_start_on_both_sides_with_the_differences(

@@ -32,6 +32,9 @@ from splitmq.workers.roles.base import Incoming, Role, Send, Source, Step, ToPar
 from splitmq.workers.stats import Stats
 
 log = logging.getLogger(__name__)
+#: What the user can do while the broker blocks our publishes (a resource alarm).
+_ALARM_HINT = ("free memory or disk on the broker node (`rabbitmq-diagnostics alarms` names it); the party resumes "
+               "where it was when restarted")
 
 
 class Party:
@@ -216,13 +219,26 @@ class Party:
 
     def _own_waits(self, now: float) -> list[Wait]:
         """The broker's wait while it cannot take our messages (then the only wait: the others wait on it)."""
-        blocked = self.transport.blocked() if self.transport.is_connected else None
+        blocked = self._blocked()
         if blocked is not None:
             return self.outages.waits(f"the broker to take our messages again: it blocks them ({blocked})",
-                                      "free memory or disk on the broker node (`rabbitmq-diagnostics alarms` "
-                                      "names it); the party resumes where it was when restarted", now)
+                                      _ALARM_HINT, now)
         problem = None if self.transport.is_connected else f"the broker to come back ({self.transport.status()})"
         return self.outages.waits(problem, "the party resumes where it was when restarted", now)
+
+    def _blocked(self) -> str | None:
+        """Why the broker blocks our publishes (a resource alarm), or None."""
+        return self.transport.blocked() if self.transport.is_connected else None
+
+    def _confirm_wait(self, since: float) -> Wait:
+        """The wait for the broker's confirms, naming the alarm while the broker blocks us: a reply
+        published just before it is confirmed only once the alarm clears."""
+        blocked = self._blocked()
+        if blocked is None:
+            return Wait("the broker to confirm our replies", since, defaults.CONFIRM_TIMEOUT_S,
+                        ExitReason.BROKER_UNAVAILABLE)
+        return Wait(f"the broker to confirm our replies: it blocks our publishes ({blocked})", since,
+                    defaults.CONFIRM_TIMEOUT_S, ExitReason.BROKER_UNAVAILABLE, _ALARM_HINT)
 
     # ---- receiving --------------------------------------------------------------------------
 
@@ -373,8 +389,7 @@ class Party:
         while any(not f.done() for f in watched):
             if final and self.clock() - since > 10:
                 raise BrokerError("messages still unconfirmed by the broker after 10 s")
-            self.waits.watch([Wait("the broker to confirm our replies", since, defaults.CONFIRM_TIMEOUT_S,
-                              ExitReason.BROKER_UNAVAILABLE)], self.clock())
+            self.waits.watch([self._confirm_wait(since)], self.clock())
             time.sleep(0.005)
         self.transport.ack_many(self.acks.ready())
         if path is not None:

@@ -22,7 +22,7 @@ import pytest
 from tests.conftest import STATE_ROOT
 from tests.deploy.support import REPO, apt_install, wait_for
 
-#: Ports clear of the shared node (5672), the restart node (5690), the cluster (583x) and the bench (5750).
+#: Ports clear of the shared node (5672), the restart nodes (5690, 59x0), the cluster (583x) and the bench (5750).
 NODE = {"NODE": "asuser", "AMQP_PORT": "5790", "MGMT_PORT": "15790", "PROM_PORT": "15794"}
 USER = "splitmq-sudoer"
 SUDOERS = Path("/etc/sudoers.d/splitmq-test-sudoer")

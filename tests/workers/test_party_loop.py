@@ -213,6 +213,24 @@ def test_a_party_whose_publishes_the_broker_blocks_waits_on_the_broker_not_its_p
     assert any("blocks them (low on disk" in m for m in waited) and not any("hello" in m for m in waited), waited
 
 
+def test_a_wait_for_confirms_while_the_broker_blocks_us_names_the_alarm_and_what_to_do() -> None:
+    # Given a party whose replies await the broker's confirms (a checkpoint waits for them)
+    hub = StubBroker()
+    roles, loop = worker.build(CFG, worker.WorkerOptions(), Stats())
+    transport = hub.connect("client-0", topology.lease_queue(CFG.job_id, "client-0"))
+    transport.start()
+    party = Running(roles, transport, loop, Stats()).party
+    plain = party._confirm_wait(5.0)
+    # When the broker blocks its publishes (a disk alarm: a reply sent just before is confirmed only after it)
+    transport.blocked_by = "low on disk on a node"
+    blocked = party._confirm_wait(5.0)
+    # Then the wait names the alarm and what to do about it, with the same start, deadline and exit
+    assert plain.what == "the broker to confirm our replies" and not plain.hint
+    assert blocked.what == "the broker to confirm our replies: it blocks our publishes (low on disk on a node)"
+    assert "rabbitmq-diagnostics alarms" in blocked.hint
+    assert (blocked.since, blocked.deadline_s, blocked.expire) == (plain.since, plain.deadline_s, plain.expire)
+
+
 def test_the_roles_clock_stands_still_while_the_broker_is_away() -> None:
     # Given a party whose broker is away from t=2 to t=5
     outages = Outages(timeout_s=900)
