@@ -76,5 +76,18 @@ def test_a_settings_figure_is_the_median_of_its_passes_each_against_its_own_pass
     # Then each pass's row is there, judged against its own pass's float32 (0.75, 0.65, 0.90)
     assert "| int8 / int8 | 2 | 1,330 | 3.91x | 0.9020 | +0.2 |" in text and "| 130 | 0.65 |" in text
     # And the setting's figure is the median of the three: 0.75, with its bytes, accuracy and CPU medians
-    assert "| int8 / int8 | 3 | 3.91x | +0.2 | 130 | 0.75 / 0.65 / 0.90 | **0.75** |" in text
-    assert "| none / none | 3 | 1.00x | +0.0 | 160 | 1.00 / 1.00 / 1.00 | **1.00** |" in text
+    # And what it would read were its codec free: each pass's float32 with the int8 row's broker and pika
+    # threads (3/8 of each row's CPU here: 60 -> 45, 75 -> 48.75, 56.25 -> 50.6), 0.91 / 0.87 / 0.96
+    assert "| int8 / int8 | 3 | 3.91x | +0.2 | 130 | 0.75 / 0.65 / 0.90 | **0.75** | 0.91 |" in text
+    assert "| none / none | 3 | 1.00x | +0.0 | 160 | 1.00 / 1.00 / 1.00 | **1.00** | 1.00 |" in text
+
+
+def test_the_codec_free_bound_is_not_made_up_where_a_thread_was_not_measured() -> None:
+    # Given a pass whose int8 row has no pika figure for the trainer
+    rows = [row("none", "none", 5200, 0.9, 160), row("int8", "int8", 1330, 0.9, 120)]
+    del rows[1]["cpu_by_party"]["trainer"]["pika"]
+    # When the rows are judged against float32
+    compression.against_float32(rows)
+    # Then the float32 row bounds itself at 1 and the int8 row has no bound, rather than a guess
+    assert rows[0]["cpu_ratio_codec_free"] == 1.0
+    assert rows[1]["cpu_ratio_codec_free"] is None and rows[1]["cpu_ratio"] == 0.75
