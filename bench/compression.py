@@ -83,10 +83,9 @@ def against_float32(rows: list[dict[str, Any]]) -> None:
         base = next(r for r in rows if r["run"] == row["run"])
         row["bytes_ratio"] = base["bytes_per_sample"] / row["bytes_per_sample"]
         row["cpu_ratio"] = ratio(row["cpu_us_per_sample"], base["cpu_us_per_sample"])
-        mine, theirs = transport_us(row), transport_us(base)
-        row["cpu_ratio_codec_free"] = (ratio(base["cpu_us_per_sample"] - theirs + mine, base["cpu_us_per_sample"])
-                                       if mine is not None and theirs is not None and base["cpu_us_per_sample"]
-                                       else None)
+        mine, theirs, total = transport_us(row), transport_us(base), base["cpu_us_per_sample"]
+        measured = mine is not None and theirs is not None and total is not None
+        row["cpu_ratio_codec_free"] = ratio(total - theirs + mine, total) if measured else None
         row["accuracy_delta_points"] = ((row["accuracy"] - base["accuracy"]) * 100
                                         if row["accuracy"] is not None and base["accuracy"] is not None else None)
 

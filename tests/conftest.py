@@ -58,9 +58,9 @@ STATE_ROOT = Path(os.environ.get("STATE_ROOT", "/var/lib/splitmq"))
 def restart_node_of(worker: str) -> dict[str, str]:
     """The node that a test process's tests may stop and start; never the shared one on 5672.
 
-    ``deploy/dev.sh test`` runs two test processes (pytest-xdist workers ``gw0``, ``gw1``, each
-    given whole files): each has a node of its own, so one test stopping, filling or cutting off
-    its node never touches a test running beside it. One process alone (``gw0``) keeps 5690."""
+    ``TEST_WORKERS=2 deploy/dev.sh test`` runs two test processes (pytest-xdist workers ``gw0``,
+    ``gw1``, each given whole files): each has a node of its own, so one test stopping, filling or
+    cutting off its node never touches a test running beside it. One process alone keeps 5690."""
     n = int(worker.removeprefix("gw") or 0)
     if n == 0:
         return {"NODE": "crash", "AMQP_PORT": "5690", "MGMT_PORT": "15691", "PROM_PORT": "15693"}
