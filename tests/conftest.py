@@ -21,10 +21,13 @@ from tests.helpers import Party
 AMQP_URL = os.environ.get("AMQP_URL", "amqp://guest:guest@localhost:5672/%2F")
 
 
-@pytest.fixture(scope="session", autouse=True)
+@pytest.fixture(autouse=True)
 def party_threads() -> None:
-    """This process computes on a party's torch thread count, as its in-process parties and the
-    local baseline must for their sums to run in the same order (bit-for-bit comparisons)."""
+    """Each test starts on a party's torch thread count, as its in-process parties and the local
+    baseline must for their sums to run in the same order (bit-for-bit comparisons). Set before
+    every test, not once: a command run in-process sets its own count for the rest of the process
+    (``splitmq audit`` computes on 2), and in-process parties started later compute on that count.
+    Once, set per session, a parity test that ran after the audit test read a loss 1 ulp off."""
     torch.set_num_threads(defaults.TORCH_THREADS)
 
 
@@ -58,9 +61,9 @@ STATE_ROOT = Path(os.environ.get("STATE_ROOT", "/var/lib/splitmq"))
 def restart_node_of(worker: str) -> dict[str, str]:
     """The node that a test process's tests may stop and start; never the shared one on 5672.
 
-    ``TEST_WORKERS=2 deploy/dev.sh test`` runs two test processes (pytest-xdist workers ``gw0``,
-    ``gw1``, each given whole files): each has a node of its own, so one test stopping, filling or
-    cutting off its node never touches a test running beside it. One process alone keeps 5690."""
+    ``deploy/dev.sh test`` runs two test processes (pytest-xdist workers ``gw0``, ``gw1``, each
+    given whole files): each has a node of its own, so one test stopping, filling or cutting off
+    its node never touches a test running beside it. One process alone keeps 5690."""
     n = int(worker.removeprefix("gw") or 0)
     if n == 0:
         return {"NODE": "crash", "AMQP_PORT": "5690", "MGMT_PORT": "15691", "PROM_PORT": "15693"}
