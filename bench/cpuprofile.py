@@ -1,7 +1,7 @@
 """Where the worker's and the trainer's main-thread CPU goes per sample, in the steady state.
 
-``python -m splitmq.bench.cpuprofile [--in-flight 4] [--epochs 6]`` runs one MLP job with
-splitmq's defaults on the benchmark's own broker node, with both ``splitmq worker`` and
+``python -m splitmq.bench.cpuprofile [--in-flight 4] [--epochs 6] [--compress-activations int8 ...]``
+runs one MLP job with splitmq's defaults on the benchmark's own broker node, with both ``splitmq worker`` and
 ``splitmq server`` started through this module's wrapper (``--wrap``): it runs the command
 unchanged, and profiles its main thread with cProfile timed by that thread's CPU clock
 (``time.thread_time``: time spent waiting counts nothing) between SIGUSR1 and SIGUSR2. The
@@ -66,13 +66,14 @@ def _wrap(out: str, argv: list[str]) -> int:
     return 0
 
 
-def _job(in_flight: int, epochs: int, workdir: Path, coalesce: int) -> dict[str, Any]:
+def _job(in_flight: int, epochs: int, workdir: Path, coalesce: int, compress: tuple[str, str]) -> dict[str, Any]:
     """One job with both parties wrapped; the signals at 20%/80% of the samples; main-thread CPU."""
     from splitmq.bench import cpujobs, cputime, jobs, node
     from splitmq.bench.common import dataset
 
     spec = jobs.JobSpec(model="mlp", clients=1, in_flight=in_flight, epochs=epochs,
-                        options=("--coalesce", str(coalesce)))
+                        options=("--coalesce", str(coalesce), "--compress-activations", compress[0],
+                                 "--compress-gradients", compress[1]))
     total = len(dataset(spec.dataset).train) * epochs
     profs = {"worker": workdir / "worker.prof", "trainer": workdir / "trainer.prof"}
     wrap = ("-m", "splitmq.bench.cpuprofile", "--wrap")
@@ -159,6 +160,8 @@ def main(argv: list[str]) -> int:
     p.add_argument("--in-flight", type=int, default=4)
     p.add_argument("--epochs", type=int, default=6)
     p.add_argument("--coalesce", type=int, default=JobConfig().coalesce, help="batches per message (the job's)")
+    p.add_argument("--compress-activations", default="none", help="the job's activation codec")
+    p.add_argument("--compress-gradients", default="none", help="the job's gradient codec")
     p.add_argument("--keep", default=None, help="directory to keep the job's files and the .prof files in")
     p.add_argument("--clock", choices=("cpu", "wall"), default="cpu", help="the profiler's clock (see CLOCK_ENV)")
     a = p.parse_args(argv)
@@ -166,10 +169,11 @@ def main(argv: list[str]) -> int:
     with tempfile.TemporaryDirectory(prefix="splitmq-cpuprofile-") as tmp:
         workdir = Path(a.keep or tmp)
         workdir.mkdir(parents=True, exist_ok=True)
-        out = _job(a.in_flight, a.epochs, workdir, a.coalesce)
+        out = _job(a.in_flight, a.epochs, workdir, a.coalesce, (a.compress_activations, a.compress_gradients))
         w = out["window"] or {}
         samples = out["profiled_samples"]
-        print(f"MLP K={a.in_flight}, {a.epochs} epochs, {out['row']['samples_per_second']:,.0f} samples/s under the "
+        print(f"MLP K={a.in_flight}, {a.epochs} epochs, compression {a.compress_activations} / "
+              f"{a.compress_gradients}, {out['row']['samples_per_second']:,.0f} samples/s under the "
               f"profiler; profiled {samples:,.0f} samples (20%-80%)")
         for party, prof in out["profiles"].items():
             cpu = w.get("us_per_sample", {}).get(party, {})
