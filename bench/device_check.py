@@ -8,8 +8,8 @@ applies every batch exactly once and ends bit-identical to the uninterrupted run
 run with four batches in flight (the defaults: weights stashed on the device, batches coalesced),
 whose weights depend on the order answers arrive in, so only exactly-once is checked there.
 
-Every run is the MLP job (one owner, one batch in flight but the last, its own bottom, ``EPOCHS`` epochs) as
-real ``splitmq server`` + ``splitmq worker`` processes with checkpoints, on the broker at
+Every run is the MLP job (one owner, its own bottom, ``EPOCHS`` epochs, one batch in flight but in
+the K=4 run) as real ``splitmq server`` + ``splitmq worker`` processes with checkpoints, on the broker at
 ``--amqp-url``. A run's losses are compared with the all-CPU run's step by step (a GPU sums in
 another order, so they differ in the last bits); its test accuracy is the trained segments' on
 the owner's test split (``cpujobs.accuracy``). With ``--device cpu`` every run is on the CPU:

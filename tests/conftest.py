@@ -27,7 +27,7 @@ def party_threads() -> None:
     baseline must for their sums to run in the same order (bit-for-bit comparisons). Set before
     every test, not once: a command run in-process sets its own count for the rest of the process
     (``splitmq audit`` computes on 2), and in-process parties started later compute on that count.
-    Once, set per session, a parity test that ran after the audit test read a loss 1 ulp off."""
+    Set once per session, it let a parity test that ran after the audit test read a loss 1 ulp off."""
     torch.set_num_threads(defaults.TORCH_THREADS)
 
 
