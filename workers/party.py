@@ -234,11 +234,9 @@ class Party:
         """The wait for the broker's confirms, naming the alarm while the broker blocks us: a reply
         published just before it is confirmed only once the alarm clears."""
         blocked = self._blocked()
-        if blocked is None:
-            return Wait("the broker to confirm our replies", since, defaults.CONFIRM_TIMEOUT_S,
-                        ExitReason.BROKER_UNAVAILABLE)
-        return Wait(f"the broker to confirm our replies: it blocks our publishes ({blocked})", since,
-                    defaults.CONFIRM_TIMEOUT_S, ExitReason.BROKER_UNAVAILABLE, _ALARM_HINT)
+        why, hint = ("", "") if blocked is None else (f": it blocks our publishes ({blocked})", _ALARM_HINT)
+        return Wait("the broker to confirm our replies" + why, since, defaults.CONFIRM_TIMEOUT_S,
+                    ExitReason.BROKER_UNAVAILABLE, hint)
 
     # ---- receiving --------------------------------------------------------------------------
 
